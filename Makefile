@@ -1,0 +1,33 @@
+# r1zero: `make run` runs the whole pipeline on the tiny CPU preset; `make test` runs all tests.
+# Both create .venv when missing (torch first, from the pinned CPU wheel, then the project).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OUT ?= runs/tiny
+
+.PHONY: setup run test test-fast lint images clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/r1zero data mix --config configs/tiny.yaml --out $(OUT)/data
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+clean:
+	rm -rf runs out .pytest_cache

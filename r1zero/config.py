@@ -1,0 +1,387 @@
+"""The one typed config tree for every r1zero stage.
+
+A preset YAML (``configs/tiny.yaml``, ``configs/a100-13b.yaml``) plus ``--set a.b.c=value``
+overrides resolves to a validated :class:`Config`. The same object drives the CLI, the KFP
+components, the cluster planner and the rendered manifests.
+
+    r1zero config show --config configs/tiny.yaml --set data.mix.math=0.35
+
+Validation is strict (unknown keys are errors) and every failure is reported as one line naming
+the field path and what is allowed (see :func:`load_config`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from r1zero.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class MixConfig(_Section):
+    """Target fraction of the *train* split per domain. Defaults: the article's 30/25/15/30."""
+
+    math: float = Field(0.30, ge=0, le=1)
+    code: float = Field(0.25, ge=0, le=1)
+    cross: float = Field(0.15, ge=0, le=1)
+    general: float = Field(0.30, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> MixConfig:
+        total = self.math + self.code + self.cross + self.general
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"ratios must sum to 1 (got {total:.6g})")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {"math": self.math, "code": self.code, "cross": self.cross, "general": self.general}
+
+
+class ImportSpec(_Section):
+    """A user data file to import (local path or s3:// URI)."""
+
+    uri: str
+    format: Literal["gsm8k", "math", "generic"]
+    split: Literal["train", "eval", "auto"] = "auto"
+
+
+class DedupConfig(_Section):
+    exact: bool = True
+    near: bool = True
+    # MinHash LSH: Jaccard threshold and permutations (datasketch defaults are 0.5/128; 0.8 keeps
+    # templated-but-different problems apart while catching re-worded copies).
+    threshold: float = Field(0.8, gt=0, le=1)
+    num_perm: int = Field(64, ge=16, le=512)
+    shingle: int = Field(5, ge=1, le=32)
+
+
+class FilterConfig(_Section):
+    min_chars: int = Field(8, ge=0)
+    max_chars: int = Field(4000, ge=1)
+    # quality score in [0, 1]: rows below are quarantined as "low_quality".
+    min_score: float = Field(0.3, ge=0, le=1)
+
+
+class DataConfig(_Section):
+    n_train: int = Field(4000, ge=1)
+    n_eval: int = Field(600, ge=0)
+    mix: MixConfig = MixConfig()
+    imports: list[ImportSpec] = []
+    dedup: DedupConfig = DedupConfig()
+    filter: FilterConfig = FilterConfig()
+    vocab_size: int = Field(512, ge=64)
+    shard_rows: int = Field(50_000, ge=1)
+    shard_format: Literal["parquet", "jsonl.gz"] = "parquet"
+    # difficulty range of the procedural generators (1 = easiest).
+    max_difficulty: int = Field(3, ge=1, le=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class MoEConfig(_Section):
+    n_experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    n_shared: int = Field(0, ge=0)
+    d_expert: int = Field(256, ge=1)
+    # softmax top-k (Mixtral), sigmoid + selection bias (DeepSeek-V3), or the article's dense soft
+    # mixture (every expert runs).
+    router: Literal["softmax", "sigmoid", "soft"] = "softmax"
+    # Switch Transformer aux loss coefficient; 1e-2 in Switch (Fedus et al. 2021, sec. 2.2),
+    # 1e-3 in HF Mixtral/Qwen2-MoE configs.
+    aux_loss_coef: float = Field(1e-2, ge=0)
+    # ST-MoE router z-loss (Zoph et al. 2022, arXiv 2202.08906), 1e-3.
+    z_loss_coef: float = Field(1e-3, ge=0)
+    # Aux-loss-free balancing bias update speed gamma (DeepSeek-V3: 1e-3; 0 disables).
+    bias_update_rate: float = Field(0.0, ge=0)
+    # None = dropless; otherwise capacity = ceil(T*k/E * factor) with overflow dropped.
+    capacity_factor: float | None = Field(None, gt=0)
+    n_dense_layers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _k_le_e(self) -> MoEConfig:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= n_experts ({self.n_experts})")
+        return self
+
+
+class ModelConfig(_Section):
+    vocab_size: int = Field(512, ge=2)
+    d_model: int = Field(128, ge=1)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    max_seq_len: int = Field(256, ge=8)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+    moe: MoEConfig = MoEConfig()
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv})")
+        if self.moe.n_dense_layers > self.n_layers:
+            raise ValueError("moe.n_dense_layers must be <= n_layers")
+        return self
+
+
+class ParallelConfig(_Section):
+    """Parallel layout. world size = dp * tp * pp; ep divides dp (experts shard over data ranks)."""
+
+    dp: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+
+
+class PretrainConfig(_Section):
+    steps: int = Field(300, ge=0)
+    seq_len: int = Field(128, ge=8)
+    micro_batch: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO
+
+
+class RewardConfig(_Section):
+    accuracy: float = 1.0
+    format: float = 0.2
+    format_mode: Literal["strict", "lenient"] = "lenient"
+    overlong: bool = False  # DAPO soft overlong punishment
+    overlong_buffer: int = Field(16, ge=1)
+    # The article's three-level reward (off by default); weights as in the article.
+    three_level: bool = False
+    base_weights: list[float] = [0.6, 0.3, 0.1]  # task completion, logical consistency, novelty
+    group_weights: list[float] = [0.7, 0.3]  # in-group rank, cross-group transfer
+    global_weights: list[float] = [0.5, 0.5]  # progress rate, diversity
+    level_weights: list[float] = [1.0, 0.0, 0.0]  # base, group, global
+
+
+class GroupingConfig(_Section):
+    """The article's spectral dynamic grouping (off by default)."""
+
+    enabled: bool = False
+    k: int = Field(4, ge=1)
+    spread_threshold: float = Field(0.3, ge=0)
+    recluster_every: int = Field(10, ge=1)
+
+
+class AdaptiveConfig(_Section):
+    enabled: bool = False
+    min_group: int = Field(2, ge=1)
+    max_group: int = Field(16, ge=1)
+
+
+class GRPOConfig(_Section):
+    algorithm: Literal["grpo", "ppo", "rloo"] = "grpo"
+    steps: int = Field(60, ge=0)
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    beta: float = Field(0.0, ge=0)  # KL coefficient; 0 loads no reference model
+    eps_low: float = Field(0.2, ge=0)
+    eps_high: float = Field(0.28, ge=0)  # DAPO clip-higher
+    mu: int = Field(1, ge=1)
+    advantage: Literal["group", "mean", "batch"] = "group"
+    loss_agg: Literal["sequence", "token", "constant"] = "token"
+    dynamic_sampling: bool = False
+    max_refills: int = Field(3, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    nan_abort_after: int = Field(5, ge=1)
+    reward: RewardConfig = RewardConfig()
+    grouping: GroupingConfig = GroupingConfig()
+    adaptive: AdaptiveConfig = AdaptiveConfig()
+    reflection_keywords: list[str] = [
+        "wait", "recheck", "rethink", "re-evaluate", "try again", "verify", "mistake", "however",
+        "check again", "reconsider",
+    ]
+    sample_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    # PPO baseline
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    value_coef: float = Field(0.5, ge=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval, insight, cluster, telemetry, store
+
+
+class EvalConfig(_Section):
+    n_problems: int | None = Field(None, ge=1)  # None = all of the eval split
+    k: int = Field(4, ge=1)
+    n_samples: int = Field(4, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, ge=1)
+    bootstrap: int = Field(1000, ge=10)
+    domains: list[str] = ["math", "code", "cross"]
+
+
+class InsightConfig(_Section):
+    window: int = Field(10, ge=1)  # aha co-occurrence window, steps
+    min_sigma: float = Field(3.0, gt=0)
+    penalty: float | None = None
+
+
+class ClusterConfig(_Section):
+    gpu: Literal["cpu", "a100-40gb", "a100-80gb", "h100-80gb"] = "cpu"
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    procs_per_node: int = Field(1, ge=1)
+    namespace: str = "r1zero"
+    image: str = "ghcr.io/r1zero/r1zero-train:0.1.0"
+    runtime_image: str = "ghcr.io/r1zero/r1zero-runtime:0.1.0"
+    global_batch: int = Field(1024, ge=1)
+    ib_gbps: float = Field(200.0, gt=0)  # per-NIC inter-node bandwidth, Gb/s (HDR)
+    nics_per_node: int = Field(8, ge=1)
+    checkpoint_uri: str = "s3://r1zero/checkpoints"
+    s3_secret: str = "r1zero-s3"
+    queue: str | None = None
+    priority_class: str | None = None
+    cpu_request: str = "1"
+    memory_request: str = "4Gi"
+
+
+class TelemetryConfig(_Section):
+    enabled: bool = True
+    port: int = Field(9108, ge=0, le=65535)  # 0 = ephemeral (tests)
+    pushgateway: str | None = None
+
+
+class StoreConfig(_Section):
+    endpoint_url: str | None = None  # e.g. http://minio:9000; env R1ZERO_S3_ENDPOINT
+    region: str = "us-east-1"
+    retries: int = Field(5, ge=0)
+
+
+class Config(_Section):
+    name: str = "r1zero"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    eval: EvalConfig = EvalConfig()
+    insight: InsightConfig = InsightConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    store: StoreConfig = StoreConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Stable sha256 of the resolved config (sorted JSON)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, bools, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected KEY=VALUE (e.g. data.mix.math=0.35)")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"--set {assignment!r}: empty key")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"--set {key}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = _parse_value(raw)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line: each offending field path with what is allowed."""
+    items = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"must be one of {e.get('ctx', {}).get('expected', '')}"
+        items.append(f"{path}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"{path}: {msg}")
+    return "invalid config: " + "; ".join(items)
+
+
+def build_config(tree: dict | None) -> Config:
+    try:
+        return Config.model_validate(tree or {})
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"config {p}: not valid YAML: {first}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config {p}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    for ov in overrides or []:
+        apply_override(tree, ov)
+    return build_config(tree)
