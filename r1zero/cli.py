@@ -49,15 +49,17 @@ def config_from_args(args):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """All groups when ``only`` is None; else import just ``only``'s module (others get placeholders)."""
     parser = _Parser(prog="r1zero", description="R1-Zero-style reasoning training pipeline.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, module in COMMANDS.items():
-        if only is not None and name != only:
+    wanted = [m for n, m in COMMANDS.items() if only is None or n == only]
+    for module in dict.fromkeys(wanted):  # a module may register several groups
+        importlib.import_module(module).register(sub)
+    for name in COMMANDS:
+        if name not in sub.choices:
             # cheap placeholder so the name shows in --help without importing heavy modules
             sub.add_parser(name, help=f"{name} commands (see r1zero {name} --help)")
-            continue
-        importlib.import_module(module).register(sub)
     return parser
 
 

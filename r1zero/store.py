@@ -176,21 +176,47 @@ def _with_retries(fn, what: str, settings: S3Settings | None = None):
     raise UserError(f"S3 {what}: failed after {s.retries + 1} attempts: {type(last).__name__}: {last}")
 
 
+def verify_put(resp: dict, sha256_hex: str, md5_hex: str | None, what: str) -> None:
+    """Check the server's view of an uploaded object against the local digest.
+
+    The SDK sends a SHA-256 checksum that AWS S3 (and MinIO) verify server-side; some
+    S3-compatible servers accept it without checking, so the response's checksum (or the
+    single-part ETag, which is the MD5) is compared here as well.
+    """
+    got = resp.get("ChecksumSHA256")
+    if got:
+        if base64.b64decode(got).hex() != sha256_hex:
+            raise UserError(f"S3 {what}: checksum mismatch after upload (server has sha256 {base64.b64decode(got).hex()[:12]}...)")
+        return
+    etag = str(resp.get("ETag", "")).strip('"')
+    if md5_hex and etag and "-" not in etag and etag != md5_hex:
+        raise UserError(f"S3 {what}: checksum mismatch after upload (ETag {etag})")
+
+
+def _put_bytes_s3(client, data: bytes, bucket: str, key: str) -> str:
+    sha = hashlib.sha256(data).hexdigest()
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    what = f"upload s3://{bucket}/{key}"
+    resp = _with_retries(lambda: client.put_object(Bucket=bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256"), what)
+    verify_put(resp, sha, md5, what)
+    return sha
+
+
 def _put_file_s3(client, path: Path, bucket: str, key: str) -> str:
-    digest = hashlib.sha256(path.read_bytes()).digest() if path.stat().st_size < (64 << 20) else None
-    if digest is not None:
-        b64 = base64.b64encode(digest).decode()
-
-        def put():
-            with open(path, "rb") as f:
-                client.put_object(Bucket=bucket, Key=key, Body=f, ChecksumSHA256=b64)
-
-        _with_retries(put, f"upload s3://{bucket}/{key}")
-        return digest.hex()
-    _with_retries(lambda: client.upload_file(str(path), bucket, key,
-                                             ExtraArgs={"ChecksumAlgorithm": "SHA256"}),
-                  f"upload s3://{bucket}/{key}")
-    return sha256_file(path)
+    if path.stat().st_size < (64 << 20):
+        return _put_bytes_s3(client, path.read_bytes(), bucket, key)
+    # Large files: managed multipart upload (invisible until completed), then compare the
+    # server's composite checksum is not possible locally, so re-read it back by ranges.
+    what = f"upload s3://{bucket}/{key}"
+    _with_retries(lambda: client.upload_file(str(path), bucket, key, ExtraArgs={"ChecksumAlgorithm": "SHA256"}), what)
+    sha = sha256_file(path)
+    h = hashlib.sha256()
+    body = _with_retries(lambda: client.get_object(Bucket=bucket, Key=key)["Body"], what)
+    for chunk in iter(lambda: body.read(_CHUNK), b""):
+        h.update(chunk)
+    if h.hexdigest() != sha:
+        raise UserError(f"S3 {what}: checksum mismatch after multipart upload")
+    return sha
 
 
 def _publish_s3(src: Path, uri: str) -> None:
@@ -202,10 +228,7 @@ def _publish_s3(src: Path, uri: str) -> None:
         rel = p.relative_to(src).as_posix()
         hashes[rel] = _put_file_s3(client, p, bucket, f"{prefix}/{rel}" if prefix else rel)
     marker = json.dumps({"files": hashes}, sort_keys=True, indent=1).encode()
-    key = f"{prefix}/{SUCCESS_MARKER}" if prefix else SUCCESS_MARKER
-    b64 = base64.b64encode(hashlib.sha256(marker).digest()).decode()
-    _with_retries(lambda: client.put_object(Bucket=bucket, Key=key, Body=marker, ChecksumSHA256=b64),
-                  f"upload {uri}/{SUCCESS_MARKER}")
+    _put_bytes_s3(client, marker, bucket, f"{prefix}/{SUCCESS_MARKER}" if prefix else SUCCESS_MARKER)
 
 
 def _materialize_s3(uri: str, dest: Path) -> Path:
@@ -265,10 +288,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write one object/file atomically."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        client = s3_client()
-        b64 = base64.b64encode(hashlib.sha256(data).digest()).decode()
-        _with_retries(lambda: client.put_object(Bucket=bucket, Key=key, Body=data, ChecksumSHA256=b64),
-                      f"upload {uri}")
+        _put_bytes_s3(s3_client(), data, bucket, key)
     else:
         atomic_write_bytes(local_path(uri), data)
 
