@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from r1zero.errors import UserError
+from r1zero.images import RUNTIME_IMAGE, TRAIN_IMAGE
 
 
 class _Section(BaseModel):
@@ -265,8 +266,8 @@ class ClusterConfig(_Section):
     gpus_per_node: int = Field(0, ge=0)
     procs_per_node: int = Field(1, ge=1)
     namespace: str = "r1zero"
-    image: str = "ghcr.io/r1zero/r1zero-train:0.1.0"
-    runtime_image: str = "ghcr.io/r1zero/r1zero-runtime:0.1.0"
+    image: str = TRAIN_IMAGE  # r1zero/images.py is the one place naming images
+    runtime_image: str = RUNTIME_IMAGE
     global_batch: int = Field(1024, ge=1)
     ib_gbps: float = Field(200.0, gt=0)  # per-NIC inter-node bandwidth, Gb/s (HDR)
     nics_per_node: int = Field(8, ge=1)
