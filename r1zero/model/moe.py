@@ -1,0 +1,179 @@
+"""Mixture-of-Experts feed-forward: router, sort-based dropless/capacity dispatch, balancing, stats.
+
+``MoELayer`` replaces the dense FFN of a decoder block (DeepSeekMoE layout: fine-grained routed
+experts plus always-on shared experts). Dispatch follows torchtitan / MegaBlocks: sort the T*K
+routed slots by expert once (stable), gather the tokens, run each expert on its contiguous slice
+(one fused gate+up matmul, one down matmul), and scatter back with a single ``index_add_``.
+Tests compare it against a mask-loop reference (``tests/model/test_moe.py``).
+
+Shape legend:
+    T: tokens, D: d_model, E: routed experts (local experts El under expert parallelism),
+    K: experts per token, N: routed slots kept (T*K minus capacity drops), F: expert FFN width
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1zero.model import router as R
+from r1zero.model.layers import SwiGLU
+
+
+class RoutedExperts(nn.Module):
+    """``n_experts`` SwiGLU experts applied to expert-sorted tokens.
+
+    NOTE: one ``nn.Parameter`` per expert rather than a stacked ``(E, ...)`` tensor: slicing a
+    stacked weight inside the loop makes autograd materialise a full-size gradient per expert.
+    The gate and up projections are fused into one ``(2F, D)`` weight (one matmul, then chunk).
+    """
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int):
+        super().__init__()
+        self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
+        self.w_gate_up = nn.ParameterList([nn.Parameter(torch.empty(2 * d_ff, d_model)) for _ in range(n_experts)])
+        self.w_down = nn.ParameterList([nn.Parameter(torch.empty(d_model, d_ff)) for _ in range(n_experts)])
+
+    def forward(self, x_ND: torch.Tensor, counts: list[int], scale_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Run expert e on rows ``[sum(counts[:e]), sum(counts[:e+1]))``; ``scale_N`` (the gate
+        weights) multiplies the hidden activation, which equals scaling the output but touches
+        F instead of D values per row."""
+        xs = torch.split(x_ND, counts)
+        ss = torch.split(scale_N, counts) if scale_N is not None else [None] * len(counts)
+        ys = []
+        # Experts with no tokens still run on an empty slice so every parameter gets a (zero)
+        # gradient: DDP/ZeRO reducers expect one.
+        for x_nD, s_n, w_gu, w_d in zip(xs, ss, self.w_gate_up, self.w_down, strict=True):
+            gate_nF, up_nF = F.linear(x_nD, w_gu).chunk(2, dim=-1)
+            h_nF = F.silu(gate_nF) * up_nF
+            if s_n is not None:
+                h_nF = h_nF * s_n[:, None]
+            ys.append(F.linear(h_nF, w_d))
+        return torch.cat(ys, dim=0)
+
+
+class MoELayer(nn.Module):
+    """Routed + shared experts with Switch aux loss, z-loss, capacity and aux-loss-free bias."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_experts = config.n_experts
+        self.top_k = config.n_experts if config.router == "soft" else config.num_experts_per_tok
+        self.kind = config.router
+        self.capacity_factor = None if config.router == "soft" else config.capacity_factor
+        self.bias_update_rate = config.bias_update_rate
+        self.route_scale = getattr(config, "route_scale", 1.0)
+        D = config.hidden_size
+        self.gate = nn.Linear(D, config.n_experts, bias=False)
+        self.experts = RoutedExperts(config.n_experts, D, config.d_expert)
+        # DeepSeekMoE shared experts isolation: K_s always-on experts of width d_expert are one
+        # SwiGLU of width K_s * d_expert (the sum of K_s SwiGLUs is a block-diagonal SwiGLU).
+        self.shared = SwiGLU(D, config.n_shared * config.d_expert) if config.n_shared > 0 else None
+        # Aux-loss-free balancing (arXiv 2408.15664): a persistent selection bias, and the
+        # routed-token counts accumulated over training forwards until update_expert_bias().
+        self.register_buffer("expert_bias_E", torch.zeros(config.n_experts), persistent=True)
+        self.register_buffer("tokens_per_expert_E", torch.zeros(config.n_experts), persistent=False)
+        # Expert parallelism (r1zero.model.parallel): a callable replacing local dispatch.
+        self.ep_dispatch = None
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        shape = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, shape[-1])
+        T, K, E = x_TD.shape[0], self.top_k, self.n_experts
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        bias_E = self.expert_bias_E if self.bias_update_rate > 0 or bool(self.expert_bias_E.any()) else None
+        weights_TK, ids_TK, probs_TE = R.route(logits_TE, K, self.kind, bias_E, self.route_scale)
+        self.aux_loss = R.switch_aux_loss(probs_TE, ids_TK)
+        self.z_loss = R.router_z_loss(logits_TE)
+
+        order_N, counts_E = R.sort_by_expert(ids_TK, E)
+        kept_E = counts_E
+        if self.capacity_factor is not None:
+            cap = R.capacity(T, K, E, self.capacity_factor)
+            order_N = order_N[R.capacity_keep(order_N, ids_TK, counts_E, cap)]
+            kept_E = counts_E.clamp(max=cap)
+        tok_N = order_N // K
+        w_N = weights_TK.reshape(-1)[order_N].to(x_TD.dtype)
+        x_ND = x_TD[tok_N]
+        if self.ep_dispatch is not None:
+            y_ND = self.ep_dispatch(self, x_ND, kept_E, w_N)
+        else:
+            y_ND = self.experts(x_ND, kept_E.tolist(), w_N)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, tok_N, y_ND)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+
+        with torch.no_grad():
+            if self.training:
+                self.tokens_per_expert_E += counts_E.float()
+            self.last_stats = {
+                "counts_E": counts_E.detach(),
+                "dropped": (counts_E - kept_E).sum().detach(),
+                "slots": torch.tensor(T * K),
+                "entropy": R.router_entropy(probs_TE).detach(),
+                "aux_loss": self.aux_loss.detach(),
+                "z_loss": self.z_loss.detach(),
+            }
+        return out_TD.view(shape)
+
+    @torch.no_grad()
+    def update_expert_bias(self, group=None) -> float:
+        """Apply one aux-loss-free bias step from the accumulated counts; returns max |delta|.
+
+        Call after the optimizer step (torchtitan does it in an optimizer pre-hook so gradient
+        accumulation sees one update per step). ``group``: all-reduce the counts over it first
+        so every data/expert-parallel rank applies the same bias.
+        """
+        counts_E = self.tokens_per_expert_E
+        if self.bias_update_rate <= 0 or counts_E.sum() == 0:
+            counts_E.zero_()
+            return 0.0
+        if group is not None and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts_E, group=group)
+        delta_E = R.bias_update_delta(counts_E, self.bias_update_rate)
+        self.expert_bias_E += delta_E
+        counts_E.zero_()
+        return float(delta_E.abs().max())
+
+    def stats(self) -> dict:
+        """Telemetry of the last forward: load histogram and balance/loss figures (floats)."""
+        s = self.last_stats
+        if not s:
+            return {}
+        counts_E = s["counts_E"].float()
+        mean = counts_E.mean().clamp_min(1e-12)
+        return {
+            "layer": self.layer_idx,
+            "load": [int(c) for c in s["counts_E"].tolist()],
+            "mean_load": float(counts_E.mean()),
+            "max_load": float(counts_E.max()),
+            # MaxVio of arXiv 2408.15664 is max/mean - 1; we report the ratio itself.
+            "max_load_ratio": float(counts_E.max() / mean),
+            "load_cv": float(counts_E.std(unbiased=False) / mean),
+            "dropped_frac": float(s["dropped"]) / max(1, int(s["slots"])),
+            "router_entropy": float(s["entropy"]),
+            "aux_loss": float(s["aux_loss"]),
+            "z_loss": float(s["z_loss"]),
+            "bias_abs_max": float(self.expert_bias_E.abs().max()),
+            "dead_experts": int((s["counts_E"] == 0).sum()),
+        }
+
+
+def flat_moe_metrics(stats: list[dict]) -> dict[str, float]:
+    """``[{layer stats}]`` -> ``{"moe/L{i}/max_load_ratio": ..., "moe/L{i}/load/E{j}": frac}``."""
+    out: dict[str, float] = {}
+    for s in stats:
+        i = s["layer"]
+        for k, v in s.items():
+            if k in ("layer", "load"):
+                continue
+            out[f"moe/L{i}/{k}"] = float(v)
+        total = max(1, sum(s["load"]))
+        for j, c in enumerate(s["load"]):
+            out[f"moe/L{i}/load/E{j}"] = c / total
+    return out
