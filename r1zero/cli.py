@@ -22,6 +22,10 @@ COMMANDS: dict[str, str] = {
     "config": "r1zero.config_cli",
     "data": "r1zero.data.cli",
     "sandbox": "r1zero.sandbox.cli",
+    "plan": "r1zero.sizing_cli",
+    "render": "r1zero.cluster.cli",
+    "validate": "r1zero.cluster.cli",
+    "launch": "r1zero.cluster.cli",
 }
 
 

@@ -1,0 +1,129 @@
+"""``r1zero plan``: the best parallel layout for a model on a GPU cluster, with its estimates.
+
+    r1zero plan --config configs/a100-13b.yaml --gpus 1024
+    r1zero plan --layers 96 --hidden 16384 --heads 128 --vocab 51200 --seq 2048 \
+        --global-batch 2160 --gpus 1920 --gpu a100-80gb --json
+
+The model comes from the config's ``model`` section (MoE, SwiGLU, RoPE, fused attention) unless
+shape flags are given; flags override single fields. Hardware comes from ``cluster`` (gpu,
+gpus_per_node, ib_gbps x nics_per_node). The formulas live in :mod:`r1zero.sizing`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from r1zero.cli import add_config_args, config_from_args
+from r1zero.errors import UserError
+from r1zero.sizing import GPUS, Hardware, ModelSpec, plan, spec_from_params, to_json
+
+# What the article this project reproduces claims for its 13B MoE on 1024 A100s. Printed as
+# claims next to the planner's predictions, never as facts.
+ARTICLE_CLAIMS = {"gpu_utilisation": 0.98, "scaling_efficiency": 0.87, "comm_overhead_max": 0.12}
+
+
+def spec_from_config(cfg) -> ModelSpec:
+    """The r1zero model: SwiGLU experts of width d_expert, RoPE (no position table), SDPA attention."""
+    m = cfg.model
+    return ModelSpec(
+        layers=m.n_layers, hidden=m.d_model, heads=m.n_heads, kv_heads=m.n_kv_heads, vocab=m.vocab_size,
+        seq=cfg.pretrain.seq_len, ffn=m.moe.d_expert * (m.moe.top_k + m.moe.n_shared),
+        experts=m.moe.n_experts, top_k=m.moe.top_k, shared_experts=m.moe.n_shared, expert_ffn=m.moe.d_expert,
+        gated=True, tied_embeddings=m.tie_embeddings, learned_positions=False, flash_attention=True,
+    )
+
+
+def _resolve(args):
+    cfg = config_from_args(args) if args.config else None
+    if args.params is not None:
+        spec = spec_from_params(args.params * 1e9 if args.params < 1e5 else args.params,
+                                seq=args.seq or 2048, vocab=args.vocab or 51200)
+    elif cfg is not None:
+        spec = spec_from_config(cfg)
+    else:
+        missing = [f"--{n}" for n in ("layers", "hidden", "heads") if getattr(args, n) is None]
+        if missing:
+            raise UserError(f"plan needs --config, --params or the model shape ({', '.join(missing)} missing)")
+        spec = ModelSpec(layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab or 51200,
+                         seq=args.seq or 2048)
+    shape = {k: v for k, v in {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "ffn": args.ffn,
+                               "vocab": args.vocab, "seq": args.seq, "experts": args.experts,
+                               "top_k": args.top_k}.items() if v is not None}
+    if shape:
+        spec = replace(spec, **shape)
+        if args.experts == 1:
+            spec = replace(spec, shared_experts=0, top_k=1)
+    for name in ("layers", "hidden", "heads", "vocab", "seq", "experts", "top_k"):
+        if getattr(spec, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(spec, name)})")
+    if spec.hidden % spec.heads:
+        raise UserError(f"hidden ({spec.hidden}) must be divisible by heads ({spec.heads})")
+    if spec.top_k > spec.experts:
+        raise UserError(f"top-k ({spec.top_k}) must be <= experts ({spec.experts})")
+
+    gpu_name = args.gpu or (cfg.cluster.gpu if cfg else None)
+    if gpu_name in (None, "cpu"):
+        raise UserError(f"plan sizes GPU clusters: pass --gpu {'|'.join(GPUS)} (config cluster.gpu is {gpu_name!r})")
+    gpus_per_node = args.gpus_per_node or (cfg.cluster.gpus_per_node if cfg and cfg.cluster.gpus_per_node else 8)
+    gpus = args.gpus or (cfg.cluster.nodes * gpus_per_node if cfg else gpus_per_node)
+    if gpus < 1 or gpus_per_node < 1:
+        raise UserError("--gpus and --gpus-per-node must be >= 1")
+    inter = (cfg.cluster.ib_gbps * cfg.cluster.nics_per_node / 8) if cfg else 200.0
+    hw = Hardware(GPUS[gpu_name], gpus, gpus_per_node, inter)
+    global_batch = args.global_batch or (cfg.cluster.global_batch if cfg else 1024)
+    precision = args.precision or (cfg.pretrain.precision if cfg else "bf16")
+    return spec, hw, global_batch, precision
+
+
+def _plan(args) -> int:
+    spec, hw, global_batch, precision = _resolve(args)
+    est = plan(spec, hw, global_batch, precision, headroom=args.headroom)
+    out = to_json(est, hw)
+    busy = 1 - est.bubble_fraction
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return 0
+    kind = f"MoE {spec.experts} experts top-{spec.top_k}" if spec.moe else "dense"
+    print(f"model: {spec.total_params() / 1e9:.2f}B parameters ({spec.active_params() / 1e9:.2f}B active, {kind}), "
+          f"{spec.layers} layers, hidden {spec.hidden}, {spec.heads} heads, seq {spec.seq}, vocab {spec.vocab}")
+    print(f"hardware: {hw.gpus} x {hw.gpu.name} ({hw.nodes} nodes x {hw.gpus_per_node}), {precision}, "
+          f"global batch {global_batch}")
+    L = est.layout
+    print(f"layout: tp={L.tp} pp={L.pp} dp={L.dp} ep={L.ep} zero={L.zero_stage} micro_batch={L.micro_batch} "
+          f"grad_accum={est.grad_accum} recompute={L.recompute}")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in est.memory_gb.items())
+    print(f"memory per GPU: {est.memory_per_gpu_gb:.1f} GB of {est.usable_gb:.1f} usable ({parts})")
+    print(f"step: {est.step_seconds:.2f} s; {est.tflops_per_gpu:.0f} TFLOP/s per GPU; MFU {est.mfu:.1%}; "
+          f"bubble {est.bubble_fraction:.1%}; communication {est.comm_fraction:.1%}; "
+          f"scaling efficiency {est.scaling_efficiency:.2f}")
+    if spec.moe and hw.gpus == 1024 and "a100" in hw.gpu.name:
+        c = ARTICLE_CLAIMS
+        print("article's claims (not verified here) vs this planner's predictions:")
+        print(f"  GPU utilisation: claimed {c['gpu_utilisation']:.0%}; predicted busy (non-bubble) time "
+              f"{busy:.1%}, MFU {est.mfu:.1%}")
+        print(f"  scaling efficiency: claimed {c['scaling_efficiency']:.2f}; predicted {est.scaling_efficiency:.2f}")
+        print(f"  communication overhead: claimed at most {c['comm_overhead_max']:.0%}; predicted {est.comm_fraction:.1%}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="size a parallel layout (tp/pp/dp/ep/ZeRO) for a model on GPUs")
+    add_config_args(p)
+    p.add_argument("--gpus", type=int, help="total GPUs (default: cluster.nodes x cluster.gpus_per_node)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: cluster.gpus_per_node or 8)")
+    p.add_argument("--gpu", choices=sorted(GPUS), help="GPU type (default: cluster.gpu)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp8", "fp32"], help="default: pretrain.precision")
+    p.add_argument("--global-batch", type=int, help="sequences per step (default: cluster.global_batch)")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--ffn", type=int, help="MLP width (default 4 x hidden)")
+    p.add_argument("--vocab", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--experts", type=int, help="1 = dense")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--params", type=float, help="parameter count (e.g. 13 for 13B, or 1.3e10) for a GPT shape")
+    p.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free (default 0.10)")
+    p.add_argument("--json", action="store_true", help="print the layout and estimates as JSON")
+    p.set_defaults(func=_plan)

@@ -1,0 +1,171 @@
+"""The planner against published figures: ZeRO memory, Megatron-LM 2021 Table 1, BLOOM-176B."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r1zero.cli import main
+from r1zero.errors import UserError
+from r1zero.sizing import (
+    GPUS,
+    Hardware,
+    Layout,
+    ModelSpec,
+    activation_bytes_per_layer,
+    bubble_fraction,
+    estimate,
+    flops_per_step,
+    gpt_params,
+    model_state_bytes_per_param,
+    plan,
+    ring_allreduce_bytes,
+)
+
+# Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using
+# Megatron-LM", arXiv:2104.04473, Table 1 (weak scaling on Selene, A100-80GB, seq 2048, vocab
+# 51200, full activation recompute): params (B), heads, hidden, layers, TP, PP, GPUs, batch,
+# achieved TFLOP/s per GPU.
+MEGATRON_2021 = [
+    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137),
+    (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
+    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142),
+    (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
+    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138),
+    (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
+    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148),
+    (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
+    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163),
+    (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
+]
+A100_80 = GPUS["a100-80gb"]
+
+
+def _megatron(row):
+    params, heads, hidden, layers, tp, pp, gpus, batch, tflops = row
+    spec = ModelSpec(layers=layers, hidden=hidden, heads=heads, vocab=51200, seq=2048)
+    layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=1, recompute="full", sequence_parallel=False)
+    return spec, Hardware(A100_80, gpus), layout, batch
+
+
+@pytest.mark.parametrize("row", MEGATRON_2021, ids=[f"{r[0]}B" for r in MEGATRON_2021])
+def test_megatron_2021_parameter_count_and_tflops(row):
+    spec, hw, layout, batch = _megatron(row)
+    assert spec.total_params() / 1e9 == pytest.approx(row[0], abs=0.05, rel=0.005)  # the table rounds to 0.1B
+    assert spec.total_params() == pytest.approx(gpt_params(spec.layers, spec.hidden, spec.vocab, spec.seq), rel=1e-3)
+    est = estimate(spec, hw, layout, batch)
+    assert est.fits, est.notes
+    assert est.tflops_per_gpu == pytest.approx(row[8], rel=0.15), f"{est.tflops_per_gpu:.1f} vs published {row[8]}"
+
+
+@pytest.mark.parametrize("row", MEGATRON_2021, ids=[f"{r[0]}B" for r in MEGATRON_2021])
+def test_megatron_layout_is_near_the_planners_best(row):
+    """Under Megatron 2021's constraints (no ZeRO, full recompute, micro-batch 1, no SP) the
+    planner's best layout keeps TP inside a node and Megatron's own choice is within 7% of it."""
+    spec, hw, layout, batch = _megatron(row)
+    best = plan(spec, hw, batch, zero_stages=(0,), recompute_options=("full",), micro_batches=(1,),
+                sequence_parallel=(False,))
+    theirs = estimate(spec, hw, layout, batch)
+    assert best.layout.tp <= hw.gpus_per_node
+    assert best.fits and best.tflops_per_gpu >= theirs.tflops_per_gpu - 1e-9
+    assert theirs.tflops_per_gpu >= 0.93 * best.tflops_per_gpu
+
+
+def test_bloom_176b():
+    """BLOOM-176B: 70 layers, hidden 14336, 112 heads, vocab 250880, seq 2048, ALiBi; TP4 x PP12 x
+    DP8 on 384 A100-80GB, micro-batch 2, global batch 2048, ZeRO-1, bf16; ~150 TFLOP/s per GPU
+    (BigScience, arXiv:2211.05100 sec. 3.4; bigscience.notion.site training chronicles)."""
+    spec = ModelSpec(layers=70, hidden=14336, heads=112, vocab=250880, seq=2048, learned_positions=False)
+    assert spec.total_params() / 1e9 == pytest.approx(176.2, rel=0.01)
+    est = estimate(spec, Hardware(A100_80, 384), Layout(tp=4, pp=12, dp=8, zero_stage=1, micro_batch=2,
+                                                        recompute="full", sequence_parallel=False), 2048)
+    assert est.fits
+    assert est.tflops_per_gpu == pytest.approx(150, rel=0.15)
+
+
+def test_zero_paper_memory_figures():
+    """ZeRO (arXiv:1910.02054) fig. 1: Ψ = 7.5B, N_d = 64 -> 120 / 31.4 / 16.6 / 1.9 GB per GPU."""
+    psi, nd = 7.5e9, 64
+    expected = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.88}
+    for stage, gb in expected.items():
+        bpp = model_state_bytes_per_param(stage, nd)
+        assert psi * sum(bpp.values()) / 1e9 == pytest.approx(gb, rel=0.01), stage
+
+
+def test_formulas():
+    assert bubble_fraction(1, 8) == 0
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)  # (p-1)/m of ideal = 3/8 -> 3/11 of total
+    assert ring_allreduce_bytes(1, 100) == 0
+    assert ring_allreduce_bytes(4, 100) == pytest.approx(150)
+    spec = ModelSpec(layers=2, hidden=1024, heads=16, vocab=1000, seq=512)
+    s, b, h, a = 512, 2, 1024, 16
+    assert activation_bytes_per_layer(spec, b, 1, "none", False) == pytest.approx(s * b * h * (34 + 5 * a * s / h))
+    assert activation_bytes_per_layer(spec, b, 4, "none", False) == pytest.approx(
+        s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)))
+    assert activation_bytes_per_layer(spec, b, 4, "none", True) == pytest.approx(s * b * h / 4 * (34 + 5 * a * s / h))
+    assert activation_bytes_per_layer(spec, b, 4, "selective", True) == pytest.approx(s * b * h * 34 / 4)
+    assert activation_bytes_per_layer(spec, b, 1, "full", False) == pytest.approx(2 * s * b * h)
+    # Narayanan eq. (3) with recompute: 96Bslh²(1 + s/6h + V/16lh) (biases excluded).
+    B, l, V = 8, 2, 1000
+    expected = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    assert flops_per_step(spec, B, "full") == pytest.approx(expected, rel=1e-6)
+    assert flops_per_step(spec, B, "none") == pytest.approx(expected * 3 / 4, rel=0.01)
+
+
+def test_moe_memory_and_active_params():
+    dense = ModelSpec(layers=4, hidden=1024, heads=8, vocab=1000, seq=512, ffn=2816, gated=True)
+    moe = ModelSpec(layers=4, hidden=1024, heads=8, vocab=1000, seq=512, experts=8, top_k=2, expert_ffn=2816,
+                    gated=True)
+    assert moe.total_params() > 7 * dense.total_params() / 2
+    assert moe.active_params() < moe.total_params() / 3
+    hw = Hardware(A100_80, 16)
+    e1 = estimate(moe, hw, Layout(dp=16, ep=1), 64)
+    e8 = estimate(moe, hw, Layout(dp=16, ep=8), 64)
+    assert e8.memory_gb["weights"] < e1.memory_gb["weights"] / 3  # experts shard over ep ranks
+    assert e8.breakdown_s["moe_all_to_all"] > 0 == e1.breakdown_s["moe_all_to_all"]
+
+
+def test_fp8_refused_on_a100_and_allowed_on_h100():
+    spec = ModelSpec(layers=4, hidden=1024, heads=8, vocab=1000, seq=512)
+    with pytest.raises(UserError, match="A100 has no FP8"):
+        plan(spec, Hardware(A100_80, 8), 64, precision="fp8")
+    assert plan(spec, Hardware(GPUS["h100-80gb"], 8), 64, precision="fp8").fits
+
+
+def test_no_layout_fits_is_a_user_error():
+    spec = ModelSpec(layers=128, hidden=25600, heads=160, vocab=51200, seq=2048)
+    with pytest.raises(UserError, match="no layout fits"):
+        plan(spec, Hardware(GPUS["a100-40gb"], 8), 8)
+
+
+def test_cli_json_keys(capsys):
+    rc = main(["plan", "--layers", "24", "--hidden", "2304", "--heads", "24", "--vocab", "51200", "--seq", "2048",
+               "--global-batch", "512", "--gpus", "32", "--gpu", "a100-80gb", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("tp", "pp", "dp", "ep", "zero_stage", "micro_batch", "grad_accum", "recompute", "nodes",
+                "gpus_per_node", "memory_per_gpu_gb", "tflops_per_gpu", "mfu", "bubble_fraction", "comm_fraction",
+                "step_seconds"):
+        assert key in out, key
+    assert out["tp"] * out["pp"] * out["dp"] == 32 and out["nodes"] == 4
+    assert out["micro_batch"] * out["grad_accum"] * out["dp"] == 512
+    assert 0 < out["mfu"] < 1 and out["memory_per_gpu_gb"] < 80
+
+
+def test_cli_article_config_prints_claims_as_claims(capsys):
+    assert main(["plan", "--config", "configs/a100-13b.yaml", "--gpus", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "12.88B parameters" in out
+    assert "claims (not verified here)" in out
+    assert "claimed 98%" in out and "claimed 0.87" in out and "claimed at most 12%" in out
+
+
+def test_cli_bad_input_is_one_line_exit_2(capsys):
+    assert main(["plan", "--config", "configs/a100-13b.yaml", "--precision", "fp8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "FP8" in err
+    assert main(["plan", "--config", "configs/tiny.yaml"]) == 2
+    assert "--gpu" in capsys.readouterr().err
+    assert main(["plan", "--layers", "4", "--hidden", "100", "--heads", "3", "--gpu", "a100-40gb"]) == 2
+    assert "divisible" in capsys.readouterr().err
