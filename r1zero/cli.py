@@ -22,10 +22,14 @@ COMMANDS: dict[str, str] = {
     "config": "r1zero.config_cli",
     "data": "r1zero.data.cli",
     "sandbox": "r1zero.sandbox.cli",
+    "pretrain": "r1zero.train.cli",
     "plan": "r1zero.sizing_cli",
     "render": "r1zero.cluster.cli",
     "validate": "r1zero.cluster.cli",
     "launch": "r1zero.cluster.cli",
+    # kfp lives above the core: these commands are loaded by name from the pipelines layer.
+    "run": "pipelines.cli",
+    "pipeline": "pipelines.cli",
 }
 
 

@@ -1,0 +1,81 @@
+"""Component glue: artifact URIs, stage timing, promotion registry (local and S3), summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from components import runtime
+
+
+def test_artifact_uri_maps_kfp_object_stores(tmp_path):
+    assert runtime.artifact_uri(SimpleNamespace(uri="minio://mlpipeline/v2/a", path="/minio/x")) == "s3://mlpipeline/v2/a"
+    assert runtime.artifact_uri(SimpleNamespace(uri="s3://b/k", path="/s3/b/k")) == "s3://b/k"
+    assert runtime.artifact_uri(SimpleNamespace(uri="", path=str(tmp_path))) == str(tmp_path)
+
+
+def test_stage_seconds_round_trip(tmp_path):
+    runtime.record_stage(tmp_path, "pretrain", 12.3456)
+    assert runtime.read_stage_seconds(tmp_path) == 12.346
+    assert runtime.read_stage_seconds(tmp_path / "nope") is None
+
+
+def _model(tmp_path, name="m"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return SimpleNamespace(path=str(d), uri="")
+
+
+def test_promotion_registry_local(tmp_path):
+    reg = str(tmp_path / "registry")
+    assert runtime.champion_accuracy(reg) == -1.0 and runtime.champion_model_uri(reg) == ""
+    dest = runtime.promote(reg, _model(tmp_path), 0.42, "run1")
+    assert runtime.champion_accuracy(reg) == 0.42
+    assert runtime.champion_model_uri(reg) == dest
+    assert (Path(dest) / "config.json").is_file()
+    assert runtime.champion_accuracy("") == -1.0
+
+
+def test_promotion_registry_s3(s3_server, s3_bucket, tmp_path):
+    reg = f"s3://{s3_bucket}/registry"
+    assert runtime.champion_accuracy(reg) == -1.0
+    runtime.promote(reg, _model(tmp_path), 0.5, "run2")
+    assert runtime.champion_accuracy(reg) == 0.5
+    assert runtime.champion_model_uri(reg) == f"s3://{s3_bucket}/registry/models/run2"
+
+
+def _eval_dir(tmp_path, name, acc):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"accuracy": acc, "accuracy_ci": [acc - 0.05, acc + 0.05],
+                                               "format_rate": 0.9}))
+    runtime.record_stage(d, name, 3.0)
+    return str(d)
+
+
+def test_build_summary(tmp_path):
+    dirs = {}
+    for n in ["data", "base", "rl", "ins"]:
+        (tmp_path / n).mkdir()
+        runtime.record_stage(tmp_path / n, n, 1.5)
+        dirs[n] = str(tmp_path / n)
+    (tmp_path / "ins" / "insights.json").write_text(json.dumps({"events": [
+        {"run": "0", "metric": "eval/accuracy", "kind": "jump", "step": 12, "before": 0.2, "after": 0.5,
+         "width_steps": 3, "score": 9.0}]}))
+    s = runtime.build_summary(dirs["data"], dirs["base"], dirs["rl"], _eval_dir(tmp_path, "be", 0.2),
+                              _eval_dir(tmp_path, "re", 0.45), dirs["ins"])
+    assert s["base_accuracy"] == 0.2 and s["rl_accuracy"] == 0.45
+    assert s["improvement"] == pytest.approx(0.25)
+    assert s["events"][0]["kind"] == "jump"
+    assert set(s["stage_seconds"]) == {"data_mix", "pretrain", "grpo", "evaluate_base", "evaluate_rl",
+                                       "detect_insight"}
+    md = runtime.summary_markdown(s)
+    assert "| RL | 0.450 [0.400, 0.500] |" in md and "| jump | eval/accuracy | 12 |" in md
+
+
+def test_cleanup_is_a_no_op_locally():
+    assert "nothing to clean up" in runtime.cleanup(None, "local", "SUCCEEDED", "run")
