@@ -25,6 +25,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Builds need a Docker engine and registry access (neither exists on the CPU dev machine).
+images: setup
+	docker build -f images/runtime.Dockerfile -t $$($(PY) -m r1zero.images runtime) .
+	docker build -f images/train.Dockerfile -t $$($(PY) -m r1zero.images train) .
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
