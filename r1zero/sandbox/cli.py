@@ -1,0 +1,83 @@
+"""``r1zero sandbox run FILE.py [--timeout S] [--memory-mb M]``: run one program in the sandbox.
+
+Prints the verdict as one JSON object ``{"status", "returncode", "stdout", "stderr", "seconds"}``
+(output truncated to 64 KiB per stream) and exits 0 when the status is ``ok``, 1 otherwise, 2 on
+bad input. ``--protections`` adds the list of protections that were active and ``truncated``.
+
+    r1zero sandbox run prog.py --timeout 2 --memory-mb 256
+    r1zero sandbox probe          # which protections this machine allows
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from r1zero.errors import UserError
+
+
+def _read_source(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"sandbox run: file not found: {path}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"sandbox run: {path} is not UTF-8 text") from None
+
+
+def _run(args) -> int:
+    from r1zero.sandbox.runner import run_code
+
+    source = _read_source(args.file)
+    if args.stdin and not Path(args.stdin).is_file():
+        raise UserError(f"sandbox run: --stdin file not found: {args.stdin}")
+    stdin = Path(args.stdin).read_bytes() if args.stdin else None
+    res = run_code(source, timeout_s=args.timeout, memory_mb=args.memory_mb, stdin=stdin)
+    print(json.dumps(res.to_json(with_protections=args.protections)))
+    return 0 if res.status == "ok" else 1
+
+
+def _probe(args) -> int:
+    from r1zero.sandbox.runner import plan, run_code
+
+    p = plan()
+    res = run_code("print('ok')", timeout_s=5.0, memory_mb=256)
+    print(json.dumps({"python": p.python, "uid": p.note, "status": res.status,
+                      "protections": list(res.protections)}, indent=2))
+    return 0 if res.status == "ok" else 1
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise UserError(f"sandbox run: --timeout must be a number of seconds (got {text!r})") from None
+    if not 0 < v <= 3600:
+        raise UserError(f"sandbox run: --timeout must be in (0, 3600] seconds (got {text})")
+    return v
+
+
+def _memory(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise UserError(f"sandbox run: --memory-mb must be an integer (got {text!r})") from None
+    if not 64 <= v <= 65536:
+        raise UserError(f"sandbox run: --memory-mb must be in [64, 65536] (got {v})")
+    return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sandbox", help="run untrusted Python in the sandbox")
+    ssub = p.add_subparsers(dest="sandbox_command", metavar="ACTION", parser_class=type(p))
+    ssub.required = True
+    run = ssub.add_parser("run", help="run FILE.py sandboxed and print its verdict as JSON")
+    run.add_argument("file", metavar="FILE.py")
+    run.add_argument("--timeout", type=_positive_float, default=2.0, help="wall/CPU seconds (default 2)")
+    run.add_argument("--memory-mb", type=_memory, default=256, help="address-space limit in MiB (default 256)")
+    run.add_argument("--stdin", help="file fed to the program's stdin")
+    run.add_argument("--protections", action="store_true", help="also print the active protections")
+    run.set_defaults(func=_run)
+    probe = ssub.add_parser("probe", help="show which protections are active on this machine")
+    probe.set_defaults(func=_probe)

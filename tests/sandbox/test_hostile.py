@@ -1,0 +1,81 @@
+"""Every hostile program in the catalogue is contained: verdict within the time bound, host intact.
+
+Checks per program: the status is one the catalogue allows, the wall time stays within
+timeout + start-up grace + kill slack, a canary file outside the sandbox (in a world-writable
+directory, so only the sandbox stops writes to it) survives unchanged, the parent (this process)
+is alive, a secret env var set here never appears in the output, no process is left in the
+child's process group or under its sandbox uid, and no connection reaches a loopback listener.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import psutil
+import pytest
+
+from r1zero.sandbox import run_code
+from r1zero.sandbox.hostile import HOSTILE, render
+from r1zero.sandbox.runner import STARTUP_GRACE_S
+
+TIMEOUT_S = 1.0
+KILL_SLACK_S = 1.0  # group kill, reaping, temp-dir removal on a loaded 2-core machine
+SECRET_NAME, SECRET_VALUE = "R1ZERO_TEST_SECRET", "s3cr3t-7f1c9e2a-do-not-leak"
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    d = tmp_path_factory.mktemp("outside")
+    d.chmod(0o777)  # world-writable: file permissions alone would not protect the canary
+    canary = d / "canary.txt"
+    canary.write_text("intact")
+    canary.chmod(0o666)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    os.environ[SECRET_NAME] = SECRET_VALUE
+    yield canary, listener
+    os.environ.pop(SECRET_NAME, None)
+    listener.close()
+
+
+def _leftovers(pid: int, uid: int | None) -> list[int]:
+    left = []
+    for p in psutil.process_iter(["pid", "uids"]):
+        try:
+            if os.getpgid(p.info["pid"]) == pid or (uid is not None and p.info["uids"].real == uid):
+                left.append(p.info["pid"])
+        except (ProcessLookupError, psutil.Error, OSError):
+            pass
+    return left
+
+
+def test_catalogue_has_the_issue_list():
+    required = {"infinite_loop", "fork_bomb", "memory_bomb", "huge_output", "write_outside", "delete_files",
+                "read_env_secret", "network", "subprocess", "signal_parent", "deep_recursion", "ctypes_crash",
+                "sleep_past_deadline", "close_stdout", "shadowed_module"}
+    assert required <= set(HOSTILE)
+    assert len(HOSTILE) >= 15
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_program_is_contained(name, host):
+    canary, listener = host
+    h = HOSTILE[name]
+    src = render(h, canary=str(canary), secret_name=SECRET_NAME, port=listener.getsockname()[1])
+    t0 = time.monotonic()
+    res = run_code(src, timeout_s=TIMEOUT_S, memory_mb=256)
+    wall = time.monotonic() - t0
+    assert res.status in h.allowed, (res.status, res.returncode, res.stderr[-500:])
+    assert wall <= TIMEOUT_S + STARTUP_GRACE_S + KILL_SLACK_S, wall
+    assert canary.read_text() == "intact" and canary.parent.is_dir()
+    assert os.getppid() > 1 and psutil.pid_exists(os.getpid())
+    assert SECRET_VALUE not in res.stdout and SECRET_VALUE not in res.stderr
+    uid = next((int(p.split("=")[1]) for p in res.protections if p.startswith("uid=")), None)
+    assert res.pid is not None and _leftovers(res.pid, uid) == []
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nothing connected
+    assert not (canary.parent / "pwned").exists()
