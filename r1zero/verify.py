@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -171,8 +172,14 @@ def verify_math(gold: str, pred: str, timeout_s: float = 2.0) -> Verdict:
         return _ok("numeric") if numbers_equal(gn, pn) else _wrong(f"{p} != {g}")
     if _too_complex(p) or _too_complex(g):
         return Verdict(False, "too_complex", f"answer longer than {MAX_ANSWER_CHARS} chars or with huge powers")
-    # math-verify's SIGALRM timeout only works on the main thread (signal.signal raises elsewhere).
-    timeout = max(1, round(timeout_s)) if threading.current_thread() is threading.main_thread() else None
+    # math-verify's SIGALRM timeout only works on the main thread (signal.signal raises elsewhere);
+    # TRL's accuracy_reward (trl/rewards/accuracy_rewards.py) makes the same choice.
+    timeout = None
+    if threading.current_thread() is threading.main_thread():
+        timeout = max(1, round(timeout_s))
+    else:
+        for name in ("math_verify.parser", "math_verify.grader"):  # "timeout disabled" warnings
+            logging.getLogger(name).setLevel(logging.ERROR)
     return _math_symbolic(g, p, timeout)
 
 
