@@ -169,9 +169,10 @@ def _setup() -> str:
     if cfg.get("netns", True):
         _unshare_network(applied)
     _drop_privileges(cfg, applied)
-    readable = tuple(os.path.realpath(p) for p in sys.path if p and os.path.isdir(p))
-    _install_audit_hook(os.getcwd(), readable)
-    applied.append("audit_hook")
+    if cfg.get("audit_hook", True):
+        readable = tuple(os.path.realpath(p) for p in sys.path if p and os.path.isdir(p))
+        _install_audit_hook(os.getcwd(), readable)
+        applied.append("audit_hook")
     os.write(cfg["report_fd"], json.dumps(applied).encode())
     os.close(cfg["report_fd"])
     return source

@@ -166,7 +166,8 @@ def _kill_uid(uid: int) -> int:
     """SIGKILL every process whose real uid is ``uid``; returns how many were signalled."""
     n = 0
     for _ in range(50):  # a racing forker gets a few rounds; NPROC bounds how many it can have
-        victims = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+        victims = [p for p in psutil.process_iter(["uids", "status"])
+                   if p.info["uids"] and p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE]
         if not victims:
             return n
         for p in victims:
@@ -279,12 +280,14 @@ def _check_args(timeout_s: float, memory_mb: int) -> None:
 
 
 def run_code(source: str, timeout_s: float = 2.0, memory_mb: int = 256, *, stdin: str | bytes | None = None,
-             output_limit: int = OUTPUT_LIMIT, network_namespace: bool = True) -> SandboxResult:
+             output_limit: int = OUTPUT_LIMIT, network_namespace: bool = True,
+             audit_hook: bool = True) -> SandboxResult:
     """Run ``source`` as ``__main__`` in the sandbox; never raises for anything the program does.
 
     ``timeout_s`` bounds the program's wall time (plus :data:`STARTUP_GRACE_S` for interpreter
     start-up) and its CPU time; ``memory_mb`` bounds its address space (the interpreter itself
-    takes ~20 MiB of it). Bad limits raise :class:`UserError`.
+    takes ~20 MiB of it). Bad limits raise :class:`UserError`. ``network_namespace`` and
+    ``audit_hook`` exist to test the other layers on their own; leave them on.
     """
     _check_args(timeout_s, memory_mb)
     stdin_b = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
@@ -297,7 +300,7 @@ def run_code(source: str, timeout_s: float = 2.0, memory_mb: int = 256, *, stdin
             os.chown(work, uid, uid)
         report_r, report_w = os.pipe()
         cfg = {"cpu_s": max(1, int(timeout_s + 0.999)), "mem_bytes": memory_mb << 20, "fsize_bytes": FSIZE_MB << 20,
-               "nofile": NOFILE, "nproc": NPROC, "uid": uid, "netns": network_namespace, "report_fd": report_w}
+               "nofile": NOFILE, "nproc": NPROC, "uid": uid, "netns": network_namespace, "audit_hook": audit_hook, "report_fd": report_w}
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         proc = None
         try:
