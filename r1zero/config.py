@@ -281,8 +281,12 @@ class ClusterConfig(_Section):
 
 class TelemetryConfig(_Section):
     enabled: bool = True
-    port: int = Field(9108, ge=0, le=65535)  # 0 = ephemeral (tests)
-    pushgateway: str | None = None
+    port: int = Field(9108, ge=0, le=65535)  # 0 = ephemeral (tests); each process adds LOCAL_RANK
+    serve: bool = True  # HTTP /metrics endpoint (off: Pushgateway only)
+    bind: str = "0.0.0.0"  # all interfaces: Prometheus scrapes the pod IP; tests use 127.0.0.1
+    pushgateway: str | None = None  # e.g. http://pushgateway.monitoring:9091 (short KFP tasks)
+    push_interval_s: float = Field(30.0, gt=0)  # Prometheus' default scrape interval is 1 min
+    scrape_interval: str = "15s"  # PodMonitor interval (kube-prometheus-stack's default 30s)
 
 
 class StoreConfig(_Section):
