@@ -170,6 +170,12 @@ class PretrainConfig(_Section):
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     time_budget_s: float | None = Field(None, gt=0)
+    # None = ``<out>/checkpoints``; any store URI (local path or s3://) otherwise.
+    checkpoint_uri: str | None = None
+    # Held-out greedy accuracy of the base model (summary.json): eval-split items per domain and
+    # the generation length (the tiny preset's answers fit in 48 tokens, as for GRPO).
+    heldout_per_domain: int = Field(64, ge=0)
+    heldout_max_new_tokens: int = Field(48, ge=1)
 
 
 # ---------------------------------------------------------------------------------------------

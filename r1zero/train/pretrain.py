@@ -1,0 +1,311 @@
+"""MoE pretraining stage: data artifact -> HF model dir (+ metrics.jsonl, summary.json, checkpoints/).
+
+    r1zero pretrain --config configs/tiny.yaml --data runs/tiny/data --out runs/tiny/pretrain
+    torchrun --nproc-per-node 2 -m r1zero.cli pretrain --config configs/tiny.yaml \
+        --set parallel.dp=2 --data runs/tiny/data --out runs/tiny/pretrain
+    deepspeed --num_gpus 2 --module r1zero.cli pretrain ...                      # same flags
+
+Python: ``run_pretrain(cfg, data_uri, out_uri) -> summary``. The run reads the torch elastic
+environment (a PyTorchJob running bare ``torchrun`` works), validates the parallel layout before
+creating any process group, builds the model from ``cfg.model`` with ``cfg.seed``, and trains on
+packed documents (:mod:`r1zero.train.data`).
+
+Engines: a pure data-parallel layout (tp = pp = ep = 1) runs on a DeepSpeed engine
+(:mod:`r1zero.train.ds_engine`, ZeRO 0-3, bf16/fp16); tp/pp/ep layouts run on the native engine
+(:mod:`r1zero.train.native_engine`: torch DTensor tensor parallelism, ``torch.distributed.pipelining``
+stages, expert parallelism through the model's dispatcher) with the identical optimizer and schedule.
+
+Resume: when the checkpoint root holds a valid checkpoint, the run continues from it (engine
+state, data position, RNG state, metrics so far) and reproduces the uninterrupted run exactly on
+CPU. Output layout: the HF model dir (``save_pretrained`` safetensors + tokenizer files),
+``metrics.jsonl`` (``{"step", "name", "value"}`` per line: ``train/*``, ``moe/L{i}/*``),
+``summary.json`` (with ``heldout_accuracy`` per domain) and ``checkpoints/step-*``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from r1zero import store
+from r1zero.errors import UserError
+from r1zero.progress import progress
+from r1zero.train import dist as rdist
+from r1zero.train.checkpoint import Checkpointer
+from r1zero.train.data import PackedSequences, build_documents
+from r1zero.train.parallel_dims import ParallelDims
+from r1zero.train.precision import apply_fp8, check_precision
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_rows(data_dir: Path, split: str) -> list[dict]:
+    """Rows of a data artifact split (the data package's reader, or the parquet shards directly)."""
+    try:
+        from r1zero.data.shards import read_rows
+
+        return list(read_rows(data_dir, split))
+    except ImportError:
+        import pyarrow.parquet as pq
+
+        parts = sorted((data_dir / split).glob("part-*.parquet"))
+        if not parts:
+            raise UserError(f"data artifact {data_dir} has no {split}/part-*.parquet shards") from None
+        return [r for p in parts for r in pq.read_table(p).to_pylist()]
+
+
+def load_tokenizer(data_dir: Path):
+    try:
+        from r1zero.data.tokenizer import load_tokenizer as _load
+    except ImportError:
+        _load = None
+    if _load is not None:
+        return _load(data_dir)
+    from transformers import PreTrainedTokenizerFast
+
+    path = data_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"data artifact {data_dir} has no tokenizer.json")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+# ---------------------------------------------------------------------------------------------
+# engine choice
+
+
+def new_model(cfg, tokenizer):
+    """A fresh :class:`R1ZeroForCausalLM` from ``cfg.model``; identical on every rank (seeded)."""
+    from r1zero.model import R1ZeroConfig, R1ZeroForCausalLM
+
+    hf_cfg = R1ZeroConfig.from_model_config(cfg.model, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=tokenizer.pad_token_id)
+    # NOTE: not r1zero.model.build_model: its fork_rng(devices=[cpu]) probes CUDA on CPU-only torch.
+    state = torch.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        model = R1ZeroForCausalLM(hf_cfg)
+        # NOTE: under transformers 5.24 post_init() leaves the routed experts' torch.empty weights
+        # uninitialised (garbage/NaN); applying the model's own _init_weights again fixes that.
+        model.apply(model._init_weights)
+        return model
+    finally:
+        torch.set_rng_state(state)
+
+
+def make_engine(model, cfg, ctx):
+    dims = ctx.dims
+    if dims.tp == 1 and dims.pp == 1 and dims.ep == 1:
+        from r1zero.train.ds_engine import DeepSpeedTrainEngine
+
+        return DeepSpeedTrainEngine(model, cfg, ctx)
+    from r1zero.train.native_engine import NativeTrainEngine
+
+    return NativeTrainEngine(model, cfg, ctx)
+
+
+def _telemetry(cfg, ctx):
+    try:
+        from r1zero import telemetry
+    except ImportError:
+        return None
+    try:
+        return telemetry.start(cfg.telemetry, job=cfg.name, rank=ctx.rank, stage="pretrain")
+    except Exception as err:  # noqa: BLE001 - telemetry must never stop training
+        import warnings
+
+        warnings.warn(f"telemetry disabled: {type(err).__name__}: {err}", stacklevel=2)
+        return None
+
+
+class MetricsLog:
+    """``metrics.jsonl`` rows kept in memory (rank 0) and rewritten atomically at each flush."""
+
+    def __init__(self, path: Path, rows: list[dict] | None = None):
+        self.path, self.rows = path, list(rows or [])
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.rows.append({"step": int(step), "name": name, "value": float(value)})
+
+    def flush(self) -> None:
+        store.atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _micro_batches(packed: PackedSequences, step: int, pre, dims: ParallelDims, coords: dict) -> list[torch.Tensor]:
+    """This rank's grad_accum micro-batches of global step ``step`` (m = dp_rank * ga + a)."""
+    n_micro = pre.grad_accum * dims.dp
+    return [packed.micro_batch(step, coords["dp"] * pre.grad_accum + a, pre.micro_batch, n_micro)
+            for a in range(pre.grad_accum)]
+
+
+def _broadcast_flag(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def train(cfg, data_uri: str, work: Path, ckpt_uri: str) -> dict:
+    """The training loop; writes model/metrics/summary into ``work`` on rank 0. Collective."""
+    pre = cfg.pretrain
+    env = rdist.read_env()
+    dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size=env.world_size, grad_accum=pre.grad_accum)
+    device = rdist.device_for(env)
+    check_precision(pre.precision, device)
+    if pre.seq_len > cfg.model.max_seq_len:
+        raise UserError(f"pretrain.seq_len ({pre.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    data_dir = store.materialize(data_uri)
+    tokenizer = load_tokenizer(Path(data_dir))
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is {cfg.model.vocab_size}")
+    rows = load_rows(Path(data_dir), "train")
+    packed = PackedSequences.from_texts(build_documents(rows, cfg.seed), tokenizer, pre.seq_len, cfg.seed)
+
+    ctx = rdist.init(dims, env)
+    torch.manual_seed(cfg.seed)
+    model = new_model(cfg, tokenizer)
+    if pre.activation_checkpointing:
+        from r1zero.train.native_engine import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    if pre.precision == "fp8":
+        apply_fp8(model, device)
+    engine = make_engine(model, cfg, ctx)
+
+    ckpt = Checkpointer(ckpt_uri, keep_last=pre.keep_last)
+    metrics = MetricsLog(work / "metrics.jsonl")
+    start_step = 0
+    loaded = ckpt.load_latest()
+    if loaded is not None:
+        if loaded.state.get("layout") != dims.describe():
+            raise UserError(f"checkpoint {ckpt_uri} was written with layout [{loaded.state.get('layout')}] "
+                            f"but this run is [{dims.describe()}]; resume with the same layout")
+        engine.load(loaded.path / "engine")
+        ckpt.restore_rng(loaded)
+        start_step = int(loaded.state["step"])
+        if ctx.is_rank0 and (loaded.path / "metrics.jsonl").is_file():
+            metrics.rows = [json.loads(line) for line in (loaded.path / "metrics.jsonl").read_text().splitlines()
+                            if line.strip()]
+
+    tel = _telemetry(cfg, ctx)
+    losses: list[float] = []
+    t_start = time.perf_counter()
+    tokens_seen = 0
+    step = start_step
+    stopped_by_budget = False
+    bar = progress(total=pre.steps, desc="pretrain", unit="step", initial=start_step)
+    try:
+        while step < pre.steps:
+            t0 = time.perf_counter()
+            res = engine.train_step(_micro_batches(packed, step, pre, dims, ctx.coords))
+            if not math.isfinite(res.loss):
+                raise RuntimeError(f"non-finite loss {res.loss} at step {step}")
+            engine.after_step()
+            seconds = time.perf_counter() - t0
+            tokens_seen += res.tokens
+            step += 1
+            losses.append(res.loss)
+            moe = engine.moe_metrics() if (step % pre.log_every == 0 or step == pre.steps) else {}
+            if ctx.is_rank0:
+                metrics.add(step, {"train/loss": res.loss, "train/lm_loss": res.lm_loss, "train/lr": res.lr,
+                                   "train/grad_norm": res.grad_norm, "train/tokens_per_s": res.tokens / seconds})
+                if moe:
+                    metrics.add(step, moe)
+                bar.update(1)
+                bar.set_postfix(loss=f"{res.loss:.4f}")
+            if tel is not None:
+                tel.observe_step(seconds, tokens=res.tokens, loss=res.loss, lr=res.lr, step=step)
+                if moe:
+                    tel.set_gauges(**{k: v for k, v in moe.items() if "/load/" not in k})
+            if step % pre.checkpoint_every == 0 and step < pre.steps:
+                _save_checkpoint(ckpt, engine, step, dims, cfg, metrics, ctx)
+            over = pre.time_budget_s is not None and time.perf_counter() - t_start > pre.time_budget_s
+            if _broadcast_flag(over) and step < pre.steps:
+                stopped_by_budget = True
+                break
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - t_start
+    _save_checkpoint(ckpt, engine, step, dims, cfg, metrics, ctx)
+    state = engine.full_state_dict()
+    summary = None
+    if ctx.is_rank0:
+        metrics.flush()
+        summary = _finish(cfg, model, state, tokenizer, work, data_dir, dict(
+            steps=step, start_step=start_step, stopped_by_time_budget=stopped_by_budget,
+            losses=losses, train_seconds=train_seconds, tokens=tokens_seen,
+            tokens_per_s=tokens_seen / max(train_seconds, 1e-9), layout=dims.describe(), engine=engine.kind,
+            world_size=dims.world_size, data_epochs=packed.epochs_for(step, pre.micro_batch * pre.grad_accum * dims.dp),
+            n_params=sum(v.numel() for v in state.values()) if state else None,
+        ))
+    if tel is not None:
+        tel.close()
+    return summary
+
+
+def _save_checkpoint(ckpt, engine, step, dims, cfg, metrics, ctx) -> None:
+    def write(d: Path) -> None:
+        engine.save(d / "engine")
+        if ctx.is_rank0:
+            metrics.path = d / "metrics.jsonl"
+            metrics.flush()
+    old = metrics.path
+    ckpt.save(step, write, {"layout": dims.describe(), "config_hash": cfg.hash(), "data_position": step})
+    metrics.path = old
+
+
+def _finish(cfg, model, state, tokenizer, work: Path, data_dir, info: dict) -> dict:
+    """Rank 0: save the HF model dir, measure held-out accuracy, write summary.json."""
+    final = new_model(cfg, tokenizer)
+    missing, unexpected = final.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in ("lm_head.weight",)]
+    if missing or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing {missing[:5]} unexpected {unexpected[:5]}")
+    final.save_pretrained(str(work), safe_serialization=True)
+    tokenizer.save_pretrained(str(work))
+    from r1zero.train.heldout import heldout_accuracy
+
+    acc = heldout_accuracy(final, tokenizer, load_rows(Path(data_dir), "eval"), cfg)
+    summary = {k: v for k, v in info.items() if k != "losses"}
+    summary.update({
+        "name": cfg.name, "config_hash": cfg.hash(), "seed": cfg.seed, "precision": cfg.pretrain.precision,
+        "final_loss": info["losses"][-1] if info["losses"] else None,
+        "first_loss": info["losses"][0] if info["losses"] else None,
+        "losses": info["losses"], "heldout_accuracy": acc["accuracy"], "heldout": acc,
+    })
+    store.atomic_write_text(work / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def run_pretrain(cfg, data_uri: str, out_uri: str) -> dict:
+    """Pretrain ``cfg.model`` on the data artifact at ``data_uri``; publish the model dir to ``out_uri``.
+
+    Collective under a launcher: every rank calls it; rank 0 returns the summary (others None).
+    """
+    store.configure(cfg.store)
+    ckpt_uri = cfg.pretrain.checkpoint_uri or store.join(out_uri, "checkpoints")
+    remote = store.is_s3(out_uri)
+    work = Path(tempfile.mkdtemp(prefix="r1zero-pretrain-")) if remote else store.local_path(out_uri)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = train(cfg, data_uri, work, ckpt_uri)
+        if remote and summary is not None:
+            store.publish(work, out_uri)
+        return summary
+    finally:
+        rdist.shutdown()
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)
