@@ -261,9 +261,16 @@ class EvalConfig(_Section):
 
 
 class InsightConfig(_Section):
+    """Event detection on training curves (definitions in docs/eval.md)."""
+
     window: int = Field(10, ge=1)  # aha co-occurrence window, steps
+    # a jump/rise must be at least this many noise standard deviations high (the quality goal's 3)
     min_sigma: float = Field(3.0, gt=0)
-    penalty: float | None = None
+    # a jump's 10-90% width is at most this fraction of the run; wider rises are trends
+    max_width_frac: float = Field(0.1, gt=0, le=1)
+    # change-point penalty per log(n) in noise-variance units (None = 3.0, BIC-style)
+    penalty: float | None = Field(None, gt=0)
+    stream_every: int = Field(5, ge=1)  # streaming detector: re-check a series every N new points
 
 
 class ClusterConfig(_Section):

@@ -1,0 +1,1 @@
+"""Insight detection on training curves: jumps, knees, reflection, length growth, aha moments."""
