@@ -1,0 +1,175 @@
+"""The per-rank exporter: names, labels, port rules, off switch, JSONL mapping, Pushgateway."""
+
+from __future__ import annotations
+
+import http.server
+import math
+import socket
+import threading
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from r1zero import telemetry
+from r1zero.config import TelemetryConfig
+from r1zero.errors import UserError
+
+LOOP = TelemetryConfig(port=0, bind="127.0.0.1")
+
+
+def scrape(tel) -> dict[str, list]:
+    """{sample name: [(labels, value)]} from a real HTTP scrape of the endpoint."""
+    text = urllib.request.urlopen(tel.url, timeout=5).read().decode()
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    hits = [v for lab, v in samples.get(name, []) if all(lab.get(k) == w for k, w in labels.items())]
+    assert len(hits) == 1, (name, labels, samples.get(name))
+    return hits[0]
+
+
+def test_step_metrics_over_http():
+    with telemetry.start(LOOP, job="tiny", rank=3, stage="pretrain", local_rank=0,
+                         flops_per_token=6e6, peak_flops=1e12) as tel:
+        assert tel.enabled and tel.port and tel.url.startswith("http://127.0.0.1:")
+        tel.observe_step(0.5, 1000, loss=2.5, lr=1e-3)
+        tel.observe_step(0.25, 1000, loss=2.0, lr=2e-3, grad_norm=0.7)
+        s = scrape(tel)
+    lab = {"job": "tiny", "rank": "3", "stage": "pretrain"}
+    assert value(s, "r1zero_steps_total", **lab) == 2
+    assert value(s, "r1zero_step", **lab) == 2
+    assert value(s, "r1zero_tokens_total", **lab) == 2000
+    assert value(s, "r1zero_loss", **lab) == 2.0
+    assert value(s, "r1zero_learning_rate", **lab) == 2e-3
+    assert value(s, "r1zero_grad_norm", **lab) == 0.7
+    assert value(s, "r1zero_tokens_per_second", **lab) == 4000
+    assert value(s, "r1zero_mfu_ratio", **lab) == pytest.approx(1000 * 6e6 / (0.25 * 1e12))
+    assert value(s, "r1zero_step_duration_seconds_count", **lab) == 2
+    assert value(s, "r1zero_step_duration_seconds_sum", **lab) == 0.75
+    assert value(s, "r1zero_step_duration_seconds_bucket", le="0.25", **lab) == 1
+    assert value(s, "r1zero_comm_time_ratio", **lab) == 0.0  # no collectives in this process
+    # a stage's unset gauges are absent, not 0; every series carries exactly the bounded labels
+    assert "r1zero_grpo_reward" not in s and "r1zero_moe_max_load_ratio" not in s
+    assert not any(n.endswith("_created") for n in s)
+    for name, rows in s.items():
+        for labels, _ in rows:
+            assert {"job", "rank", "stage"} <= set(labels) <= {"job", "rank", "stage", "le", "op", "gpu", "layer",
+                                                               "available", "reason"}, (name, labels)
+
+
+def test_grpo_moe_counters_and_jsonl_names():
+    with telemetry.start(LOOP, job="j", rank=0, stage="grpo") as tel:
+        tel.set_gauges(reward=0.25, accuracy=0.5, format_rate=0.75, kl=0.01, completion_length=31.5,
+                       reflection_rate=0.125)
+        tel.observe_metrics({"grpo/kl": 0.02, "moe/L1/max_load_ratio": 1.5, "moe/L1/dropped_fraction": 0.1,
+                             "moe/L0/router_entropy": 1.2, "eval/accuracy/math": 0.9})
+        tel.observe_moe([{"max_load_ratio": 1.25, "router_entropy": 1.1}])
+        tel.inc("aha_events")
+        tel.inc("nan_skips", 2)
+        with tel.checkpoint_timer():
+            pass
+        tel.observe_step(1.0, 10, loss=float("nan"))
+        s = scrape(tel)
+    assert value(s, "r1zero_grpo_reward") == 0.25
+    assert value(s, "r1zero_grpo_accuracy_ratio") == 0.5
+    assert value(s, "r1zero_grpo_format_ratio") == 0.75
+    assert value(s, "r1zero_grpo_kl") == 0.02  # the JSONL name overrode the earlier set_gauges
+    assert value(s, "r1zero_grpo_completion_length_tokens") == 31.5
+    assert value(s, "r1zero_grpo_reflection_ratio") == 0.125
+    assert value(s, "r1zero_moe_max_load_ratio", layer="1") == 1.5
+    assert value(s, "r1zero_moe_max_load_ratio", layer="0") == 1.25
+    assert value(s, "r1zero_moe_dropped_ratio", layer="1") == 0.1
+    assert value(s, "r1zero_moe_router_entropy_nats", layer="0") == 1.1
+    assert value(s, "r1zero_aha_events_total") == 1
+    assert value(s, "r1zero_nan_skips_total") == 2
+    assert value(s, "r1zero_checkpoint_duration_seconds_count") == 1
+    assert math.isnan(value(s, "r1zero_loss"))  # exported as NaN for the R1ZeroLossNaN alert
+
+
+def test_unknown_names_warn_once():
+    with telemetry.start(LOOP, job="j", rank=0, stage="grpo") as tel:
+        with pytest.warns(RuntimeWarning, match="unknown gauge 'rewrad'"):
+            tel.set_gauges(rewrad=1.0)
+        with pytest.warns(RuntimeWarning, match="unknown counter"):
+            tel.inc("ahas")
+
+
+def test_port_is_base_plus_local_rank_and_busy_port_is_a_user_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+    base = min(base, 65000)
+    cfg = TelemetryConfig(port=base, bind="127.0.0.1")
+    tel = telemetry.start(cfg, job="j", rank=5, stage="pretrain", local_rank=1)
+    try:
+        assert tel.port == base + 1
+        with pytest.raises(UserError, match=f"telemetry port {base + 1} .* already in use"):
+            telemetry.start(cfg, job="j", rank=9, stage="pretrain", local_rank=1)
+    finally:
+        tel.close()
+    tel.close()  # idempotent
+
+
+def test_off_switch_is_a_no_op():
+    tel = telemetry.start(TelemetryConfig(enabled=False), job="j", rank=0, stage="pretrain")
+    assert isinstance(tel, telemetry.NullTelemetry) and not tel.enabled and tel.port is None
+    tel.observe_step(1.0, 10, loss=1.0, lr=0.1, reward=1.0)
+    tel.set_gauges(anything=1)
+    tel.inc("anything")
+    with tel.comm_timer(), tel.checkpoint_timer():
+        pass
+    tel.close()
+    import torch.distributed as dist
+
+    assert not hasattr(dist.all_reduce, "__r1zero_timed__")  # nothing patched
+
+
+class _Gateway(http.server.BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_PUT(self):  # noqa: N802 - http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        _Gateway.received.append((self.path, body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def test_pushgateway_push_on_close_grouped_by_rank_and_stage():
+    _Gateway.received = []
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), _Gateway)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cfg = TelemetryConfig(serve=False, pushgateway=f"http://127.0.0.1:{httpd.server_port}")
+        tel = telemetry.start(cfg, job="kfp-task", rank=1, stage="eval")
+        assert tel.port is None  # push only
+        tel.observe_step(0.1, 5, loss=1.0)
+        tel.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert len(_Gateway.received) == 1
+    path, body = _Gateway.received[0]
+    assert path == "/metrics/job/kfp-task/rank/1/stage/eval"
+    names = {s.name for fam in text_string_to_metric_families(body) for s in fam.samples}
+    assert {"r1zero_steps_total", "r1zero_loss", "r1zero_step_duration_seconds_count"} <= names
+
+
+def test_unreachable_pushgateway_warns_and_training_goes_on():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    tel = telemetry.start(TelemetryConfig(serve=False, pushgateway=f"http://127.0.0.1:{dead}"),
+                          job="j", rank=0, stage="eval")
+    with pytest.warns(RuntimeWarning, match="push to"):
+        assert tel.push() is False
+    tel.close()
