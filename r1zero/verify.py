@@ -161,12 +161,19 @@ def _math_symbolic(gold: str, pred: str, timeout: int | None) -> Verdict:
     return _wrong(f"{pred_p[-1]} != {gold_p[-1]}")
 
 
+_WORD_RE = re.compile(r"[A-Za-z]{2,}(?:[ '-][A-Za-z]+)*")
+# multi-letter golds that are math, not words (sympy would read "no1" as n*o*1 == "no")
+_MATH_WORDS = {"pi", "infty", "inf", "infinity", "oo", "nan"}
+
+
 def verify_math(gold: str, pred: str, timeout_s: float = 2.0) -> Verdict:
     g, p = normalize_math(gold), normalize_math(pred)
     if not p:
         return Verdict(False, "no_answer", "empty answer")
     if g == p:
         return _ok("exact")
+    if _WORD_RE.fullmatch(g) and g.lower() not in _MATH_WORDS:  # yes/no/true/false-style answers
+        return _ok("word") if normalize_text(g) == normalize_text(p) else _wrong(f"{p!r} != {g!r}")
     gn, pn = parse_number(g), parse_number(p)
     if gn is not None and pn is not None:
         return _ok("numeric") if numbers_equal(gn, pn) else _wrong(f"{p} != {g}")

@@ -21,6 +21,7 @@ def M(answer):
     ("1/2", "0.5"), ("1/2", r"\frac{1}{2}"), ("1/2", r"\boxed{1/2}"), ("0.5", r"\dfrac{1}{2}"), ("0.5", "$\\frac12$"),
     ("2", "2.0"), ("-14", "-14"), ("1000", "1,000"), ("25/8", "3.125"), ("x+1", "1+x"),
     (r"\sqrt{2}/2", r"\frac{\sqrt{2}}{2}"), ("1/3", "0.333333"), (r"\{1,2\}", r"\{2,1\}"), ("7", "7."),
+    ("yes", "Yes"), ("false", "false."), (r"2\pi", r"2 \pi"),
 ])
 def test_math_equivalent(gold, pred):
     v = verify(M(gold), pred)
@@ -29,6 +30,7 @@ def test_math_equivalent(gold, pred):
 
 @pytest.mark.parametrize("gold,pred", [
     ("1/3", "0.33"), ("2", "3"), ("1000000", "1000001"), ("x+1", "x+2"), ("5", "six"), ("1/2", "2"),
+    ("no", "no1"), ("yes", "no"), ("true", "1"),  # sympy alone reads "no1" as n*o == "no"
 ])
 def test_math_not_equivalent(gold, pred):
     v = verify(M(gold), pred)
