@@ -24,9 +24,9 @@ COMMANDS: dict[str, str] = {
     "sandbox": "r1zero.sandbox.cli",
     "pretrain": "r1zero.train.cli",
     "plan": "r1zero.sizing_cli",
-    "render": "r1zero.cluster.cli",
-    "validate": "r1zero.cluster.cli",
-    "launch": "r1zero.cluster.cli",
+    "render": "r1zero.cluster.cli_render",
+    "validate": "r1zero.cluster.cli_validate",
+    "launch": "r1zero.cluster.cli_launch",
     # kfp lives above the core: these commands are loaded by name from the pipelines layer.
     "run": "pipelines.cli",
     "pipeline": "pipelines.cli",

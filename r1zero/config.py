@@ -88,6 +88,15 @@ class DataConfig(_Section):
     shard_format: Literal["parquet", "jsonl.gz"] = "parquet"
     # difficulty range of the procedural generators (1 = easiest).
     max_difficulty: int = Field(3, ge=1, le=5)
+    # fraction of math/code/cross pretraining documents rendered with the R1 template (the rest in
+    # plain "Question: ... Answer: ..." formats): the base model sees the tags without being
+    # reliably formatted, leaving GRPO room to improve format (r1zero.data.documents).
+    template_fraction: float = Field(0.5, ge=0, le=1)
+    # train rows (rendered as pretraining documents) the BPE tokenizer is trained on; BPE merges
+    # converge long before 1M rows and training cost grows with the sample.
+    tokenizer_rows: int = Field(20_000, ge=1)
+    # rows generated per batch (vectorised MinHash, one Parquet row group at a time).
+    chunk_rows: int = Field(8192, ge=16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +249,9 @@ class GRPOConfig(_Section):
     sample_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     time_budget_s: float | None = Field(None, gt=0)
+    # periodic held-out curve: greedy pass@1 on a fixed subset of the eval split (0 = off)
+    eval_every: int = Field(10, ge=1)
+    eval_problems: int = Field(128, ge=0)
     # PPO baseline
     gae_lambda: float = Field(0.95, ge=0, le=1)
     gamma: float = Field(1.0, ge=0, le=1)
@@ -290,6 +302,18 @@ class ClusterConfig(_Section):
     priority_class: str | None = None
     cpu_request: str = "1"
     memory_request: str = "4Gi"
+    # Rendered-job knobs (r1zero/cluster/render.py). /dev/shm as a memory emptyDir for NCCL and
+    # DataLoader workers (the container runtime default is 64 MiB).
+    shm_size: str = "16Gi"
+    rdma_resource: str | None = None  # e.g. rdma/rdma_shared_device_a (k8s-rdma-shared-dev-plugin)
+    scheduler_name: str | None = None  # e.g. volcano: gang scheduling via the operator's PodGroup
+    backoff_limit: int = Field(3, ge=0)
+    ttl_seconds_after_finished: int = Field(86400, ge=0)
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    elastic_max_nodes: int | None = Field(None, ge=2)  # set: elasticPolicy min=nodes, max=this
+    retrain_schedule: str = "0 3 * * 0"  # CronJob (5-field, UTC): weekly retraining, Sunday 03:00
+    kfp_host: str = "http://ml-pipeline.kubeflow:8888"  # in-cluster KFP API (standalone install)
+    git_repo: str = "https://github.com/r1zero/r1zero.git"  # Argo CD source of manifests/
 
 
 class TelemetryConfig(_Section):

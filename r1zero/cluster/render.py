@@ -1,0 +1,363 @@
+"""Render training jobs and the GitOps tree as Kubernetes manifests (plain dicts -> sorted YAML).
+
+    r1zero render --config configs/a100-13b.yaml --stage pretrain --kind pytorchjob --out out/k8s
+    r1zero render --all --out manifests        # regenerate the checked-in kustomize tree
+    python -m r1zero.cluster.render manifests  # same, without the CLI
+
+One job = a ConfigMap holding the resolved config (mounted at ``/etc/r1zero``) + the job:
+- PyTorchJob ``kubeflow.org/v1`` (training-operator release-1.9): Master (1) + Workers, container
+  ``pytorch`` running bare ``torchrun`` (the operator injects PET_NNODES, PET_NPROC_PER_NODE,
+  PET_NODE_RANK, PET_MASTER_ADDR/PORT, so torchrun needs no topology flags), ``nprocPerNode``;
+- MPIJob ``kubeflow.org/v2beta1`` (mpi-operator): a launcher running DeepSpeed's launcher over
+  the hostfile the operator mounts (``/etc/mpi/hostfile``) + workers with ``slotsPerWorker``;
+- TrainJob ``trainer.kubeflow.org/v1alpha1`` (Kubeflow Trainer v2) on the ``torch-distributed``
+  ClusterTrainingRuntime.
+
+Output is deterministic: stable names from the config name and stage, ``sort_keys`` YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from r1zero.errors import UserError
+
+STAGES = ("pretrain", "grpo")
+KINDS = ("pytorchjob", "mpijob", "trainjob")
+CONFIG_DIR = "/etc/r1zero"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+LAUNCHER_SA = "r1zero-launcher"
+PART_OF = {"app.kubernetes.io/part-of": "r1zero"}
+# GPU Feature Discovery product labels (NVIDIA gpu-feature-discovery, label nvidia.com/gpu.product).
+GPU_PRODUCT = {
+    "a100-40gb": "NVIDIA-A100-SXM4-40GB",
+    "a100-80gb": "NVIDIA-A100-SXM4-80GB",
+    "h100-80gb": "NVIDIA-H100-80GB-HBM3",
+}
+PYTORCHJOB_PORT = 23456  # training-operator default `pytorchjob-port` (pytorch_defaults.go)
+# Checkov skips, justified: batch training pods serve no traffic, so probes make no sense; images
+# are pinned by tag in r1zero/images.py (a digest is only known after the registry push).
+CHECKOV_SKIPS = {
+    "checkov.io/skip1": "CKV_K8S_8=batch training pod serves no HTTP endpoint for a liveness probe",
+    "checkov.io/skip2": "CKV_K8S_9=batch training pod receives no traffic, so no readiness probe",
+    "checkov.io/skip3": "CKV_K8S_43=images pinned by release tag in r1zero/images.py; digest known only after push",
+}
+
+
+def dns1035(name: str, limit: int = 50) -> str:
+    """A DNS-1035 label (starts with a letter; [a-z0-9-]; the operator appends -master-0 etc.)."""
+    s = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if not s or not s[0].isalpha():
+        s = "r-" + s
+    return s[:limit].rstrip("-")
+
+
+def job_name(cfg, stage: str) -> str:
+    return dns1035(f"{cfg.name}-{stage}")
+
+
+def default_uris(cfg, stage: str) -> dict[str, str]:
+    """Where a stage reads and writes when no URI is given: under cluster.checkpoint_uri/<name>/."""
+    base = f"{cfg.cluster.checkpoint_uri.rstrip('/')}/{dns1035(cfg.name)}"
+    uris = {"data": f"{base}/data", "out": f"{base}/{stage}"}
+    if stage == "grpo":
+        uris["policy"] = f"{base}/pretrain"
+    return uris
+
+
+def stage_args(stage: str, uris: dict[str, str]) -> list[str]:
+    """``r1zero <stage>`` arguments (config from the mounted ConfigMap)."""
+    args = [stage, "--config", CONFIG_FILE]
+    if stage == "grpo":
+        args += ["--policy", uris["policy"]]
+    return [*args, "--data", uris["data"], "--out", uris["out"]]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sorted, block-style YAML without anchors; multi-line strings as literal blocks."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def _str(dumper, data: str):
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def config_yaml(cfg) -> str:
+    """The config as the pods load it: only the values that differ from the defaults, so the
+    text changes when the run changes, not when an unrelated default is added."""
+    return yaml.dump(cfg.model_dump(mode="json", exclude_defaults=True), Dumper=_Dumper, sort_keys=True)
+
+
+def config_hash(cfg) -> str:
+    return hashlib.sha256(config_yaml(cfg).encode()).hexdigest()
+
+
+def config_map(cfg, name: str) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": cfg.cluster.namespace, "labels": {**PART_OF, "r1zero/run": dns1035(cfg.name)}},
+        "data": {"config.yaml": config_yaml(cfg)},
+    }
+
+
+def _gpu(cfg) -> bool:
+    return cfg.cluster.gpu != "cpu" and cfg.cluster.gpus_per_node > 0
+
+
+def resources(cfg) -> dict:
+    """Requests = limits (Guaranteed QoS: the kubelet never evicts a training pod first)."""
+    c = cfg.cluster
+    res = {"cpu": c.cpu_request, "memory": c.memory_request}
+    if _gpu(cfg):
+        res["nvidia.com/gpu"] = str(c.gpus_per_node)
+        if c.rdma_resource:
+            res[c.rdma_resource] = "1"
+    return {"requests": dict(res), "limits": dict(res)}
+
+
+def container_env(cfg, stage: str) -> list[dict]:
+    c = cfg.cluster
+    env = [
+        {"name": "R1ZERO_CONFIG", "value": CONFIG_FILE},
+        {"name": "R1ZERO_STAGE", "value": stage},
+        {"name": "R1ZERO_PROGRESS", "value": "0"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "AWS_ACCESS_KEY_ID",
+         "valueFrom": {"secretKeyRef": {"name": c.s3_secret, "key": "AWS_ACCESS_KEY_ID", "optional": True}}},
+        {"name": "AWS_SECRET_ACCESS_KEY",
+         "valueFrom": {"secretKeyRef": {"name": c.s3_secret, "key": "AWS_SECRET_ACCESS_KEY", "optional": True}}},
+    ]
+    if cfg.store.endpoint_url:
+        env.append({"name": "R1ZERO_S3_ENDPOINT", "value": cfg.store.endpoint_url})
+    if _gpu(cfg):
+        # NCCL: surface init problems, fail fast on hangs (torch >= 2.2 name), use IB when present.
+        env += [
+            {"name": "NCCL_DEBUG", "value": "WARN"},
+            {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+            {"name": "NCCL_IB_DISABLE", "value": "0" if c.rdma_resource else "1"},
+            {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
+        ]
+    else:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    return env
+
+
+def _ports(cfg) -> list[dict]:
+    try:
+        from r1zero.telemetry.manifests import container_ports
+    except ImportError:  # telemetry not installed: one port at telemetry.port
+        return [{"name": "metrics-0", "containerPort": cfg.telemetry.port or 9108, "protocol": "TCP"}]
+    return container_ports(cfg)
+
+
+def pod_template(cfg, stage: str, container_name: str, command: list[str], args: list[str], cm_name: str,
+                 extra_volumes: tuple = (), extra_mounts: tuple = (), ports: list[dict] | None = None,
+                 res: dict | None = None) -> dict:
+    c = cfg.cluster
+    container = {
+        "name": container_name,
+        "image": c.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
+        "args": args,
+        "env": container_env(cfg, stage),
+        "resources": res or resources(cfg),
+        "ports": ports if ports is not None else _ports(cfg),
+        "securityContext": {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "runAsUser": 10001, "runAsGroup": 10001, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *extra_mounts,
+        ],
+    }
+    spec = {
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": cm_name}},
+            # NCCL and DataLoader workers need a large /dev/shm; the container default is 64 MiB.
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": c.shm_size}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi" if _gpu(cfg) else "2Gi"}},
+            *extra_volumes,
+        ],
+    }
+    if _gpu(cfg):
+        spec["nodeSelector"] = {"nvidia.com/gpu.product": GPU_PRODUCT[c.gpu]}
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if c.scheduler_name:
+        spec["schedulerName"] = c.scheduler_name
+    if c.priority_class:
+        spec["priorityClassName"] = c.priority_class
+    labels = {**PART_OF, "app.kubernetes.io/component": stage, "r1zero/run": dns1035(cfg.name)}
+    annotations = {"sidecar.istio.io/inject": "false", **CHECKOV_SKIPS}
+    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": spec}
+
+
+def run_policy(cfg) -> dict:
+    c = cfg.cluster
+    rp = {"cleanPodPolicy": "Running", "backoffLimit": c.backoff_limit,
+          "ttlSecondsAfterFinished": c.ttl_seconds_after_finished}
+    if c.active_deadline_seconds:
+        rp["activeDeadlineSeconds"] = c.active_deadline_seconds
+    if c.scheduler_name or c.queue or c.priority_class:
+        # Gang scheduling: the operator creates a PodGroup needing every pod (--gang-scheduler-name).
+        sp = {"minAvailable": c.nodes}
+        if c.queue:
+            sp["queue"] = c.queue
+        if c.priority_class:
+            sp["priorityClass"] = c.priority_class
+        rp["schedulingPolicy"] = sp
+    return rp
+
+
+def _job_meta(cfg, stage: str, name: str) -> dict:
+    labels = {**PART_OF, "app.kubernetes.io/component": stage, "r1zero/run": dns1035(cfg.name)}
+    if cfg.cluster.queue:
+        labels["kueue.x-k8s.io/queue-name"] = cfg.cluster.queue
+    return {"name": name, "namespace": cfg.cluster.namespace, "labels": labels,
+            "annotations": {"r1zero/config-hash": config_hash(cfg)[:16]}}
+
+
+def render_pytorchjob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict:
+    c = cfg.cluster
+    name = job_name(cfg, stage)
+    nproc = c.gpus_per_node if _gpu(cfg) else c.procs_per_node
+    # bare torchrun: topology comes from the operator's PET_* variables.
+    template = pod_template(cfg, stage, "pytorch", ["torchrun"], ["-m", "r1zero.cli", *stage_args(stage, uris)],
+                            cm_name)
+    template["spec"]["containers"][0]["ports"].append(
+        {"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT, "protocol": "TCP"})
+    replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+    if c.nodes > 1:
+        replicas["Worker"] = {"replicas": c.nodes - 1, "restartPolicy": "OnFailure", "template": template}
+    spec = {"nprocPerNode": str(nproc), "pytorchReplicaSpecs": replicas, "runPolicy": run_policy(cfg)}
+    if c.elastic_max_nodes:
+        if c.nodes < 2:
+            raise UserError("cluster.elastic_max_nodes needs cluster.nodes >= 2 (elastic jobs need Workers)")
+        spec["elasticPolicy"] = {"minReplicas": c.nodes, "maxReplicas": c.elastic_max_nodes, "rdzvBackend": "c10d",
+                                 "maxRestarts": c.backoff_limit}
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": _job_meta(cfg, stage, name),
+            "spec": spec}
+
+
+def render_mpijob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict:
+    c = cfg.cluster
+    name = job_name(cfg, stage)
+    slots = c.gpus_per_node if _gpu(cfg) else c.procs_per_node
+    # DeepSpeed's launcher reads the MPI hostfile the mpi-operator mounts and ssh-starts one
+    # process per slot on every worker (deepspeed --hostfile; launcher `pdsh` is the default).
+    launcher_cmd = ["deepspeed", "--hostfile", "/etc/mpi/hostfile", "--no_local_rank", "--module", "r1zero.cli",
+                    *stage_args(stage, uris)]
+    small = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+    launcher = pod_template(cfg, stage, "launcher", launcher_cmd[:1], launcher_cmd[1:], cm_name, ports=[], res=small)
+    launcher["spec"].pop("nodeSelector", None)
+    launcher["spec"].pop("tolerations", None)
+    # sshd in the worker image keeps running; the mpi-operator mounts the ssh keys.
+    worker = pod_template(cfg, stage, "worker", ["/usr/sbin/sshd"], ["-De", "-f", "/home/r1zero/.sshd_config"], cm_name)
+    return {
+        "apiVersion": "kubeflow.org/v2beta1", "kind": "MPIJob", "metadata": _job_meta(cfg, stage, name),
+        "spec": {
+            "slotsPerWorker": slots, "runLauncherAsWorker": False, "sshAuthMountPath": "/home/r1zero/.ssh",
+            "launcherCreationPolicy": "WaitForWorkersReady", "mpiImplementation": "OpenMPI",
+            "runPolicy": run_policy(cfg),
+            "mpiReplicaSpecs": {
+                "Launcher": {"replicas": 1, "restartPolicy": "OnFailure", "template": launcher},
+                "Worker": {"replicas": c.nodes, "restartPolicy": "OnFailure", "template": worker},
+            },
+        },
+    }
+
+
+def render_trainjob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict:
+    c = cfg.cluster
+    name = job_name(cfg, stage)
+    res = resources(cfg)
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": _job_meta(cfg, stage, name),
+        "spec": {
+            "runtimeRef": {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
+                           "kind": "ClusterTrainingRuntime"},
+            "trainer": {
+                "image": c.image, "command": ["torchrun"], "args": ["-m", "r1zero.cli", *stage_args(stage, uris)],
+                "numNodes": c.nodes, "numProcPerNode": c.gpus_per_node if _gpu(cfg) else c.procs_per_node,
+                "resourcesPerNode": res,
+                "env": [e for e in container_env(cfg, stage) if "valueFrom" not in e],
+            },
+            # The torch-distributed runtime's replicated job and container are both named "node".
+            "podSpecOverrides": [{
+                "targetJobs": [{"name": "node"}],
+                "volumes": [{"name": "config", "configMap": {"name": cm_name}}],
+                "containers": [{"name": "node",
+                                "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]}],
+            }],
+        },
+    }
+
+
+RENDERERS = {"pytorchjob": render_pytorchjob, "mpijob": render_mpijob, "trainjob": render_trainjob}
+
+
+def fit_parallel(cfg):
+    """The job's world size is nodes x processes per node; the trainers require dp*tp*pp to equal
+    it, so dp is derived from the cluster shape (tp and pp are model choices and stay)."""
+    c, par = cfg.cluster, cfg.parallel
+    world = c.nodes * (c.gpus_per_node if _gpu(cfg) else c.procs_per_node)
+    if par.dp * par.tp * par.pp == world:
+        return cfg
+    if world % (par.tp * par.pp):
+        raise UserError(f"cluster world size {world} (nodes {c.nodes} x {world // c.nodes} per node) is not "
+                        f"divisible by parallel.tp*pp = {par.tp * par.pp}")
+    cfg = cfg.model_copy(deep=True)
+    cfg.parallel.dp = world // (par.tp * par.pp)
+    return cfg
+
+
+def render_stage(cfg, stage: str, kind: str, uris: dict[str, str] | None = None) -> list[dict]:
+    """[ConfigMap, job] for one stage."""
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+    if kind not in RENDERERS:
+        raise UserError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if _gpu(cfg) and cfg.cluster.gpu not in GPU_PRODUCT:
+        raise UserError(f"cluster.gpu {cfg.cluster.gpu!r} has no GPU product label")
+    if cfg.cluster.gpu != "cpu" and cfg.cluster.gpus_per_node == 0:
+        raise UserError(f"cluster.gpu is {cfg.cluster.gpu} but cluster.gpus_per_node is 0")
+    cfg = fit_parallel(cfg)
+    uris = {**default_uris(cfg, stage), **(uris or {})}
+    cm_name = f"{job_name(cfg, stage)}-config-{config_hash(cfg)[:8]}"
+    return [config_map(cfg, cm_name), RENDERERS[kind](cfg, stage, uris, cm_name)]
+
+
+def dump_yaml(objs: list[dict]) -> str:
+    """Deterministic multi-document YAML (sorted keys, block style)."""
+    return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=True, default_flow_style=False, width=120)
+                         for o in objs)
+
+
+def load_yaml_docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+if __name__ == "__main__":
+    from r1zero.cluster.tree import write_tree
+
+    for p in write_tree(Path(sys.argv[1] if len(sys.argv) > 1 else "manifests")):
+        print(p)

@@ -1,0 +1,297 @@
+"""The checked-in GitOps tree ``manifests/``: kustomize base + overlays, Argo CD, reference jobs.
+
+    r1zero render --all --out manifests
+    python -m r1zero.cluster.render manifests
+
+Layout (every file is generated here; ``tests/cluster/test_tree.py`` fails on drift):
+
+    manifests/base/          namespace, launcher RBAC, NetworkPolicy, r1zero config ConfigMap,
+                             PodMonitor + PrometheusRule + Grafana dashboard (r1zero.telemetry),
+                             the retraining CronJob; kustomization.yaml
+    manifests/overlays/{dev-cpu,a100-40gb,a100-80gb}/kustomization.yaml
+                             inline patches: the preset's config, metrics ports, image tags
+    manifests/argocd/        one Application per overlay (server-side apply, sync waves) and the
+                             argocd-cm health checks for PyTorchJob / MPIJob / TrainJob
+    manifests/jobs/<preset>/ reference renders of every stage x kind (KFP creates the real ones
+                             per run; GitOps manages the platform, not ephemeral jobs)
+
+Argo CD sync waves: namespace -1, RBAC/config/network 0, monitoring 1, CronJob 2.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from r1zero.cluster.render import (
+    CHECKOV_SKIPS,
+    CONFIG_DIR,
+    KINDS,
+    LAUNCHER_SA,
+    PART_OF,
+    STAGES,
+    config_yaml,
+    dump_yaml,
+    render_stage,
+)
+from r1zero.images import REGISTRY, TAG
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_CM = "r1zero-config"
+OVERLAYS = {  # overlay -> (preset, overrides)
+    "dev-cpu": ("configs/tiny.yaml", []),
+    "a100-40gb": ("configs/a100-13b.yaml", ["cluster.gpu=a100-40gb"]),
+    "a100-80gb": ("configs/a100-13b.yaml", []),
+}
+JOB_PRESETS = {"tiny": ("configs/tiny.yaml", []), "a100-13b": ("configs/a100-13b.yaml", [])}
+WAVE = "argocd.argoproj.io/sync-wave"
+# Argo CD Lua health checks (argo-cd docs/operator-manual/health.md, "Custom Health Checks"):
+# the operators report conditions; the last True condition decides.
+HEALTH_LUA = """hs = {status = "Progressing", message = "waiting for conditions"}
+if obj.status ~= nil and obj.status.conditions ~= nil then
+  for _, c in ipairs(obj.status.conditions) do
+    if c.status == "True" then
+      if c.type == "Succeeded" or c.type == "Complete" then
+        hs.status = "Healthy"
+      elseif c.type == "Failed" then
+        hs.status = "Degraded"
+      elseif c.type == "Suspended" then
+        hs.status = "Suspended"
+      else
+        hs.status = "Progressing"
+      end
+      hs.message = c.message or c.type
+    end
+  end
+end
+return hs
+"""
+
+
+def _load(preset: str, overrides: list[str]):
+    from r1zero.config import load_config
+
+    return load_config(REPO_ROOT / preset, overrides)
+
+
+def _wave(obj: dict, wave: int) -> dict:
+    obj.setdefault("metadata", {}).setdefault("annotations", {})[WAVE] = str(wave)
+    return obj
+
+
+def namespace(cfg) -> dict:
+    return _wave({"apiVersion": "v1", "kind": "Namespace",
+                  "metadata": {"name": cfg.cluster.namespace, "labels": {
+                      **PART_OF, "pod-security.kubernetes.io/enforce": "restricted"}}}, -1)
+
+
+def rbac(cfg) -> list[dict]:
+    """The pipeline launcher's ServiceAccount: create/watch/delete training jobs, read their pods,
+    logs and events, and manage the per-job config ConfigMaps. Nothing cluster-wide."""
+    ns = cfg.cluster.namespace
+    meta = {"namespace": ns, "labels": dict(PART_OF)}
+    job_verbs = ["create", "get", "list", "watch", "delete", "patch"]
+    rules = [
+        {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs", "mpijobs"], "verbs": job_verbs},
+        {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs/status", "mpijobs/status"], "verbs": ["get"]},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": job_verbs},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs/status"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "delete"]},
+    ]
+    return [_wave(o, 0) for o in (
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": LAUNCHER_SA, **meta},
+         "automountServiceAccountToken": True},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": LAUNCHER_SA, **meta},
+         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": LAUNCHER_SA, **meta},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": LAUNCHER_SA},
+         "subjects": [{"kind": "ServiceAccount", "name": LAUNCHER_SA, "namespace": ns}]},
+    )]
+
+
+def network_policy(cfg) -> dict:
+    """Pods of the namespace talk to each other (NCCL, rendezvous) and Prometheus scrapes them;
+    egress stays open (object store, KFP API, image registry)."""
+    return _wave({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "r1zero-training", "namespace": cfg.cluster.namespace, "labels": dict(PART_OF)},
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [
+                {"podSelector": {}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+            ]}],
+            "egress": [{}],
+        },
+    }, 0)
+
+
+def config_configmap(cfg) -> dict:
+    return _wave({"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": {"name": CONFIG_CM, "namespace": cfg.cluster.namespace, "labels": dict(PART_OF)},
+                  "data": {"config.yaml": config_yaml(cfg), "KFP_HOST": cfg.cluster.kfp_host}}, 0)
+
+
+def retrain_cronjob(cfg) -> dict:
+    """Scheduled retraining: submits the compiled pipeline (baked into the runtime image) to KFP."""
+    c = cfg.cluster
+    res = {"cpu": "250m", "memory": "512Mi"}
+    container = {
+        "name": "submit", "image": c.runtime_image, "imagePullPolicy": "Always",
+        "command": ["r1zero"],
+        "args": ["pipeline", "submit", "--host", "$(KFP_HOST)", "--config", f"{CONFIG_DIR}/config.yaml",
+                 "--experiment", "scheduled-retraining"],
+        "env": [{"name": "KFP_HOST", "valueFrom": {"configMapKeyRef": {"name": CONFIG_CM, "key": "KFP_HOST"}}},
+                {"name": "HOME", "value": "/tmp"}],
+        "resources": {"requests": dict(res), "limits": dict(res)},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                            "runAsUser": 10001, "runAsGroup": 10001, "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod = {
+        "metadata": {"labels": {**PART_OF, "app.kubernetes.io/component": "retrain"},
+                     "annotations": {"sidecar.istio.io/inject": "false", **CHECKOV_SKIPS}},
+        "spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [container],
+            "volumes": [{"name": "config", "configMap": {"name": CONFIG_CM}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+        },
+    }
+    return _wave({
+        "apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": {"name": "r1zero-retrain", "namespace": c.namespace, "labels": dict(PART_OF),
+                     "annotations": dict(CHECKOV_SKIPS)},
+        "spec": {"schedule": c.retrain_schedule, "timeZone": "Etc/UTC", "concurrencyPolicy": "Forbid",
+                 "successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 3, "startingDeadlineSeconds": 3600,
+                 "jobTemplate": {"spec": {"backoffLimit": 2, "activeDeadlineSeconds": 1800,
+                                          "ttlSecondsAfterFinished": 86400, "template": pod}}},
+    }, 2)
+
+
+def monitoring(cfg) -> list[dict]:
+    """PodMonitor, PrometheusRule and the Grafana dashboard ConfigMap from r1zero.telemetry."""
+    try:
+        from r1zero.telemetry.manifests import monitoring_objects
+    except ImportError:  # hook: the telemetry package provides the content
+        return []
+    return [_wave(o, 1) for o in monitoring_objects(cfg)]
+
+
+def base_files(cfg) -> dict[str, list[dict]]:
+    files = {
+        "namespace.yaml": [namespace(cfg)],
+        "rbac.yaml": rbac(cfg),
+        "networkpolicy.yaml": [network_policy(cfg)],
+        "config.yaml": [config_configmap(cfg)],
+        "cronjob.yaml": [retrain_cronjob(cfg)],
+    }
+    mon = monitoring(cfg)
+    if mon:
+        files["monitoring.yaml"] = mon
+    return files
+
+
+def _patch(target: dict, body: dict) -> dict:
+    return {"target": target, "patch": dump_yaml([body])}
+
+
+def overlay_kustomization(base_cfg, cfg) -> dict:
+    patches = [_patch({"kind": "ConfigMap", "name": CONFIG_CM},
+                      {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": CONFIG_CM},
+                       "data": {"config.yaml": config_yaml(cfg)}})]
+    for base_obj, obj in zip(monitoring(base_cfg), monitoring(cfg), strict=True):
+        if base_obj != obj:  # replace the preset-dependent monitoring objects whole, keeping base names
+            obj = {**obj, "metadata": {**obj["metadata"], "name": base_obj["metadata"]["name"]}}
+            target = {"kind": obj["kind"], "name": base_obj["metadata"]["name"]}
+            if "/" in obj["apiVersion"]:
+                target["group"] = obj["apiVersion"].split("/")[0]
+            patches.append(_patch(target, obj))
+    return {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "namespace": cfg.cluster.namespace,
+        "resources": ["../../base"],
+        "images": [{"name": f"{REGISTRY}/r1zero-runtime", "newTag": TAG},
+                   {"name": f"{REGISTRY}/r1zero-train", "newTag": TAG}],
+        "labels": [{"pairs": {"r1zero/overlay": cfg.name}, "includeSelectors": False}],
+        "patches": patches,
+    }
+
+
+def argocd_application(cfg, overlay: str) -> dict:
+    return {
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
+        "metadata": {"name": f"r1zero-{overlay}", "namespace": "argocd", "labels": dict(PART_OF),
+                     "finalizers": ["resources-finalizer.argocd.argoproj.io"]},
+        "spec": {
+            "project": "default",
+            "source": {"repoURL": cfg.cluster.git_repo, "targetRevision": "main", "path": f"manifests/overlays/{overlay}"},
+            "destination": {"server": "https://kubernetes.default.svc", "namespace": cfg.cluster.namespace},
+            # ServerSideApply: large objects (dashboards, CRDs) exceed the 262144-byte
+            # last-applied annotation of client-side apply. Per-run jobs are not in the tree (KFP
+            # creates them), so prune/selfHeal only govern the platform objects.
+            "syncPolicy": {"automated": {"prune": True, "selfHeal": True},
+                           "syncOptions": ["ServerSideApply=true", "CreateNamespace=true", "ApplyOutOfSyncOnly=true"],
+                           "retry": {"limit": 5, "backoff": {"duration": "10s", "factor": 2, "maxDuration": "5m"}}},
+        },
+    }
+
+
+def argocd_health_cm() -> dict:
+    """Merge into argocd-cm: health checks for the training kinds Argo CD does not ship."""
+    keys = {f"resource.customizations.health.{g}_{k}": HEALTH_LUA
+            for g, k in (("kubeflow.org", "PyTorchJob"), ("kubeflow.org", "MPIJob"), ("trainer.kubeflow.org", "TrainJob"))}
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "argocd-cm", "namespace": "argocd",
+                         "labels": {"app.kubernetes.io/name": "argocd-cm", "app.kubernetes.io/part-of": "argocd"}},
+            "data": keys}
+
+
+def tree_files() -> dict[str, str]:
+    """Every file of manifests/ (relative path -> text)."""
+    from r1zero.config import Config
+
+    base_cfg = Config()
+    out: dict[str, str] = {}
+    files = base_files(base_cfg)
+    for name, objs in files.items():
+        out[f"base/{name}"] = dump_yaml(objs)
+    out["base/kustomization.yaml"] = dump_yaml([{
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "namespace": base_cfg.cluster.namespace, "resources": sorted(files)}])
+    apps = []
+    for overlay, (preset, overrides) in OVERLAYS.items():
+        cfg = _load(preset, overrides)
+        out[f"overlays/{overlay}/kustomization.yaml"] = dump_yaml([overlay_kustomization(base_cfg, cfg)])
+        apps.append(argocd_application(cfg, overlay))
+    out["argocd/applications.yaml"] = dump_yaml(apps)
+    out["argocd/argocd-cm-health.yaml"] = dump_yaml([argocd_health_cm()])
+    for preset_name, (preset, overrides) in JOB_PRESETS.items():
+        cfg = _load(preset, overrides)
+        for stage in STAGES:
+            for kind in KINDS:
+                out[f"jobs/{preset_name}/{stage}-{kind}.yaml"] = dump_yaml(render_stage(cfg, stage, kind))
+    return out
+
+
+def write_tree(out_dir: Path) -> list[Path]:
+    """Regenerate ``out_dir`` (removes generated sub-trees first so renamed files do not linger)."""
+    out_dir = Path(out_dir)
+    files = tree_files()
+    for sub in ("base", "overlays", "argocd", "jobs"):
+        if (out_dir / sub).is_dir():
+            shutil.rmtree(out_dir / sub)
+    written = []
+    for rel, text in sorted(files.items()):
+        p = out_dir / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+        written.append(p)
+    return written

@@ -1,0 +1,282 @@
+"""Validate Kubernetes manifests offline: schemas, unknown fields, operator webhook rules, policy.
+
+    r1zero validate manifests/ --crd-dir ../shared/crds
+    r1zero validate job.yaml --from-cluster          # read the CRDs from the current kube context
+
+Per document:
+- built-in kinds (core, apps, batch, rbac, networking, ...): kubernetes-validate, strict mode
+  (unknown fields rejected), against Kubernetes ``KUBE_VERSION``;
+- custom resources: the CRD's ``openAPIV3Schema`` with jsonschema, plus a strict walk that
+  rejects fields the schema does not declare (CRD schemas carry no additionalProperties: false),
+  plus the operator's webhook rules (PyTorchJob: DNS-1035 name, only Master/Worker, a container
+  named ``pytorch`` with an image in every replica, exactly one Master, Worker when elastic;
+  MPIJob: one Launcher; TrainJob: DNS-1035 name);
+- Argo CD ``Application``: a small built-in schema (no CRD ships with this project);
+- ``kustomization.yaml``: not a resource; skipped with a note;
+- policy on every pod template: no ``:latest`` or untagged image, requests and limits for cpu and
+  memory on every container.
+
+A problem is reported as ``path#doc kind/name: message``; the CLI exits 1 when any error is found.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from r1zero.errors import UserError
+
+KUBE_VERSION = "1.30.0"
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+BUILTIN_GROUPS = {"", "apps", "batch", "rbac.authorization.k8s.io", "networking.k8s.io", "policy", "autoscaling",
+                  "storage.k8s.io", "scheduling.k8s.io", "coordination.k8s.io", "apiextensions.k8s.io",
+                  "admissionregistration.k8s.io", "node.k8s.io", "discovery.k8s.io", "certificates.k8s.io"}
+
+# Argo CD Application: the fields this project uses (argo-cd pkg/apis/application/v1alpha1/types.go).
+ARGO_APPLICATION_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "argoproj.io/v1alpha1"}, "kind": {"const": "Application"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object", "required": ["source", "destination"], "additionalProperties": False,
+            "properties": {
+                "project": {"type": "string"},
+                "source": {"type": "object", "required": ["repoURL"], "additionalProperties": False,
+                           "properties": {"repoURL": {"type": "string"}, "path": {"type": "string"},
+                                          "targetRevision": {"type": "string"}, "chart": {"type": "string"}}},
+                "destination": {"type": "object", "additionalProperties": False,
+                                "properties": {"server": {"type": "string"}, "name": {"type": "string"},
+                                               "namespace": {"type": "string"}}},
+                "syncPolicy": {"type": "object", "additionalProperties": False, "properties": {
+                    "automated": {"type": "object", "additionalProperties": False,
+                                  "properties": {"prune": {"type": "boolean"}, "selfHeal": {"type": "boolean"},
+                                                 "allowEmpty": {"type": "boolean"}}},
+                    "syncOptions": {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z]+=[a-z]+$"}},
+                    "retry": {"type": "object"}}},
+                "ignoreDifferences": {"type": "array"},
+                "revisionHistoryLimit": {"type": "integer"},
+            },
+        },
+    },
+}
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+# ---------------------------------------------------------------------------------------------
+# CRDs
+
+
+def load_crds_from_dir(crd_dir: str | Path) -> dict[tuple[str, str, str], dict]:
+    """(group, version, kind) -> openAPIV3Schema from every CRD YAML in ``crd_dir``."""
+    d = Path(crd_dir)
+    if not d.is_dir():
+        raise UserError(f"--crd-dir {d}: not a directory")
+    out = {}
+    for p in sorted(d.glob("*.y*ml")):
+        for doc in yaml.safe_load_all(p.read_text(encoding="utf-8")):
+            if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
+                out.update(_crd_schemas(doc))
+    return out
+
+
+def load_crds_from_cluster() -> dict[tuple[str, str, str], dict]:
+    """Read the installed CRDs with the current kube context (kubernetes client)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_kube_config()
+    except Exception:  # noqa: BLE001 - fall back to in-cluster config, report one line if neither works
+        try:
+            config.load_incluster_config()
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"--from-cluster: no kube config or in-cluster config ({err})") from None
+    api = client.ApiextensionsV1Api()
+    out = {}
+    for crd in api.list_custom_resource_definition().items:
+        out.update(_crd_schemas(client.ApiClient().sanitize_for_serialization(crd)))
+    return out
+
+
+def _crd_schemas(doc: dict) -> dict:
+    spec = doc["spec"]
+    return {(spec["group"], v["name"], spec["names"]["kind"]): v.get("schema", {}).get("openAPIV3Schema", {})
+            for v in spec.get("versions", [])}
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
+    """Fields present in ``obj`` but not declared by ``schema`` (strict mode for CRD schemas)."""
+    if not isinstance(schema, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    out = []
+    if isinstance(obj, dict):
+        props = schema.get("properties")
+        addl = schema.get("additionalProperties")
+        for k, v in obj.items():
+            if props is not None and k in props:
+                out += unknown_fields(v, props[k], f"{path}.{k}")
+            elif isinstance(addl, dict):
+                out += unknown_fields(v, addl, f"{path}.{k}")
+            elif props is not None and addl is not True and not (path == "" and k in ("apiVersion", "kind", "metadata", "status")):
+                out.append(f"{path}.{k}".lstrip("."))
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(obj):
+            out += unknown_fields(v, schema["items"], f"{path}[{i}]")
+    return out
+
+
+def _schema_errors(obj: dict, schema: dict) -> list[str]:
+    v = jsonschema.Draft202012Validator(schema)
+    return [f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+            for e in sorted(v.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def webhook_errors(obj: dict) -> list[str]:
+    """The training operators' admission rules (schemas cannot express them)."""
+    kind, name = obj.get("kind"), obj.get("metadata", {}).get("name", "")
+    errs = []
+    if kind in ("PyTorchJob", "MPIJob", "TrainJob") and not DNS1035.match(name or ""):
+        errs.append(f"metadata.name {name!r} is not a DNS-1035 label")
+    spec = obj.get("spec", {}) or {}
+    if kind == "PyTorchJob":
+        reps = spec.get("pytorchReplicaSpecs", {}) or {}
+        for rtype, rs in reps.items():
+            if rtype not in ("Master", "Worker"):
+                errs.append(f"replica type {rtype!r} is not Master or Worker")
+            containers = ((rs or {}).get("template", {}).get("spec", {}) or {}).get("containers", []) or []
+            pt = [c for c in containers if c.get("name") == "pytorch"]
+            if not pt:
+                errs.append(f"{rtype}: no container named 'pytorch'")
+            elif not pt[0].get("image"):
+                errs.append(f"{rtype}: container 'pytorch' has no image")
+        master = reps.get("Master")
+        if master is None:
+            errs.append("no Master replica (without it the operator sets no MASTER_ADDR/RANK/WORLD_SIZE)")
+        elif master.get("replicas", 1) != 1:
+            errs.append(f"Master.replicas must be 1 (got {master.get('replicas')})")
+        if spec.get("elasticPolicy") and "Worker" not in reps:
+            errs.append("elasticPolicy needs a Worker replica")
+    elif kind == "MPIJob":
+        reps = spec.get("mpiReplicaSpecs", {}) or {}
+        if (reps.get("Launcher") or {}).get("replicas", 1) != 1:
+            errs.append("Launcher.replicas must be 1")
+        if "Launcher" not in reps:
+            errs.append("no Launcher replica")
+    return errs
+
+
+def _pod_specs(obj: dict):
+    """Every pod spec inside a workload or training job, with a label for messages."""
+    kind, spec = obj.get("kind"), obj.get("spec", {}) or {}
+    if kind == "Pod":
+        yield "spec", spec
+    elif kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        yield "template", spec.get("template", {}).get("spec", {})
+    elif kind == "CronJob":
+        yield "jobTemplate", spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec", {})
+    elif kind in ("PyTorchJob", "MPIJob"):
+        for key in ("pytorchReplicaSpecs", "mpiReplicaSpecs"):
+            for rtype, rs in (spec.get(key) or {}).items():
+                yield rtype, (rs or {}).get("template", {}).get("spec", {})
+    elif kind == "TrainJob":
+        t = spec.get("trainer") or {}
+        yield "trainer", {"containers": [{"name": "node", "image": t.get("image"), "resources": t.get("resourcesPerNode")}]}
+
+
+def policy_errors(obj: dict) -> list[str]:
+    errs = []
+    for where, pod in _pod_specs(obj):
+        for c in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]:
+            image = c.get("image") or ""
+            tag = image.rsplit("/", 1)[-1]
+            if "@sha256:" not in image and (":" not in tag or tag.endswith(":latest")):
+                errs.append(f"{where}/{c.get('name')}: image {image!r} is untagged or 'latest'")
+            res = c.get("resources") or {}
+            for part in ("requests", "limits"):
+                missing = [r for r in ("cpu", "memory") if r not in (res.get(part) or {})]
+                if missing:
+                    errs.append(f"{where}/{c.get('name')}: no {part} for {', '.join(missing)}")
+    return errs
+
+
+def validate_object(obj: dict, crds: dict, kube_version: str = KUBE_VERSION) -> tuple[list[str], list[str]]:
+    """(errors, notes) for one document."""
+    if not isinstance(obj, dict) or "apiVersion" not in obj or "kind" not in obj:
+        return ["not a Kubernetes object (apiVersion and kind required)"], []
+    api, kind = obj["apiVersion"], obj["kind"]
+    group, _, version = api.rpartition("/")
+    errors: list[str] = []
+    notes: list[str] = []
+    if group in BUILTIN_GROUPS:
+        import kubernetes_validate
+        from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
+
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except ValidationError as err:
+            errors.append(f"{'.'.join(str(p) for p in err.path) or '<root>'}: {err.message}")
+        except SchemaNotFoundError:
+            errors.append(f"no Kubernetes {kube_version} schema for {api} {kind}")
+    elif (group, version, kind) in crds:
+        schema = crds[(group, version, kind)]
+        errors += _schema_errors(obj, schema)
+        errors += [f"{p}: unknown field" for p in unknown_fields(obj, schema)]
+    elif api == "argoproj.io/v1alpha1" and kind == "Application":
+        errors += _schema_errors(obj, ARGO_APPLICATION_SCHEMA)
+        notes.append("Argo CD Application checked against the built-in schema (no CRD)")
+    else:
+        errors.append(f"no schema for {api} {kind}: pass the CRD with --crd-dir or use --from-cluster")
+    errors += webhook_errors(obj)
+    errors += policy_errors(obj)
+    return errors, notes
+
+
+def _files(paths) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix in (".yaml", ".yml") and q.is_file())
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    return out
+
+
+def validate_paths(paths, crds: dict, kube_version: str = KUBE_VERSION) -> Report:
+    rep = Report()
+    for f in _files(paths):
+        if f.name in ("kustomization.yaml", "kustomization.yml"):
+            rep.notes.append(f"{f}: kustomization (build input, not a resource) - skipped")
+            continue
+        try:
+            docs = [d for d in yaml.safe_load_all(f.read_text(encoding="utf-8")) if d is not None]
+        except yaml.YAMLError as err:
+            rep.errors.append(f"{f}: not valid YAML: {str(err).splitlines()[0]}")
+            continue
+        for i, doc in enumerate(docs):
+            rep.checked += 1
+            label = f"{f}#{i} {doc.get('kind', '?')}/{doc.get('metadata', {}).get('name', '?')}" if isinstance(doc, dict) else f"{f}#{i}"
+            errs, notes = validate_object(doc, crds, kube_version)
+            rep.errors += [f"{label}: {e}" for e in errs]
+            rep.notes += [f"{label}: {n}" for n in notes]
+    return rep
