@@ -2,7 +2,9 @@
 
 1. Math rewards: ``r1zero.verify.verify_many`` vs TRL's ``trl.rewards.accuracy_reward`` (math-verify
    on every pair) on the same generated problems, with half the predictions right (often
-   re-formatted: ``\\frac``, decimals, ``\\boxed``) and half wrong. Also reports how often the two agree.
+   re-formatted: ``\\frac``, decimals, ``\\boxed``) and half wrong. Also reports how often each
+   matches the truth. ``math_symbolic`` repeats it on radicals/polynomials, where both sides must
+   call math-verify (the fast path cannot help there).
 2. Sandbox: ``r1zero.sandbox.run_code`` vs a bare ``subprocess.run([python, "-I", "-S", "-c", prog])``
    (no protections) on the same find_input harness programs, plus ``verify_many`` running those
    checks 4 at a time.
@@ -57,10 +59,27 @@ def math_pairs(n: int, seed: int = 0) -> tuple[list[dict], list[str]]:
     return items, preds
 
 
-def bench_math(n: int, repeats: int) -> dict:
+def symbolic_pairs(n: int, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """Answers no number parser handles (radicals, polynomials): both sides need math-verify."""
+    rng = random.Random(seed)
+    items, preds = [], []
+    for i in range(n):
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+        if i % 2 == 0:
+            gold, pred = f"\\sqrt{{{a}}}/{b}", f"\\frac{{\\sqrt{{{a}}}}}{{{b}}}"
+        else:
+            gold, pred = f"{a}x+{c}", f"{c}+{a}*x"
+        if i % 4 >= 2:  # make half of them wrong
+            pred = pred.replace(str(a), str(a + 1), 1) if i % 2 == 0 else f"{c}+{a + 1}*x"
+        items.append({"id": str(i), "domain": "math", "answer": gold, "meta": "{}"})
+        preds.append(pred)
+    return items, preds
+
+
+def bench_math(n: int, repeats: int, symbolic: bool = False) -> dict:
     from trl.rewards import accuracy_reward
 
-    items, preds = math_pairs(n)
+    items, preds = symbolic_pairs(n) if symbolic else math_pairs(n)
     verify_many(items[:8], preds[:8])  # warm-up: lazy imports (math-verify, sympy) on both sides
     accuracy_reward([[{"content": "\\boxed{1}"}]], ["1"])
     ours, trl = [], []
@@ -75,7 +94,7 @@ def bench_math(n: int, repeats: int) -> dict:
         trl.append(time.perf_counter() - t)
     scored = [(v, r) for v, r in zip(verdicts, rewards) if r is not None]  # TRL skips golds it cannot parse
     agree = sum(bool(v.correct) == bool(r) for v, r in scored) / max(1, len(scored))
-    expected = [i % 2 == 0 for i in range(n)]  # even pairs carry the right answer
+    expected = [i % 4 < 2 for i in range(n)] if symbolic else [i % 2 == 0 for i in range(n)]
     return {"pairs": n, "r1zero_s": [round(x, 3) for x in ours], "trl_s": [round(x, 3) for x in trl],
             "r1zero_pairs_per_s": round(n / statistics.median(ours)), "trl_pairs_per_s": round(n / statistics.median(trl)),
             "speedup_median": round(statistics.median(trl) / statistics.median(ours), 1),
@@ -132,6 +151,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     print(json.dumps({"math": bench_math(args.pairs, args.repeats),
+                      "math_symbolic": bench_math(max(8, args.pairs // 4), args.repeats, symbolic=True),
                       "sandbox": bench_sandbox(args.programs, args.repeats)}, indent=2))
 
 
