@@ -1,0 +1,36 @@
+"""Render data rows as pretraining documents (the PRETRAIN stage calls :func:`pretrain_text`).
+
+Math/code/cross rows are rendered mostly in plain formats ("Question: ... Answer: 42", a worked
+solution, ...), and a fraction ``template_fraction`` (config ``data.template_fraction``, default
+0.5) with the R1 template (:func:`r1zero.template.render_prompt` + ``render_completion``). So the
+base model has seen the tags and the format, but is not reliably formatted -- GRPO then has room
+to improve both format and accuracy (the article's R1-Zero setting: no SFT before RL).
+General rows are their plain text.
+
+    import random
+    from r1zero.data.documents import pretrain_text
+    pretrain_text(row, random.Random(0), template_fraction=cfg.data.template_fraction)
+"""
+
+from __future__ import annotations
+
+import random
+
+from r1zero.template import render_completion, render_prompt
+
+_PLAIN_FORMATS = (
+    "Question: {prompt}\nAnswer: {answer}",
+    "Question: {prompt}\nSolution: {solution}\nAnswer: {answer}",
+    "{prompt}\n{solution} The answer is {answer}.",
+    "Problem: {prompt}\nWorking: {solution}\nFinal answer: {answer}",
+)
+
+
+def pretrain_text(row: dict, rng: random.Random, template_fraction: float = 0.5) -> str:
+    """One pretraining document for ``row`` (no eos appended: the packer adds it)."""
+    if row["domain"] == "general" or not str(row.get("answer", "")).strip():
+        return row["prompt"]
+    if rng.random() < template_fraction:
+        return render_prompt(row["prompt"]) + render_completion(row.get("solution", ""), row["answer"])
+    fmt = rng.choice(_PLAIN_FORMATS) if row.get("solution") else _PLAIN_FORMATS[0]
+    return fmt.format(prompt=row["prompt"], answer=row["answer"], solution=row.get("solution", ""))

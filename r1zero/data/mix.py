@@ -1,0 +1,329 @@
+"""The data-mixing stage: imports + procedural generators -> filtered, deduplicated, decontaminated
+train/eval shards, a BPE tokenizer and a manifest.
+
+    r1zero data mix --config configs/tiny.yaml --out runs/tiny/data
+    python -c "from r1zero.config import load_config; from r1zero.data.mix import run_mix; \\
+               run_mix(load_config('configs/tiny.yaml'), 'runs/tiny/data')"
+
+Order of work (so that decontamination sees every eval item before any train item):
+1. stream every import file once: bad lines -> quarantine; eval-bound rows are screened into the
+   eval split now, train-bound rows are spilled to a temp JSONL (no memory growth);
+2. generate eval items until the per-domain eval quotas are met;
+3. screen the spilled train imports, then generate train items until the train quotas are met.
+
+Quotas: train = ``n_train`` split over ``data.mix`` by largest remainder (so achieved ratios are
+exact up to one row), eval = ``n_eval`` over the verifiable domains in the same proportions.
+Generated rows fill the slots imports left; a rejected candidate leaves its slot open for the
+next batch. Every candidate is counted: ``rows_in == rows_kept + sum(rows_quarantined)``.
+Screening (per batch of ``data.chunk_rows``): filters -> eval overlap (``contaminated_*``) ->
+within-split duplicates (``duplicate_*``) -> quota (``over_quota``, imports only).
+Determinism: each (split, domain) has its own seeded ``random.Random``; no clocks, no paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from r1zero import store
+from r1zero.data import filters
+from r1zero.data.dedup import DedupIndex, MinHasher, jaccard_estimate, token_hashes, tokens
+from r1zero.data.documents import pretrain_text
+from r1zero.data.generators import CellSampler
+from r1zero.data.importers import check_import, iter_import, source_name
+from r1zero.data.manifest import build_manifest, write_manifest
+from r1zero.data.schema import DOMAINS, QUARANTINE_SCHEMA, ROW_SCHEMA, VERIFIABLE, make_row, quarantine_row
+from r1zero.data.shards import ShardWriter, iter_rows
+from r1zero.data.tokenizer import check_vocab_size, train_tokenizer
+from r1zero.errors import UserError
+from r1zero.progress import print0, progress
+
+
+def largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split ``total`` into integers proportional to ``weights`` (Hamilton's method); ties by key order."""
+    wsum = sum(w for w in weights.values() if w > 0)
+    if total <= 0 or wsum <= 0:
+        return {k: 0 for k in weights}
+    exact = {k: total * max(w, 0) / wsum for k, w in weights.items()}
+    out = {k: int(v) for k, v in exact.items()}
+    order = sorted(weights, key=lambda k: (-(exact[k] - out[k]), list(weights).index(k)))
+    for k in order[: total - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def interleave(counts: dict[str, int]) -> list[str]:
+    """Smooth weighted round-robin order with exactly ``counts[k]`` of each key (nginx SWRR)."""
+    total = sum(counts.values())
+    current = {k: 0 for k in counts}
+    out = []
+    for _ in range(total):
+        for k, c in counts.items():
+            current[k] += c
+        best = max(current, key=lambda k: current[k])
+        current[best] -= total
+        out.append(best)
+    return out
+
+
+class _Screen:
+    """Per-split screening state: dedup index, quotas, kept counts and the shard writer."""
+
+    def __init__(self, split: str, quotas: dict[str, int], writer: ShardWriter, num_perm: int):
+        self.split, self.quotas, self.writer = split, quotas, writer
+        self.index = DedupIndex(num_perm)
+        self.samplers: dict[str, CellSampler] = {}
+        self.kept: Counter = Counter()
+
+    def room(self, domain: str) -> int:
+        return self.quotas.get(domain, 0) - self.kept[domain]
+
+
+class _MixRun:
+    """One mix: counters, writers and screening (orchestration only; math lives in the helpers)."""
+
+    def __init__(self, cfg, out_dir: Path):
+        d = cfg.data
+        self.cfg, self.d, self.out = cfg, d, out_dir
+        self.hasher = MinHasher(d.dedup.num_perm, d.dedup.shingle, d.dedup.threshold)
+        self.train = _Screen("train", largest_remainder(d.n_train, d.mix.as_dict()),
+                             ShardWriter(out_dir, "train", ROW_SCHEMA, d.shard_rows, d.shard_format), d.dedup.num_perm)
+        eval_w = {k: v for k, v in d.mix.as_dict().items() if k in VERIFIABLE}
+        self.eval = _Screen("eval", largest_remainder(d.n_eval, eval_w),
+                            ShardWriter(out_dir, "eval", ROW_SCHEMA, d.shard_rows, d.shard_format), d.dedup.num_perm)
+        self.qwriter = ShardWriter(out_dir, "quarantine", QUARANTINE_SCHEMA, d.shard_rows, d.shard_format)
+        self.rows_in = 0
+        self.quarantined: Counter = Counter()
+        self.q_by_split: dict[str, Counter] = {s: Counter() for s in ("import", "eval", "train")}
+        self.sources: Counter = Counter()
+        self.bar = progress(total=d.n_train + d.n_eval, desc="data mix", unit="row")
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def quarantine(self, qrow: dict) -> None:
+        self.quarantined[qrow["reason"]] += 1
+        self.q_by_split[qrow["split"]][qrow["reason"]] += 1
+        self.qwriter.write(qrow)
+
+    # -- screening -------------------------------------------------------------------------
+
+    def screen(self, rows: list[dict], sc: _Screen, enforce_quota: bool) -> list[bool]:
+        """Filter, decontaminate, deduplicate and keep/quarantine a batch of rows into ``sc``."""
+        if not rows:
+            return []
+        self.rows_in += len(rows)
+        dd, fc, thr = self.d.dedup, self.d.filter, self.d.dedup.threshold
+        toks = [tokens(r["prompt"]) for r in rows]
+        ekeys_C = np.fromiter((int.from_bytes(hashlib.blake2b(" ".join(t).encode(), digest_size=8).digest(), "little")
+                               for t in toks), dtype=np.uint64, count=len(rows))
+        sig_CP = self.hasher.signatures(token_hashes(toks))
+        bands_CB = self.hasher.band_keys(sig_CP)
+        against = self.eval.index if sc is self.train else None
+        if against is not None:
+            cont_exact_C = against.exact.contains(ekeys_C)
+            cont_near_C = against.near_hits(sig_CP, bands_CB, thr)
+        dup_exact_C = sc.index.exact.contains(ekeys_C)
+        dup_near_C = sc.index.near_hits(sig_CP, bands_CB, thr) if dd.near else None
+        seen_exact: set[int] = set()
+        seen_bands: dict[int, list[int]] = {}  # band key -> rows kept earlier in this batch
+        keep: list[int] = []
+        for i, row in enumerate(rows):
+            ek, bks = int(ekeys_C[i]), bands_CB[i].tolist()
+            bad = filters.check(row, fc.min_chars, fc.max_chars, fc.min_score)
+            if bad is None and against is not None:
+                if cont_exact_C[i]:
+                    bad = ("contaminated_exact", "same normalised prompt as an eval item")
+                elif cont_near_C[i]:
+                    bad = ("contaminated_near", f"MinHash Jaccard >= {thr} with an eval item")
+            if bad is None and dd.exact and (dup_exact_C[i] or ek in seen_exact):
+                bad = ("duplicate_exact", f"same normalised prompt as an earlier {sc.split} row")
+            if bad is None and dd.near:
+                near = bool(dup_near_C[i])
+                if not near:
+                    cand = sorted({j for b in bks for j in seen_bands.get(b, ())})
+                    near = bool(cand) and jaccard_estimate(sig_CP[i], sig_CP[cand]).max() >= thr
+                if near:
+                    bad = ("duplicate_near", f"MinHash Jaccard >= {thr} with an earlier {sc.split} row")
+            if bad is None and enforce_quota and sc.room(row["domain"]) <= 0:
+                bad = ("over_quota", f"{sc.split} quota for {row['domain']} ({sc.quotas.get(row['domain'], 0)}) is full")
+            if bad is not None:
+                self.quarantine(quarantine_row(row, bad[0], bad[1], sc.split))
+                continue
+            seen_exact.add(ek)
+            for b in bks:
+                seen_bands.setdefault(b, []).append(i)
+            keep.append(i)
+            sc.kept[row["domain"]] += 1
+            self.sources[row["source"]] += 1
+            sc.writer.write(row)
+        if keep:
+            sc.index.add(ekeys_C[keep], sig_CP[keep], bands_CB[keep])
+        self.bar.update(len(keep))
+        mask = [False] * len(rows)
+        for i in keep:
+            mask[i] = True
+        return mask
+
+    # -- imports ---------------------------------------------------------------------------
+
+    def run_imports(self, spill_path: Path) -> None:
+        d = self.d
+        p_eval = d.n_eval / (d.n_train + d.n_eval)
+        batch: list[dict] = []
+        with open(spill_path, "w", encoding="utf-8") as spill:
+            for idx, spec in enumerate(d.imports):
+                for kind, row in iter_import(spec.uri, spec.format, idx):
+                    if kind == "bad":
+                        self.rows_in += 1
+                        self.quarantine(row)
+                        continue
+                    split = spec.split
+                    if split == "auto":  # stable per prompt: a hash, not the rng stream
+                        u = int.from_bytes(hashlib.blake2b(row["prompt"].encode(), digest_size=8).digest(), "little")
+                        split = "eval" if u / 2**64 < p_eval else "train"
+                    if split == "eval" and row["domain"] in VERIFIABLE:
+                        batch.append(row)
+                        if len(batch) >= d.chunk_rows:
+                            self.screen(batch, self.eval, enforce_quota=True)
+                            batch = []
+                    else:
+                        spill.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.screen(batch, self.eval, enforce_quota=True)
+
+    def screen_spilled(self, spill_path: Path) -> None:
+        batch: list[dict] = []
+        with open(spill_path, encoding="utf-8") as spill:
+            for line in spill:
+                batch.append(json.loads(line))
+                if len(batch) >= self.d.chunk_rows:
+                    self.screen(batch, self.train, enforce_quota=True)
+                    batch = []
+        self.screen(batch, self.train, enforce_quota=True)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, sc: _Screen) -> None:
+        d = self.d
+        for dom in DOMAINS:
+            sc.samplers[dom] = CellSampler(dom, d.max_difficulty, random.Random(f"{self.cfg.seed}/{sc.split}/{dom}"))
+        made: Counter = Counter()
+        while True:
+            deficit = {dom: sc.room(dom) for dom in DOMAINS if not sc.samplers[dom].exhausted}
+            deficit = {k: v for k, v in deficit.items() if v > 0}
+            total = sum(deficit.values())
+            if total == 0:
+                break
+            order = interleave(largest_remainder(min(total, d.chunk_rows), deficit))
+            rows, cells = [], []
+            for dom in order:
+                difficulty, family, item = sc.samplers[dom].generate()
+                rows.append(make_row(id=f"{sc.split}-{dom}-{made[dom]:08d}", domain=dom, prompt=item["prompt"],
+                                     answer=item["answer"], solution=item["solution"], difficulty=difficulty,
+                                     source=f"gen:{dom}/{family}", meta=item["meta"]))
+                cells.append((difficulty, family))
+                made[dom] += 1
+            for dom, cell, ok in zip(order, cells, self.screen(rows, sc, enforce_quota=False)):
+                sc.samplers[dom].record(cell, ok)
+
+    def generation_report(self) -> dict:
+        """Per split and domain: kept rows by difficulty and family, retired cells, exhaustion."""
+        out = {}
+        for sc in (self.train, self.eval):
+            rep = {}
+            for dom, smp in sc.samplers.items():
+                if not sum(smp.kept.values()) and not smp.retired:
+                    continue
+                diff, fam = Counter(), Counter()
+                for (dif, f), n in smp.kept.items():
+                    diff[str(dif)] += n
+                    fam[f] += n
+                rep[dom] = {"difficulty": dict(sorted(diff.items())), "family": dict(sorted(fam.items())),
+                            "retired_cells": [f"{dif}/{f}" for dif, f in smp.retired], "exhausted": smp.exhausted}
+            out[sc.split] = rep
+        return out
+
+    # -- tokenizer + manifest --------------------------------------------------------------
+
+    def train_tokenizer(self) -> dict:
+        rng = random.Random(f"{self.cfg.seed}/tokenizer")
+        frac = self.d.template_fraction
+
+        def docs():
+            for i, row in enumerate(iter_rows(self.out, "train")):
+                if i >= self.d.tokenizer_rows:
+                    return
+                yield pretrain_text(row, rng, frac)
+
+        tok = train_tokenizer(docs(), self.d.vocab_size, self.out / "tokenizer.json")
+        return {"file": "tokenizer.json", "vocab_size": tok.get_vocab_size(), "trained_on_rows":
+                min(self.d.tokenizer_rows, self.train.writer.rows)}
+
+    def close(self) -> dict:
+        self.bar.close()
+        files = {}
+        for w in (self.train.writer, self.eval.writer, self.qwriter):
+            files.update(dict(w.close()))
+        return files
+
+
+def build_mix(cfg, out_dir: str | Path) -> dict:
+    """Write the whole data artifact into the local directory ``out_dir``; return the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d = cfg.data
+    if d.n_eval and not any(getattr(d.mix, k) > 0 for k in VERIFIABLE):
+        raise UserError("data.n_eval > 0 needs a non-zero mix ratio for math, code or cross")
+    check_vocab_size(d.vocab_size)  # fail fast, before any work or progress output
+    for spec in d.imports:
+        check_import(spec.uri)
+    run = _MixRun(cfg, out)
+    spill_dir = Path(tempfile.mkdtemp(prefix="r1zero-spill-"))
+    try:
+        spill = spill_dir / "train-imports.jsonl"
+        run.run_imports(spill)
+        run.generate(run.eval)
+        run.screen_spilled(spill)
+        run.generate(run.train)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+        shard_rows = run.close()
+    tok = run.train_tokenizer()
+    manifest = build_manifest(cfg, out, run, shard_rows, tok, [source_name(s.uri) for s in d.imports])
+    write_manifest(out, manifest)
+    return manifest
+
+
+def summary_lines(m: dict) -> list[str]:
+    q = m["rows_quarantined"]
+    lines = [f"data mix: {m['rows_in']} rows in -> {m['rows_kept']} kept "
+             f"(train {sum(m['counts']['train'].values())}, eval {sum(m['counts']['eval'].values())}), "
+             f"{sum(q.values())} quarantined" + (" (" + ", ".join(f"{k} {v}" for k, v in q.items()) + ")" if q else "")]
+    lines.append("train ratios: " + ", ".join(f"{k} {100 * v:.1f}% (target {100 * m['target_ratios'][k]:.1f}%)"
+                                              for k, v in m["ratios"].items()))
+    for split, doms in m["generation"].items():
+        ex = [dom for dom, rep in doms.items() if rep["exhausted"]]
+        if ex:
+            lines.append(f"warning: {split} generators exhausted for {', '.join(ex)} "
+                         f"(too few distinct items at max_difficulty {m['data_config']['max_difficulty']})")
+    return lines
+
+
+def run_mix(cfg, out_uri: str) -> dict:
+    """Build the data artifact in a temp staging dir and publish it to ``out_uri``; return the manifest."""
+    staging = Path(tempfile.mkdtemp(prefix="r1zero-mix-"))
+    try:
+        manifest = build_mix(cfg, staging)
+        store.publish(staging, out_uri)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for line in summary_lines(manifest):
+        print0(line)
+    print0(f"wrote {out_uri}")
+    return manifest

@@ -1,0 +1,111 @@
+"""The R1-Zero prompt template: render prompts/completions, extract answers, check format.
+
+DeepSeek-R1 (arXiv 2501.12948, Table 1) trains R1-Zero with one fixed template: a conversation in
+which the assistant first reasons inside ``<think> </think>`` and then answers inside
+``<answer> </answer>``. :data:`R1_ZERO_PAPER_TEMPLATE` is the paper's wording; the default
+:data:`R1_ZERO_TEMPLATE` keeps its structure but is shortened so that a prompt fits the tiny
+preset's 128-256 token context (the paper's preamble alone is ~60 words).
+
+    >>> p = render_prompt("What is 2 + 3?")
+    >>> p.endswith("Assistant: <think>")
+    True
+    >>> extract_answer(p + render_completion("2 + 3 = 5.", "5"))
+    '5'
+
+Everything here is a pure function on strings; the GRPO reward, the eval and the pretraining
+documents (:mod:`r1zero.data.documents`) all share it.
+"""
+
+from __future__ import annotations
+
+import re
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAG_TOKENS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+# DeepSeek-R1 paper, Table 1 ("Template for DeepSeek-R1-Zero"); {question} replaces "prompt".
+R1_ZERO_PAPER_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think> <answer> answer here </answer>. User: {question}. Assistant: <think>"
+)
+# Same structure, short enough for a 128-token context (why: see the module docstring).
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The Assistant thinks in <think> </think> and "
+    "answers in <answer> </answer>.\nUser: {question}\nAssistant: <think>"
+)
+
+_ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
+_TRAILING_SPECIAL_RE = re.compile(r"(?:\s|" + re.escape(EOS_TOKEN) + "|" + re.escape(PAD_TOKEN) + r")*\Z")
+
+
+def render_prompt(question: str, paper: bool = False) -> str:
+    """The R1-Zero prompt for ``question``; ends with ``"Assistant: <think>"``.
+
+    ``paper=True`` uses the paper's full wording instead of the short default.
+    """
+    template = R1_ZERO_PAPER_TEMPLATE if paper else R1_ZERO_TEMPLATE
+    return template.format(question=question.strip())
+
+
+def render_completion(solution: str, answer: str) -> str:
+    """The text after the prompt: ``"{solution} </think> <answer> {answer} </answer>"``."""
+    return f"{solution.strip()} {THINK_CLOSE} {ANSWER_OPEN} {str(answer).strip()} {ANSWER_CLOSE}"
+
+
+def extract_answer(text: str | None) -> str | None:
+    """Content of the last complete ``<answer> ... </answer>`` pair (stripped), else None."""
+    if not text:
+        return None
+    found = _ANSWER_RE.findall(text)
+    if not found:
+        return None
+    return found[-1].strip()
+
+
+def _completion_part(text: str) -> str:
+    """The completion: whatever follows the last ``Assistant: <think>`` (or a leading ``<think>``)."""
+    marker = "Assistant: " + THINK_OPEN
+    i = text.rfind(marker)
+    if i >= 0:
+        return text[i + len(marker):]
+    stripped = text.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        return stripped[len(THINK_OPEN):]
+    return text
+
+
+def format_ok(text: str | None, strict: bool = False) -> bool:
+    """Whether a completion follows the R1-Zero format.
+
+    ``text`` is the completion (what follows ``"Assistant: <think>"``), or a full prompt +
+    completion. Lenient: a ``</think>`` followed later by a non-empty ``<answer> ... </answer>``.
+    Strict: exactly ``reasoning </think> <answer> answer </answer>`` with non-empty reasoning and
+    answer, each tag exactly once, no stray ``<think>``, and nothing but whitespace / end-of-text
+    after ``</answer>``.
+    """
+    if not text:
+        return False
+    body = _completion_part(text)
+    close = body.find(THINK_CLOSE)
+    if close < 0:
+        return False
+    after = body[close + len(THINK_CLOSE):]
+    m = _ANSWER_RE.search(after)
+    if m is None or not m.group(1).strip():
+        return False
+    if not strict:
+        return True
+    reasoning = body[:close]
+    if not reasoning.strip():
+        return False
+    if any(body.count(t) != 1 for t in (THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)) or THINK_OPEN in body:
+        return False
+    if after[: m.start()].strip():  # text between </think> and <answer>
+        return False
+    return _TRAILING_SPECIAL_RE.fullmatch(after[m.end():]) is not None

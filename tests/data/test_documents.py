@@ -1,0 +1,34 @@
+"""Tests for r1zero.data.documents: plain vs template renderings and the template fraction."""
+
+from __future__ import annotations
+
+import random
+
+from r1zero.data.documents import pretrain_text
+from r1zero.template import extract_answer, format_ok, render_completion, render_prompt
+
+ROW = {"domain": "math", "prompt": "What is 12 + 30?", "answer": "42", "solution": "12 + 30 = 42."}
+
+
+def test_general_rows_are_plain_text():
+    row = {"domain": "general", "prompt": "The baker sold bread.", "answer": "", "solution": ""}
+    assert pretrain_text(row, random.Random(0), template_fraction=1.0) == "The baker sold bread."
+
+
+def test_fraction_one_is_the_r1_template():
+    text = pretrain_text(ROW, random.Random(0), template_fraction=1.0)
+    assert text == render_prompt(ROW["prompt"]) + render_completion(ROW["solution"], ROW["answer"])
+    assert format_ok(text, strict=True) and extract_answer(text) == "42"
+
+
+def test_fraction_zero_is_plain_and_holds_the_answer():
+    rng = random.Random(0)
+    texts = {pretrain_text(ROW, rng, template_fraction=0.0) for _ in range(100)}
+    assert len(texts) >= 3  # several plain formats
+    assert all("<think>" not in t and "42" in t and ROW["prompt"] in t for t in texts)
+
+
+def test_default_fraction_mixes_about_half():
+    rng = random.Random(1)
+    n = sum("<think>" in pretrain_text(ROW, rng) for _ in range(2000))
+    assert 900 < n < 1100
