@@ -90,18 +90,56 @@ def run_data_mix(config_yaml: str, data, metrics) -> None:
                           **{f"ratio_{k}": v for k, v in manifest["ratios"].items()}})
 
 
-def _launch_on_cluster(cfg, stage: str, args: dict[str, str]) -> dict:
-    """Render the stage's PyTorchJob, create it and wait (raises on Failed)."""
-    from r1zero.cluster.launch import launch_stage_job
-
-    return launch_stage_job(cfg, stage=stage, args=args)
+RUN_LABEL = "r1zero/pipeline-run"
 
 
-def run_pretrain(config_yaml: str, target: str, data, model, metrics) -> None:
+def stage_job_docs(cfg, stage: str, uris: dict[str, str], run_id: str) -> list[dict]:
+    """The stage's [ConfigMap, PyTorchJob], named and labelled for this pipeline run.
+
+    Names get the run id's first 8 characters so concurrent runs never collide; the label lets
+    the exit handler find and delete what this run left behind.
+    """
+    from r1zero.cluster.render import dns1035, render_stage
+
+    docs = render_stage(cfg, stage, "pytorchjob", uris=uris)
+    suffix = "".join(c for c in run_id.lower() if c.isalnum())[:8]
+    for d in docs:
+        meta = d["metadata"]
+        if d["kind"] != "ConfigMap" and suffix:
+            meta["name"] = dns1035(f"{meta['name']}-{suffix}")
+        meta.setdefault("labels", {})[RUN_LABEL] = dns1035(run_id or "none", limit=63)
+    return docs
+
+
+def _launch_on_cluster(cfg, stage: str, args: dict[str, str], run_id: str = "") -> dict:
+    """Render the stage's PyTorchJob, create it with the Training Operator SDK and wait.
+
+    ``launch_cluster`` waits with ``wait_timeout`` (not the API request timeout) and raises with
+    the job conditions and the master's last log lines when the job fails.
+    """
+    from r1zero import store
+    from r1zero.cluster.launch import launch_cluster
+
+    launch_cluster(stage_job_docs(cfg, stage, args, run_id), namespace=cfg.cluster.namespace)
+    return json.loads(store.read_bytes(store.join(args["out"], "summary.json")))
+
+
+def _sync_back(uri: str, artifact) -> None:
+    """The job wrote the artifact to object storage; mirror it into the task's output path so
+    KFP's own upload of that path re-puts the same content instead of an empty directory."""
+    from r1zero import store
+
+    if store.is_s3(uri):
+        store.materialize(uri, artifact.path)
+
+
+def run_pretrain(config_yaml: str, target: str, data, model, metrics, run_id: str = "") -> None:
     cfg = load_cfg(config_yaml)
     t0 = time.perf_counter()
     if target == "cluster":
-        summary = _launch_on_cluster(cfg, "pretrain", {"data": artifact_uri(data), "out": artifact_uri(model)})
+        summary = _launch_on_cluster(cfg, "pretrain", {"data": artifact_uri(data), "out": artifact_uri(model)},
+                                     run_id)
+        _sync_back(artifact_uri(model), model)
     else:
         from r1zero.train.pretrain import run_pretrain as _run
 
@@ -110,12 +148,13 @@ def run_pretrain(config_yaml: str, target: str, data, model, metrics) -> None:
     log_metrics(metrics, _flat(summary))
 
 
-def run_grpo(config_yaml: str, target: str, policy_uri: str, data, model, metrics) -> None:
+def run_grpo(config_yaml: str, target: str, policy_uri: str, data, model, metrics, run_id: str = "") -> None:
     cfg = load_cfg(config_yaml)
     t0 = time.perf_counter()
     if target == "cluster":
         summary = _launch_on_cluster(cfg, "grpo", {"policy": policy_uri, "data": artifact_uri(data),
-                                                   "out": artifact_uri(model)})
+                                                   "out": artifact_uri(model)}, run_id)
+        _sync_back(artifact_uri(model), model)
     else:
         from r1zero.grpo.trainer import run_grpo as _run
 
@@ -215,10 +254,41 @@ def cleanup(cfg, target: str, state: str, run_name: str) -> str:
     """Delete training jobs left behind by this pipeline run (cluster only)."""
     if target != "cluster":
         return f"local run ({state}): nothing to clean up"
-    from r1zero.cluster.launch import delete_run_jobs
+    deleted = delete_run_jobs(cfg.cluster.namespace, run_name)
+    return f"{state}: deleted {len(deleted)} job(s): {', '.join(deleted) or '-'}"
 
-    deleted = delete_run_jobs(cfg, run_name)
-    return f"{state}: deleted {len(deleted)} job(s): {', '.join(deleted)}"
+
+JOB_RESOURCES = [("kubeflow.org", "v1", "pytorchjobs"), ("kubeflow.org", "v2beta1", "mpijobs")]
+
+
+def delete_run_jobs(namespace: str, run_id: str, api=None) -> list[str]:
+    """Delete the PyTorchJobs/MPIJobs labelled with this pipeline run (the exit handler's job)."""
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    from r1zero.cluster.render import dns1035
+
+    if api is None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api = client.CustomObjectsApi()
+    selector = f"{RUN_LABEL}={dns1035(run_id or 'none', limit=63)}"
+    deleted = []
+    for group, version, plural in JOB_RESOURCES:
+        try:
+            items = api.list_namespaced_custom_object(group, version, namespace, plural, label_selector=selector)
+        except ApiException as err:
+            if err.status == 404:  # that operator is not installed
+                continue
+            raise
+        for item in items.get("items", []):
+            name = item["metadata"]["name"]
+            api.delete_namespaced_custom_object(group, version, namespace, plural, name,
+                                                body=client.V1DeleteOptions(propagation_policy="Foreground"))
+            deleted.append(f"{plural}/{name}")
+    return deleted
 
 
 def _eval_summary(result_dir: str) -> dict:

@@ -56,14 +56,16 @@ def _platform(task: dsl.PipelineTask, *, launcher: bool = False) -> dsl.Pipeline
 
 @dsl.pipeline(name=PIPELINE_NAME, description="R1-Zero: MoE pretraining -> GRPO -> eval -> aha detection")
 def r1zero_pipeline(config_yaml: str, target: str = "local", registry_uri: str = "", warm_start: bool = False):
-    cleanup = _platform(cleanup_jobs(config_yaml=config_yaml, target=target))
+    cleanup = _platform(cleanup_jobs(config_yaml=config_yaml, target=target, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
     with dsl.ExitHandler(cleanup, name="r1zero-run"):
         data = _platform(data_mix(config_yaml=config_yaml)).set_display_name("data mix")
-        base = _platform(pretrain(config_yaml=config_yaml, target=target, data=data.outputs["data"]),
+        base = _platform(pretrain(config_yaml=config_yaml, target=target, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                  data=data.outputs["data"]),
                          launcher=True).set_display_name("pretrain (MoE)")
         start = _platform(champion_uri(config_yaml=config_yaml, registry_uri=registry_uri, warm_start=warm_start))
         start.set_caching_options(enable_caching=False).set_display_name("warm start")
-        rl = _platform(grpo(config_yaml=config_yaml, target=target, warm_start_uri=start.output,
+        rl = _platform(grpo(config_yaml=config_yaml, target=target, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                            warm_start_uri=start.output,
                             base=base.outputs["model"], data=data.outputs["data"]),
                        launcher=True).set_display_name("GRPO")
         base_eval = _platform(evaluate(config_yaml=config_yaml, model=base.outputs["model"],

@@ -6,9 +6,9 @@ from r1zero.images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE)
-def cleanup_jobs(config_yaml: str, target: str, status: dsl.PipelineTaskFinalStatus) -> str:
+def cleanup_jobs(config_yaml: str, target: str, run_id: str, status: dsl.PipelineTaskFinalStatus) -> str:
     """Runs whatever happened (ExitHandler). In a cluster, deletes this run's PyTorchJobs/MPIJobs."""
     from components.runtime import cleanup, load_cfg
 
     cfg = load_cfg(config_yaml)
-    return cleanup(cfg, target, status.state, status.pipeline_job_resource_name)
+    return cleanup(cfg, target, status.state, run_id)

@@ -7,8 +7,9 @@ from r1zero.images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE)
-def pretrain(config_yaml: str, target: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics]):
+def pretrain(config_yaml: str, target: str, run_id: str, data: Input[Dataset], model: Output[Model],
+             metrics: Output[Metrics]):
     """Pretrain the base model; ``target='cluster'`` launches the sized PyTorchJob and waits."""
     from components.runtime import run_pretrain
 
-    run_pretrain(config_yaml, target, data, model, metrics)
+    run_pretrain(config_yaml, target, data, model, metrics, run_id)

@@ -79,3 +79,38 @@ def test_build_summary(tmp_path):
 
 def test_cleanup_is_a_no_op_locally():
     assert "nothing to clean up" in runtime.cleanup(None, "local", "SUCCEEDED", "run")
+
+
+def test_stage_job_docs_are_unique_per_run_and_labelled():
+    from r1zero.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    uris = {"data": "s3://b/data", "out": "s3://b/model"}
+    a = runtime.stage_job_docs(cfg, "pretrain", uris, "3f2a9c1e-aaaa-bbbb")
+    b = runtime.stage_job_docs(cfg, "pretrain", uris, "77aa0000-cccc-dddd")
+    job_a = next(d for d in a if d["kind"] == "PyTorchJob")
+    job_b = next(d for d in b if d["kind"] == "PyTorchJob")
+    assert job_a["metadata"]["name"] != job_b["metadata"]["name"]
+    assert job_a["metadata"]["name"].endswith("-3f2a9c1e")
+    assert job_a["metadata"]["labels"][runtime.RUN_LABEL] == "r-3f2a9c1e-aaaa-bbbb"
+    cmd = job_a["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert "s3://b/data" in cmd["args"] and "s3://b/model" in cmd["args"]
+
+
+def test_delete_run_jobs_uses_the_run_label():
+    class FakeApi:
+        def __init__(self):
+            self.calls, self.deleted = [], []
+
+        def list_namespaced_custom_object(self, group, version, ns, plural, label_selector):
+            self.calls.append((plural, label_selector))
+            return {"items": [{"metadata": {"name": f"{plural[:3]}-job"}}]} if plural == "pytorchjobs" else {"items": []}
+
+        def delete_namespaced_custom_object(self, group, version, ns, plural, name, body):
+            self.deleted.append((ns, plural, name))
+
+    api = FakeApi()
+    out = runtime.delete_run_jobs("r1zero", "run-123", api=api)
+    assert out == ["pytorchjobs/pyt-job"]
+    assert api.deleted == [("r1zero", "pytorchjobs", "pyt-job")]
+    assert {c[1] for c in api.calls} == {"r1zero/pipeline-run=run-123"}
