@@ -136,6 +136,11 @@ def _install_audit_hook(workdir: str, readable: tuple) -> None:
                 isinstance(flags, int) and flags & _WRITE_FLAGS)
             if not inside(path, write_roots if writing else read_roots):
                 deny(event, path)
+            # The event does not carry os.open's dir_fd, so a directory fd from outside the cwd
+            # would let later relative paths escape the check: no directory fds outside the cwd.
+            if mode is None and not isinstance(path, int) and not inside(path, write_roots) \
+                    and os.path.isdir(resolve(path)):
+                deny(event, f"directory fd {path}")
         elif event == "import":
             if args[0] in _BLOCKED_IMPORTS or args[0].split(".")[0] in _BLOCKED_IMPORTS:
                 deny(event, args[0])

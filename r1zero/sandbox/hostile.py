@@ -123,6 +123,11 @@ stdlib = os.path.dirname(os.__file__)
 with open(os.path.join(stdlib, "sitecustomize.py"), "w") as fh:
     fh.write("print('hijacked')\\n")
 """, "error", "-I (no cwd on sys.path); audit hook + permissions keep the stdlib read-only"),
+    "dir_fd_escape": _h("""
+import os
+fd = os.open(os.path.dirname(os.__file__), os.O_RDONLY | os.O_DIRECTORY)
+os.open("r1zero_sandbox_pwned.py", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+""", "error", "audit hook (no directory fds outside the cwd), stdlib permissions under the sandbox uid"),
     "thread_bomb": _h("""
 import threading, time
 while True:

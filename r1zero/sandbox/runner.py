@@ -114,8 +114,8 @@ class _Plan:
 def plan() -> _Plan:
     """Pick the interpreter and decide whether jobs run under a dedicated uid.
 
-    Dropping the uid needs root and an interpreter whose stdlib that uid can read. A Python under
-    a 0700 home (pyenv in /root) is not readable, so a system python of the same minor version is
+    Dropping the uid needs root and an interpreter whose stdlib that uid can read. A Python inside
+    a private (0700) home directory, e.g. a pyenv install, is not readable, so a system python of the same minor version is
     used instead when there is one; otherwise jobs keep the caller's uid (recorded, not hidden).
     """
     python = os.environ.get("R1ZERO_SANDBOX_PYTHON") or sys.executable
