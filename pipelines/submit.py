@@ -71,11 +71,11 @@ def make_client(host: str | None, namespace: str | None, token: str | None):
 
 def submit(cfg, *, host: str | None, namespace: str | None, experiment: str, params: list[str],
            schedule: str | None, dry_run: bool, token: str | None, registry_uri: str, package: str,
-           run_name: str | None = None) -> dict:
+           run_name: str | None = None, warm_start: bool = False) -> dict:
     if not Path(package).is_file():
         raise UserError(f"compiled pipeline not found: {package} (run `r1zero pipeline compile`)")
     # Scheduled retraining warm-starts from the last promoted model and mixes the newest data.
-    arguments = pipeline_arguments(cfg, registry_uri, params, warm_start=schedule is not None)
+    arguments = pipeline_arguments(cfg, registry_uri, params, warm_start=warm_start or schedule is not None)
     cron = to_kfp_cron(schedule) if schedule else None
     name = run_name or (f"{cfg.name}-retrain" if cron else f"{cfg.name}-run")
     plan = {"host": host, "namespace": namespace, "experiment": experiment, "name": name, "cron": cron,
