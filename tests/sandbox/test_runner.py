@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 from r1zero.errors import UserError
@@ -132,3 +133,25 @@ def test_statuses_are_the_documented_set():
     assert STATUSES == ("ok", "error", "timeout", "memory", "killed")
     d = run_code("pass").to_json()
     assert list(d) == ["status", "returncode", "stdout", "stderr", "seconds"]
+
+
+def test_escaped_grandchild_is_killed_by_the_uid_sweep():
+    # With the audit hook off the program can fork; the grandchild leaves the process group with
+    # setsid() and sleeps. Only the sweep of the job's uid can find it.
+    if not plan().drop_uid:
+        assert any(p.startswith("!uid") for p in run_code("pass").protections)
+        return
+    src = ("import os, sys, time\n"
+           "pid = os.fork()\n"
+           "if pid == 0:\n"
+           "    os.setsid()\n"
+           "    print(os.getpid(), os.getpgid(0), flush=True)\n"
+           "    time.sleep(60)\n"
+           "    os._exit(0)\n"
+           "time.sleep(0.3)\n")
+    res = run_code(src, timeout_s=2.0, audit_hook=False)
+    assert res.status == "ok", res.stderr
+    grandchild, pgid = map(int, res.stdout.split())
+    assert pgid != res.pid  # it really left the sandbox's process group
+    alive = psutil.pid_exists(grandchild) and psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE
+    assert not alive
