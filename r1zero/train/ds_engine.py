@@ -77,6 +77,7 @@ class DeepSpeedTrainEngine:
         )
         self.model = self.engine.module
         self.dtype = next(self.model.parameters()).dtype
+        self._plain = cfg.parallel.zero_stage == 0 and pre.precision == "fp32"
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -85,14 +86,21 @@ class DeepSpeedTrainEngine:
         self.engine.train()
         lr = self._lr()
         losses, lm_losses = [], []
-        for x_BS in micro_batches:
+        norm = None
+        for i, x_BS in enumerate(micro_batches):
             x_BS = x_BS.to(self.ctx.device)
             out = self.engine(input_ids=x_BS, labels=x_BS)
             self.engine.backward(out.loss)
+            if i == len(micro_batches) - 1 and self._plain:
+                # ZeRO-0 fp32 clips inside the engine without keeping the norm; the grads are
+                # already averaged over dp at the boundary backward, so measure it here.
+                norm = torch.sqrt(sum(p.grad.detach().double().pow(2).sum() for p in self.model.parameters()
+                                      if p.grad is not None))
             self.engine.step()
             losses.append(out.loss)
             lm_losses.append(out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss)
-        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
         skipped = bool(getattr(self.engine, "skipped_steps", 0)) and self._last_skipped()
         tokens = sum(int(x.numel()) for x in micro_batches) * self.ctx.dims.dp
         return StepResult(loss=mean_over(losses), lm_loss=mean_over(lm_losses),
