@@ -66,6 +66,8 @@ class DedupConfig(_Section):
     # templated-but-different problems apart while catching re-worded copies).
     threshold: float = Field(0.8, gt=0, le=1)
     num_perm: int = Field(64, ge=16, le=512)
+    # shingles are word/symbol n-grams of this many tokens (r1zero.data.dedup.tokens); 5 keeps
+    # templated problems that differ in one number apart (each number touches 5 shingles).
     shingle: int = Field(5, ge=1, le=32)
 
 

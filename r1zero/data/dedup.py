@@ -223,9 +223,14 @@ class KeyedIndex:
         found: list[list[np.ndarray]] = [[] for _ in range(c)]
         for run_k, run_v in self.runs:
             lo_CB = np.searchsorted(run_k, keys_CB, side="left")
-            hi_CB = np.searchsorted(run_k, keys_CB, side="right")
-            for i, j in zip(*np.nonzero(hi_CB > lo_CB)):
-                found[i].append(run_v[lo_CB[i, j]:min(hi_CB[i, j], lo_CB[i, j] + cap)])
+            hit_CB = run_k[np.minimum(lo_CB, run_k.size - 1)] == keys_CB
+            rows, cols = np.nonzero(hit_CB)
+            if rows.size == 0:
+                continue
+            lo = lo_CB[rows, cols]
+            hi = np.minimum(np.searchsorted(run_k, keys_CB[rows, cols], side="right"), lo + cap)
+            for i, a, b in zip(rows.tolist(), lo.tolist(), hi.tolist()):
+                found[i].append(run_v[a:b])
         return [np.unique(np.concatenate(f)) if f else np.zeros(0, dtype=np.int64) for f in found]
 
 
@@ -258,7 +263,9 @@ class SignatureStore:
 
 def jaccard_estimate(sig_P: np.ndarray, others_NP: np.ndarray) -> np.ndarray:
     """MinHash Jaccard estimate: the fraction of equal signature positions (Broder 1997)."""
-    return (others_NP == sig_P[None, :]).mean(axis=1) if others_NP.size else np.zeros(0)
+    if not others_NP.size:
+        return np.zeros(0)
+    return np.count_nonzero(others_NP == sig_P[None, :], axis=1) / sig_P.size
 
 
 class DedupIndex:

@@ -18,16 +18,23 @@ filter-sum (3), digit manipulation (4). Small ints at difficulty 1-2 keep prompt
 
 from __future__ import annotations
 
+import functools
 import random
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def run_function(source: str, func: str, arg):
-    """Run our generated ``source`` and call ``func(arg)`` (trusted, loop-bounded code only)."""
+@functools.lru_cache(maxsize=8192)
+def _compiled(source: str, func: str):
+    """The function ``func`` defined by ``source`` (cached: small families repeat their sources)."""
     ns: dict = {}
     exec(compile(source, "<r1zero-gen>", "exec"), {"__builtins__": {"range": range, "sum": sum, "len": len}}, ns)
-    return ns[func](arg)
+    return ns[func]
+
+
+def run_function(source: str, func: str, arg):
+    """Run our generated ``source`` and call ``func(arg)`` (trusted, loop-bounded code only)."""
+    return _compiled(source, func)(arg)
 
 
 def _affine(rng: random.Random, difficulty: int):
