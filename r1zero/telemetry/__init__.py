@@ -104,7 +104,11 @@ class Telemetry:
 
     def set_gauges(self, **kw: float) -> None:
         """Set gauges by key: loss, lr, tokens_per_second, mfu, grad_norm, reward, accuracy,
-        format_rate, kl, completion_length, reflection_rate, step, comm_time_ratio."""
+        format_rate, kl, completion_length, reflection_rate, step, comm_time_ratio. Metrics-JSONL
+        names (``**{"grpo/kl": 0.1, "moe/L0/max_load_ratio": 1.3}``) go to :meth:`observe_metrics`."""
+        named = {k: kw.pop(k) for k in [k for k in kw if "/" in k]}
+        if named:
+            self.observe_metrics(named)
         for key, value in kw.items():
             attr = GAUGE_KEYS.get(key)
             if attr is None:
@@ -122,6 +126,8 @@ class Telemetry:
         """Set the gauges that correspond to metrics-JSONL names (``train/loss``, ``moe/L0/max_load_ratio``...);
         other names are ignored."""
         for name, value in records.items():
+            if value is None or not isinstance(value, int | float):
+                continue
             key = JSONL_KEYS.get(name)
             if key is not None:
                 self.set_gauges(**{key: value})

@@ -80,8 +80,8 @@ JSONL_KEYS: dict[str, str] = {
 # moe/L<i>/<name> -> MoE gauge attribute
 MOE_KEYS: dict[str, str] = {
     "max_load_ratio": "moe_max_load",
+    "dropped_frac": "moe_dropped",  # r1zero.model.moe stats() key
     "dropped_fraction": "moe_dropped",
-    "drop_fraction": "moe_dropped",
     "router_entropy": "moe_entropy",
 }
 
@@ -116,6 +116,7 @@ class Metrics:
     def __init__(self, labels: dict[str, str], registry: CollectorRegistry | None = None):
         self.labels = {k: str(labels[k]) for k in LABELS}
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple, object] = {}
         r, L = self.registry, list(LABELS)
 
         def gauge(name, doc, extra=()):
@@ -158,7 +159,11 @@ class Metrics:
 
     def set(self, attr: str, value: float, **extra: str) -> None:
         """Set gauge ``attr`` (an attribute name above) for this process's labels."""
-        getattr(self, attr).labels(**self.labels, **extra).set(float(value))
+        key = (attr, *extra.values())
+        child = self._children.get(key)
+        if child is None:  # labels() takes a lock and builds a tuple: once per series, not per step
+            child = self._children[key] = getattr(self, attr).labels(**self.labels, **extra)
+        child.set(float(value))
 
     def add_collector(self, collector) -> None:
         self.registry.register(collector)

@@ -65,11 +65,13 @@ def test_step_metrics_over_http():
 
 def test_grpo_moe_counters_and_jsonl_names():
     with telemetry.start(LOOP, job="j", rank=0, stage="grpo") as tel:
-        tel.set_gauges(reward=0.25, accuracy=0.5, format_rate=0.75, kl=0.01, completion_length=31.5,
+        tel.set_gauges(reward=0.25, accuracy=0.5, format_rate=0.5, kl=0.01, completion_length=31.5,
                        reflection_rate=0.125)
         tel.observe_metrics({"grpo/kl": 0.02, "moe/L1/max_load_ratio": 1.5, "moe/L1/dropped_fraction": 0.1,
                              "moe/L0/router_entropy": 1.2, "eval/accuracy/math": 0.9})
-        tel.observe_moe([{"max_load_ratio": 1.25, "router_entropy": 1.1}])
+        tel.observe_moe([{"layer": 0, "load": [3, 1], "max_load_ratio": 1.25, "router_entropy": 1.1}])
+        # what the trainers pass: metrics-JSONL names through set_gauges(**dict)
+        tel.set_gauges(**{"moe/L2/dropped_frac": 0.05, "moe/L2/load/E0": 0.5, "grpo/format_rate": 0.75})
         tel.inc("aha_events")
         tel.inc("nan_skips", 2)
         with tel.checkpoint_timer():
@@ -86,6 +88,7 @@ def test_grpo_moe_counters_and_jsonl_names():
     assert value(s, "r1zero_moe_max_load_ratio", layer="0") == 1.25
     assert value(s, "r1zero_moe_dropped_ratio", layer="1") == 0.1
     assert value(s, "r1zero_moe_router_entropy_nats", layer="0") == 1.1
+    assert value(s, "r1zero_moe_dropped_ratio", layer="2") == 0.05
     assert value(s, "r1zero_aha_events_total") == 1
     assert value(s, "r1zero_nan_skips_total") == 2
     assert value(s, "r1zero_checkpoint_duration_seconds_count") == 1
