@@ -25,11 +25,12 @@ def build_model(model_cfg, seed: int = 0, **overrides):
     from r1zero.model.modeling import R1ZeroForCausalLM
 
     hf_cfg = R1ZeroConfig.from_model_config(model_cfg, **overrides)
-    devices = [torch.device("cpu")]
-    with torch.random.fork_rng(devices=devices):
+    state = torch.get_rng_state()  # seed locally, leave the caller's RNG stream untouched
+    try:
         torch.manual_seed(seed)
-        model = R1ZeroForCausalLM(hf_cfg)
-    return model
+        return R1ZeroForCausalLM(hf_cfg)
+    finally:
+        torch.set_rng_state(state)
 
 
 def _load_tokenizer(path: Path):

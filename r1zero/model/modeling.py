@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from r1zero.model.config import R1ZeroConfig
 from r1zero.model.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask_4d
-from r1zero.model.moe import MoELayer, RoutedExperts, flat_moe_metrics
+from r1zero.model.moe import MoELayer, flat_moe_metrics
 
 
 @dataclass
@@ -65,14 +66,23 @@ class R1ZeroPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        super()._init_weights(module)
+        # NOTE: transformers 5.x builds from_pretrained models on the meta device and re-runs this
+        # hook for anything not loaded (non-persistent buffers included), and it skips modules
+        # whose direct parameters look initialised -- so every module kind we own is handled
+        # here explicitly, through ``transformers.initialization`` (which honours those flags).
         std = self.config.initializer_range
-        if isinstance(module, RoutedExperts):
-            for p in module.parameters():
-                nn.init.normal_(p, mean=0.0, std=std)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.ParameterList):  # the routed experts' weights
+            for p in module:
+                hf_init.normal_(p, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            hf_init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            hf_init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, MoELayer):
-            module.expert_bias_E.zero_()
-            module.tokens_per_expert_E.zero_()
+            hf_init.zeros_(module.expert_bias_E)
+            hf_init.zeros_(module.tokens_per_expert_E)
 
 
 class R1ZeroModel(R1ZeroPreTrainedModel):

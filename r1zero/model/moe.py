@@ -2,8 +2,9 @@
 
 ``MoELayer`` replaces the dense FFN of a decoder block (DeepSeekMoE layout: fine-grained routed
 experts plus always-on shared experts). Dispatch follows torchtitan / MegaBlocks: sort the T*K
-routed slots by expert once (stable), gather the tokens, run each expert on its contiguous slice
-(one fused gate+up matmul, one down matmul), and scatter back with a single ``index_add_``.
+routed slots by expert once (stable), then each expert runs on its contiguous run of slots (one
+fused gate+up matmul, one down matmul) and results scatter back with ``index_add_``
+(``experts.py``).
 Tests compare it against a mask-loop reference (``tests/model/test_moe.py``).
 
 Shape legend:
@@ -18,39 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1zero.model import router as R
+from r1zero.model.experts import RoutedExperts
 from r1zero.model.layers import SwiGLU
-
-
-class RoutedExperts(nn.Module):
-    """``n_experts`` SwiGLU experts applied to expert-sorted tokens.
-
-    NOTE: one ``nn.Parameter`` per expert rather than a stacked ``(E, ...)`` tensor: slicing a
-    stacked weight inside the loop makes autograd materialise a full-size gradient per expert.
-    The gate and up projections are fused into one ``(2F, D)`` weight (one matmul, then chunk).
-    """
-
-    def __init__(self, n_experts: int, d_model: int, d_ff: int):
-        super().__init__()
-        self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
-        self.w_gate_up = nn.ParameterList([nn.Parameter(torch.empty(2 * d_ff, d_model)) for _ in range(n_experts)])
-        self.w_down = nn.ParameterList([nn.Parameter(torch.empty(d_model, d_ff)) for _ in range(n_experts)])
-
-    def forward(self, x_ND: torch.Tensor, counts: list[int], scale_N: torch.Tensor | None = None) -> torch.Tensor:
-        """Run expert e on rows ``[sum(counts[:e]), sum(counts[:e+1]))``; ``scale_N`` (the gate
-        weights) multiplies the hidden activation, which equals scaling the output but touches
-        F instead of D values per row."""
-        xs = torch.split(x_ND, counts)
-        ss = torch.split(scale_N, counts) if scale_N is not None else [None] * len(counts)
-        ys = []
-        # Experts with no tokens still run on an empty slice so every parameter gets a (zero)
-        # gradient: DDP/ZeRO reducers expect one.
-        for x_nD, s_n, w_gu, w_d in zip(xs, ss, self.w_gate_up, self.w_down, strict=True):
-            gate_nF, up_nF = F.linear(x_nD, w_gu).chunk(2, dim=-1)
-            h_nF = F.silu(gate_nF) * up_nF
-            if s_n is not None:
-                h_nF = h_nF * s_n[:, None]
-            ys.append(F.linear(h_nF, w_d))
-        return torch.cat(ys, dim=0)
 
 
 class MoELayer(nn.Module):
@@ -99,12 +69,11 @@ class MoELayer(nn.Module):
             kept_E = counts_E.clamp(max=cap)
         tok_N = order_N // K
         w_N = weights_TK.reshape(-1)[order_N].to(x_TD.dtype)
-        x_ND = x_TD[tok_N]
         if self.ep_dispatch is not None:
-            y_ND = self.ep_dispatch(self, x_ND, kept_E, w_N)
+            y_ND = self.ep_dispatch(self, x_TD.index_select(0, tok_N), kept_E, w_N)
+            out_TD = torch.zeros_like(x_TD).index_add_(0, tok_N, y_ND)
         else:
-            y_ND = self.experts(x_ND, kept_E.tolist(), w_N)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, tok_N, y_ND)
+            out_TD = self.experts.forward_grouped(x_TD, tok_N, kept_E.tolist(), w_N)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
