@@ -21,6 +21,7 @@ A problem is reported as ``path#doc kind/name: message``; the CLI exits 1 when a
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,16 +83,29 @@ class Report:
 # CRDs
 
 
+# libyaml's loader when built in: the PyTorchJob CRD is ~600 KB of YAML (seconds in pure Python).
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.lru_cache(maxsize=32)
+def _crds_in_file(path: str, mtime_ns: int, size: int) -> dict:
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for doc in yaml.load_all(f, Loader=_Loader):
+            if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
+                out.update(_crd_schemas(doc))
+    return out
+
+
 def load_crds_from_dir(crd_dir: str | Path) -> dict[tuple[str, str, str], dict]:
-    """(group, version, kind) -> openAPIV3Schema from every CRD YAML in ``crd_dir``."""
+    """(group, version, kind) -> openAPIV3Schema from every CRD YAML in ``crd_dir`` (cached per file)."""
     d = Path(crd_dir)
     if not d.is_dir():
         raise UserError(f"--crd-dir {d}: not a directory")
     out = {}
     for p in sorted(d.glob("*.y*ml")):
-        for doc in yaml.safe_load_all(p.read_text(encoding="utf-8")):
-            if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
-                out.update(_crd_schemas(doc))
+        st = p.stat()
+        out.update(_crds_in_file(str(p.resolve()), st.st_mtime_ns, st.st_size))
     return out
 
 
@@ -269,7 +283,7 @@ def validate_paths(paths, crds: dict, kube_version: str = KUBE_VERSION) -> Repor
             rep.notes.append(f"{f}: kustomization (build input, not a resource) - skipped")
             continue
         try:
-            docs = [d for d in yaml.safe_load_all(f.read_text(encoding="utf-8")) if d is not None]
+            docs = [d for d in yaml.load_all(f.read_text(encoding="utf-8"), Loader=_Loader) if d is not None]
         except yaml.YAMLError as err:
             rep.errors.append(f"{f}: not valid YAML: {str(err).splitlines()[0]}")
             continue

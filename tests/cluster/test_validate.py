@@ -1,0 +1,123 @@
+"""Validation catches what the API server and the operators' webhooks would reject."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r1zero.cli import main
+from r1zero.cluster.render import dump_yaml, render_stage
+from r1zero.cluster.validate import load_crds_from_dir, unknown_fields, validate_object, validate_paths
+from r1zero.config import load_config
+
+CRDS = Path(__file__).resolve().parents[2] / ".." / "shared" / "crds"
+
+
+@pytest.fixture(scope="module")
+def crds():
+    return load_crds_from_dir(CRDS)
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    cfg = load_config("configs/a100-13b.yaml")
+    return {k: render_stage(cfg, "pretrain", k) for k in ("pytorchjob", "mpijob", "trainjob")}
+
+
+def test_rendered_jobs_are_valid(crds, jobs):
+    for kind, (cm, job) in jobs.items():
+        assert validate_object(cm, crds) == ([], []), kind
+        errors, _ = validate_object(job, crds)
+        assert errors == [], (kind, errors)
+
+
+def test_crd_schema_and_unknown_fields(crds, jobs):
+    job = copy.deepcopy(jobs["pytorchjob"][1])
+    job["spec"]["runPolicy"]["backoffLimit"] = "three"  # schema: integer
+    job["spec"]["nprocsPerNode"] = "8"  # typo: an unknown field the schema alone would accept
+    tpl = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    tpl["containers"][0]["resource"] = {}  # typo deep inside the PodTemplateSpec
+    errors, _ = validate_object(job, crds)
+    text = "\n".join(errors)
+    assert "backoffLimit" in text and "integer" in text
+    assert "spec.nprocsPerNode: unknown field" in text
+    assert "spec.pytorchReplicaSpecs.Worker.template.spec.containers[0].resource: unknown field" in text
+    schema = crds[("kubeflow.org", "v1", "PyTorchJob")]
+    assert unknown_fields(jobs["pytorchjob"][1], schema) == []
+
+
+def test_webhook_rules(crds, jobs):
+    job = copy.deepcopy(jobs["pytorchjob"][1])
+    job["metadata"]["name"] = "9-bad.name"
+    reps = job["spec"]["pytorchReplicaSpecs"]
+    reps["Master"]["replicas"] = 2
+    reps["Worker"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+    reps["Chief"] = copy.deepcopy(reps["Master"])
+    errors = "\n".join(validate_object(job, crds)[0])
+    assert "not a DNS-1035 label" in errors
+    assert "Master.replicas must be 1" in errors
+    assert "Worker: no container named 'pytorch'" in errors
+    assert "replica type 'Chief'" in errors
+    del reps["Master"]
+    assert "no Master replica" in "\n".join(validate_object(job, crds)[0])
+    mpi = copy.deepcopy(jobs["mpijob"][1])
+    mpi["spec"]["mpiReplicaSpecs"]["Launcher"]["replicas"] = 2
+    assert "Launcher.replicas must be 1" in "\n".join(validate_object(mpi, crds)[0])
+
+
+def test_policy_image_tags_and_resources(crds, jobs):
+    job = copy.deepcopy(jobs["pytorchjob"][1])
+    c = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    c["image"] = "ghcr.io/r1zero/r1zero-train:latest"
+    del c["resources"]["limits"]["memory"]
+    errors = "\n".join(validate_object(job, crds)[0])
+    assert "untagged or 'latest'" in errors and "no limits for memory" in errors
+    c["image"] = "ghcr.io/r1zero/r1zero-train"
+    assert "untagged" in "\n".join(validate_object(job, crds)[0])
+
+
+def test_builtin_kinds_strict(crds):
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": "b"}, "dat": {}}
+    assert any("dat" in e for e in validate_object(cm, crds)[0])
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+           "spec": {"replicas": "one", "selector": {}, "template": {}}}
+    assert validate_object(dep, crds)[0]
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert "no schema for example.com/v1 Widget" in validate_object(unknown, crds)[0][0]
+
+
+def test_paths_kustomization_and_argo(tmp_path, crds):
+    (tmp_path / "kustomization.yaml").write_text("resources: [a.yaml]\n")
+    app = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Application", "metadata": {"name": "a"},
+           "spec": {"source": {"repoURL": "https://x", "path": "p"}, "destination": {"namespace": "n"},
+                    "syncPolicy": {"syncOptions": ["ServerSideApply=true"]}}}
+    bad = copy.deepcopy(app)
+    bad["spec"]["sauce"] = {}
+    (tmp_path / "a.yaml").write_text(dump_yaml([app, bad]))
+    rep = validate_paths([tmp_path], crds)
+    assert rep.checked == 2
+    assert any("kustomization" in n for n in rep.notes)
+    assert len(rep.errors) == 1 and "sauce" in rep.errors[0] and "a.yaml#1" in rep.errors[0]
+
+
+def test_cli_exit_codes(tmp_path, capsys, jobs):
+    good = tmp_path / "good.yaml"
+    good.write_text(dump_yaml(jobs["pytorchjob"]))
+    assert main(["validate", str(good), "--crd-dir", str(CRDS)]) == 0
+    assert "2 objects checked, 0 errors" in capsys.readouterr().out
+    bad_job = copy.deepcopy(jobs["pytorchjob"][1])
+    bad_job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(dump_yaml([bad_job]))
+    assert main(["validate", str(bad), "--crd-dir", str(CRDS)]) == 1
+    assert "Master.replicas must be 1" in capsys.readouterr().out
+    # without CRDs a custom resource has no schema: an error, not a silent pass
+    assert main(["validate", str(good)]) == 1
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert main(["validate", str(good), "--crd-dir", str(tmp_path / "nodir")]) == 2
+    (tmp_path / "broken.yaml").write_text("a: [\n")
+    assert main(["validate", str(tmp_path / "broken.yaml")]) == 1
+    assert yaml.safe_load(good.read_text().split("---")[0])["kind"] == "ConfigMap"
