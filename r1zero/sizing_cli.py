@@ -69,8 +69,13 @@ def _resolve(args):
     gpus = args.gpus or (cfg.cluster.nodes * gpus_per_node if cfg else gpus_per_node)
     if gpus < 1 or gpus_per_node < 1:
         raise UserError("--gpus and --gpus-per-node must be >= 1")
-    inter = (cfg.cluster.ib_gbps * cfg.cluster.nics_per_node / 8) if cfg else 200.0
-    hw = Hardware(GPUS[gpu_name], gpus, gpus_per_node, inter)
+    inter = args.inter_node_gbps or ((cfg.cluster.ib_gbps * cfg.cluster.nics_per_node / 8) if cfg else 200.0)
+    gpu = GPUS[gpu_name]
+    if args.nvlink_gbps:
+        gpu = replace(gpu, nvlink_gbps=args.nvlink_gbps)
+    if inter <= 0 or gpu.nvlink_gbps <= 0:
+        raise UserError("bandwidths must be positive")
+    hw = Hardware(gpu, gpus, gpus_per_node, inter)
     global_batch = args.global_batch or (cfg.cluster.global_batch if cfg else 1024)
     precision = args.precision or (cfg.pretrain.precision if cfg else "bf16")
     return spec, hw, global_batch, precision
@@ -113,6 +118,9 @@ def register(sub) -> None:
     p.add_argument("--gpus", type=int, help="total GPUs (default: cluster.nodes x cluster.gpus_per_node)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: cluster.gpus_per_node or 8)")
     p.add_argument("--gpu", choices=sorted(GPUS), help="GPU type (default: cluster.gpu)")
+    p.add_argument("--nvlink-gbps", type=float, help="NVLink GB/s per GPU per direction (A100: 300, H100: 450)")
+    p.add_argument("--inter-node-gbps", type=float,
+                   help="inter-node GB/s per node (default: cluster.ib_gbps x nics_per_node / 8 = 200 for 8x HDR)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp8", "fp32"], help="default: pretrain.precision")
     p.add_argument("--global-batch", type=int, help="sequences per step (default: cluster.global_batch)")
     p.add_argument("--layers", type=int)

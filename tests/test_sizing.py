@@ -169,3 +169,14 @@ def test_cli_bad_input_is_one_line_exit_2(capsys):
     assert "--gpu" in capsys.readouterr().err
     assert main(["plan", "--layers", "4", "--hidden", "100", "--heads", "3", "--gpu", "a100-40gb"]) == 2
     assert "divisible" in capsys.readouterr().err
+
+
+def test_cli_bandwidth_flags_change_the_estimate(capsys):
+    base = ["plan", "--layers", "40", "--hidden", "6144", "--heads", "48", "--global-batch", "1024", "--gpus", "256",
+            "--gpu", "a100-80gb", "--json"]
+    assert main(base) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert main([*base, "--inter-node-gbps", "25", "--nvlink-gbps", "150"]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert slow["step_seconds"] > fast["step_seconds"]
+    assert slow["comm_fraction"] > fast["comm_fraction"]

@@ -165,6 +165,7 @@ def pod_template(cfg, stage: str, container_name: str, command: list[str], args:
                  extra_volumes: tuple = (), extra_mounts: tuple = (), ports: list[dict] | None = None,
                  res: dict | None = None) -> dict:
     c = cfg.cluster
+    ports = ports if ports is not None else _ports(cfg)
     container = {
         "name": container_name,
         "image": c.image,
@@ -173,7 +174,7 @@ def pod_template(cfg, stage: str, container_name: str, command: list[str], args:
         "args": args,
         "env": container_env(cfg, stage),
         "resources": res or resources(cfg),
-        "ports": ports if ports is not None else _ports(cfg),
+        "ports": ports,
         "securityContext": {
             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
             "runAsUser": 10001, "runAsGroup": 10001, "capabilities": {"drop": ["ALL"]},
@@ -210,6 +211,9 @@ def pod_template(cfg, stage: str, container_name: str, command: list[str], args:
     annotations = {"sidecar.istio.io/inject": "false", **CHECKOV_SKIPS,
                    "checkov.io/skip4": "CKV_K8S_35=S3 credentials come by secretKeyRef env because boto3 reads "
                                        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from the environment"}
+    if ports:  # for annotation-based scrapers; the PodMonitor (r1zero.telemetry) is the primary path
+        annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(ports[0]["containerPort"]),
+                            "prometheus.io/path": "/metrics"})
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": spec}
 
 
@@ -230,12 +234,16 @@ def run_policy(cfg) -> dict:
     return rp
 
 
-def _job_meta(cfg, stage: str, name: str) -> dict:
+def _job_meta(cfg, stage: str, name: str, uris: dict[str, str]) -> dict:
     labels = {**PART_OF, "app.kubernetes.io/component": stage, "r1zero/run": dns1035(cfg.name)}
     if cfg.cluster.queue:
         labels["kueue.x-k8s.io/queue-name"] = cfg.cluster.queue
+    # Checkpoints live under the stage output (the trainers' default <out>/checkpoints unless the
+    # config names another URI); a restarted pod resumes from the newest complete one.
+    ckpt = (cfg.pretrain.checkpoint_uri if stage == "pretrain" else None) or f"{uris['out'].rstrip('/')}/checkpoints"
     return {"name": name, "namespace": cfg.cluster.namespace, "labels": labels,
-            "annotations": {"r1zero/config-hash": config_hash(cfg)[:16]}}
+            "annotations": {"r1zero/config-hash": config_hash(cfg)[:16], "r1zero/checkpoints": ckpt,
+                            "r1zero/output": uris["out"]}}
 
 
 def render_pytorchjob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict:
@@ -256,7 +264,7 @@ def render_pytorchjob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> di
             raise UserError("cluster.elastic_max_nodes needs cluster.nodes >= 2 (elastic jobs need Workers)")
         spec["elasticPolicy"] = {"minReplicas": c.nodes, "maxReplicas": c.elastic_max_nodes, "rdzvBackend": "c10d",
                                  "maxRestarts": c.backoff_limit}
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": _job_meta(cfg, stage, name),
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": _job_meta(cfg, stage, name, uris),
             "spec": spec}
 
 
@@ -275,7 +283,7 @@ def render_mpijob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict:
     # sshd in the worker image keeps running; the mpi-operator mounts the ssh keys.
     worker = pod_template(cfg, stage, "worker", ["/usr/sbin/sshd"], ["-De", "-f", "/home/r1zero/.sshd_config"], cm_name)
     return {
-        "apiVersion": "kubeflow.org/v2beta1", "kind": "MPIJob", "metadata": _job_meta(cfg, stage, name),
+        "apiVersion": "kubeflow.org/v2beta1", "kind": "MPIJob", "metadata": _job_meta(cfg, stage, name, uris),
         "spec": {
             "slotsPerWorker": slots, "runLauncherAsWorker": False, "sshAuthMountPath": "/home/r1zero/.ssh",
             "launcherCreationPolicy": "WaitForWorkersReady", "mpiImplementation": "OpenMPI",
@@ -293,7 +301,7 @@ def render_trainjob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict
     name = job_name(cfg, stage)
     res = resources(cfg)
     return {
-        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": _job_meta(cfg, stage, name),
+        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": _job_meta(cfg, stage, name, uris),
         "spec": {
             "runtimeRef": {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
                            "kind": "ClusterTrainingRuntime"},

@@ -109,21 +109,26 @@ def load_crds_from_dir(crd_dir: str | Path) -> dict[tuple[str, str, str], dict]:
     return out
 
 
-def load_crds_from_cluster() -> dict[tuple[str, str, str], dict]:
-    """Read the installed CRDs with the current kube context (kubernetes client)."""
+def load_crds_from_cluster(api_client=None) -> dict[tuple[str, str, str], dict]:
+    """Read the installed CRDs (current kube context, or in-cluster config, or ``api_client``)."""
+    import json
+
     from kubernetes import client, config
 
-    try:
-        config.load_kube_config()
-    except Exception:  # noqa: BLE001 - fall back to in-cluster config, report one line if neither works
+    if api_client is None:
         try:
-            config.load_incluster_config()
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"--from-cluster: no kube config or in-cluster config ({err})") from None
-    api = client.ApiextensionsV1Api()
+            config.load_kube_config()
+        except Exception:  # noqa: BLE001 - fall back to in-cluster config, report one line if neither works
+            try:
+                config.load_incluster_config()
+            except Exception as err:  # noqa: BLE001
+                raise UserError(f"--from-cluster: no kube config or in-cluster config ({err})") from None
+        api_client = client.ApiClient()
+    # Raw JSON: the generated models would rename schema keys (x-kubernetes-*) on the round trip.
+    resp = client.ApiextensionsV1Api(api_client).list_custom_resource_definition(_preload_content=False)
     out = {}
-    for crd in api.list_custom_resource_definition().items:
-        out.update(_crd_schemas(client.ApiClient().sanitize_for_serialization(crd)))
+    for crd in json.loads(resp.data).get("items", []):
+        out.update(_crd_schemas(crd))
     return out
 
 

@@ -30,6 +30,7 @@ class FakeK8s:
         self.deleted: list[str] = []
         self.requests: list[tuple[str, str]] = []
         self.gets = 0
+        self.crds: list[dict] = []  # served at /apis/apiextensions.k8s.io/v1/customresourcedefinitions
 
     def job_view(self, name: str) -> dict:
         i = min(self.gets, len(self.conditions) - 1)
@@ -91,6 +92,9 @@ def _handler(state: FakeK8s):
                                     "labels": {"training.kubeflow.org/job-name": name}},
                        "status": {"phase": "Running"}}
                 return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod]})
+            if self.path.startswith("/apis/apiextensions.k8s.io/v1/customresourcedefinitions"):
+                return self._send(200, {"kind": "CustomResourceDefinitionList", "apiVersion": "apiextensions.k8s.io/v1",
+                                        "metadata": {}, "items": state.crds})
             if EVENTS.match(self.path):
                 return self._send(200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": []})
             self._send(404, {"kind": "Status", "code": 404})

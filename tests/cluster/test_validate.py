@@ -121,3 +121,19 @@ def test_cli_exit_codes(tmp_path, capsys, jobs):
     (tmp_path / "broken.yaml").write_text("a: [\n")
     assert main(["validate", str(tmp_path / "broken.yaml")]) == 1
     assert yaml.safe_load(good.read_text().split("---")[0])["kind"] == "ConfigMap"
+
+
+def test_crds_from_cluster(fake_k8s, jobs):
+    """--from-cluster reads the installed CRDs from the API server (here a loopback fake)."""
+    from kubernetes import client
+
+    from r1zero.cluster.validate import load_crds_from_cluster
+
+    state, conf = fake_k8s([["Created"]], [""])
+    state.crds = [d for f in sorted(CRDS.glob("kubeflow.org_pytorchjobs*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    crds = load_crds_from_cluster(client.ApiClient(conf))
+    assert set(crds) == {("kubeflow.org", "v1", "PyTorchJob")}
+    assert validate_object(jobs["pytorchjob"][1], crds)[0] == []
+    bad = copy.deepcopy(jobs["pytorchjob"][1])
+    bad["spec"]["runPolicy"]["cleanupPolicy"] = "All"
+    assert "spec.runPolicy.cleanupPolicy: unknown field" in validate_object(bad, crds)[0]
