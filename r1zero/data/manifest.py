@@ -89,4 +89,7 @@ def load_manifest(data_uri: str) -> dict:
     path = Path(root) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{data_uri}: no manifest.json (not a data artifact)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise UserError(f"{data_uri}: manifest.json is not valid JSON ({err})") from None

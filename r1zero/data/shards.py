@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r1zero import store
+from r1zero.data.schema import FIELDS
 from r1zero.errors import UserError
 
 SPLITS = ("train", "eval", "quarantine")
@@ -105,14 +106,29 @@ def iter_rows(data_dir: str | Path, split: str) -> Iterator[dict]:
         raise UserError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     root = store.materialize(str(data_dir))
     for path in _split_files(Path(root), split):
-        if path.name.endswith(".parquet"):
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=_ROW_GROUP):
-                yield from batch.to_pylist()
-        else:
-            with gzip.open(path, "rb") as f:
-                for line in io.TextIOWrapper(f, encoding="utf-8"):
-                    yield json.loads(line)
+        # a truncated/corrupt shard or one without the row schema's columns is bad input, not a bug
+        try:
+            if path.name.endswith(".parquet"):
+                pf = pq.ParquetFile(path)
+                _check_columns(path, pf.schema_arrow.names)
+                for batch in pf.iter_batches(batch_size=_ROW_GROUP):
+                    yield from batch.to_pylist()
+            else:
+                with gzip.open(path, "rb") as f:
+                    for line in io.TextIOWrapper(f, encoding="utf-8"):
+                        row = json.loads(line)
+                        _check_columns(path, row)
+                        yield row
+        except (pa.ArrowException, OSError, EOFError, ValueError) as err:  # JSON/UTF-8 errors are ValueErrors
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(f"data shard {split}/{path.name} in {data_dir} is unreadable: {first}") from None
+
+
+def _check_columns(path: Path, names) -> None:
+    missing = [f for f in FIELDS if f not in names]
+    if missing:
+        raise UserError(f"data shard {path.parent.name}/{path.name} lacks the row schema's column(s) "
+                        f"{', '.join(missing)}")
 
 
 def read_rows(data_dir: str | Path, split: str) -> list[dict]:

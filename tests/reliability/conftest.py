@@ -1,0 +1,21 @@
+"""Fixtures for the reliability tests: ``tiny_data``, a data artifact made by the real data stage
+(``r1zero data mix``) at a size that takes a few seconds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from relutil import TINY_DATA, run_cli  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A real data artifact from ``r1zero data mix`` (tiny sizes)."""
+    out = tmp_path_factory.mktemp("tinydata") / "data"
+    res = run_cli("data", "mix", "--config", "configs/tiny.yaml", *TINY_DATA, "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out

@@ -1,0 +1,39 @@
+"""Helpers for the reliability tests: the real CLI as a subprocess, tiny config overrides.
+
+``run_cli(*args)`` runs ``python -m r1zero.cli ...`` (the same entry point as the ``r1zero`` script)
+from the repo root with progress bars off. Imported by the tests with ``sys.path``
+set to this directory (``tests/`` has its own conftest).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A data artifact small enough to mix in seconds; vocab 300 = 256 bytes + specials + a few merges.
+TINY_DATA = ["--set", "data.n_train=160", "--set", "data.n_eval=30", "--set", "data.vocab_size=300",
+             "--set", "data.tokenizer_rows=160", "--set", "data.max_difficulty=1"]
+
+# A seconds-scale model/pretraining config (mirrors tests/train's tiny_config).
+TINY_TRAIN = ["--set", "model.vocab_size=320", "--set", "model.d_model=32", "--set", "model.n_layers=2",
+              "--set", "model.n_heads=2", "--set", "model.max_seq_len=64", "--set", "model.moe.n_experts=4",
+              "--set", "model.moe.top_k=2", "--set", "model.moe.n_shared=1", "--set", "model.moe.d_expert=32",
+              "--set", "pretrain.seq_len=32", "--set", "pretrain.micro_batch=4", "--set", "pretrain.warmup_steps=2",
+              "--set", "pretrain.log_every=2", "--set", "pretrain.heldout_per_domain=2",
+              "--set", "pretrain.heldout_max_new_tokens=4", "--set", "telemetry.enabled=false"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "R1ZERO_PROGRESS": "0", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONWARNINGS": "ignore"}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300.0, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1zero.cli", *map(str, args)], cwd=cwd, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
