@@ -45,19 +45,20 @@ class _GroupedSwiGLU(torch.autograd.Function):
             out_TD.index_add_(0, idx_n, torch.mm(a_nF, w_d[e].t()))
             hs.append(h_n2F)
             start += n
-        ctx.save_for_backward(x_TD, w_N, tok_N, *weights)
+        # h is all backward needs per expert; saving it through save_for_backward (not as a ctx
+        # attribute) lets activation checkpointing drop and recompute it.
+        ctx.save_for_backward(x_TD, w_N, tok_N, *weights, *[h for h in hs if h is not None])
         ctx.counts = counts
-        # Intermediates (not inputs/outputs) may live on ctx; h is all backward needs per expert.
-        ctx.hs = hs
         return out_TD
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout_TD):
-        x_TD, w_N, tok_N, *weights = ctx.saved_tensors
-        counts, hs = ctx.counts, ctx.hs
+        counts = ctx.counts
         E = len(counts)
-        w_gu, w_d = weights[:E], weights[E:]
+        x_TD, w_N, tok_N, *rest = ctx.saved_tensors
+        w_gu, w_d, saved_h = rest[:E], rest[E:2 * E], iter(rest[2 * E:])
+        hs = [next(saved_h) if n else None for n in counts]
         dout_TD = dout_TD.contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx_TD = torch.zeros_like(x_TD) if need_x else None
