@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/tiny
 
-.PHONY: setup run test test-fast lint images clean
+.PHONY: setup run test test-fast lint images manifests clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ test-fast: setup
 images: setup
 	docker build -f images/runtime.Dockerfile -t $$($(PY) -m r1zero.images runtime) .
 	docker build -f images/train.Dockerfile -t $$($(PY) -m r1zero.images train) .
+
+# Regenerate the checked-in kustomize / Argo CD tree (tests/cluster/test_tree.py fails on drift).
+manifests: setup
+	$(VENV)/bin/r1zero render --all --out manifests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -66,7 +66,15 @@ def _launch(args) -> int:
         if args.local:
             launch_local(docs, timeout=args.wait_timeout)
         else:
-            launch_cluster(docs, namespace=args.namespace, wait_timeout=args.wait_timeout or 7 * 24 * 3600,
+            job = next((d for d in docs if d.get("kind") == "PyTorchJob"), None)
+            client = None
+            if job is not None:
+                from r1zero.cluster.launch import make_client
+
+                ns = args.namespace or job["metadata"].get("namespace") or "default"
+                client = make_client(ns, config_file=args.kubeconfig)
+            launch_cluster(docs, client=client, namespace=args.namespace,
+                           wait_timeout=args.wait_timeout or 7 * 24 * 3600,
                            polling_interval=args.polling_interval, delete=args.delete)
     except (JobFailed, TimeoutError) as err:
         print(f"r1zero: launch failed: {' '.join(str(err).split())}", file=sys.stderr)
@@ -103,6 +111,7 @@ def register_launch(sub) -> None:
     p.add_argument("manifest", help="YAML with the job (and its ConfigMap), from `r1zero render`")
     p.add_argument("--local", action="store_true", help="emulate the training operator with local processes")
     p.add_argument("--namespace", help="override the manifest's namespace")
+    p.add_argument("--kubeconfig", help="kube config file (default: ~/.kube/config, or in-cluster)")
     p.add_argument("--wait-timeout", type=float, help="seconds to wait for the job (default: 7 days cluster, none local)")
     p.add_argument("--polling-interval", type=float, default=15.0, help="seconds between status polls")
     p.add_argument("--delete", choices=["on-success", "always", "never"], default="on-success",

@@ -7,6 +7,7 @@ import json
 import textwrap
 
 import pytest
+import yaml
 
 from r1zero.cli import main
 from r1zero.cluster.launch import JobFailed, expand_vars, launch_cluster, launch_local, make_client
@@ -58,6 +59,24 @@ def test_cluster_timeout_uses_wait_timeout(fake_k8s):
                        out=io.StringIO())
     assert state.deleted == ["tiny-pretrain"]  # delete=always cleans up even on timeout
     assert state.gets >= 3  # polled until wait_timeout, not one API-timeout-long request
+
+
+def test_cli_launch_cluster_failure_exits_1(fake_k8s, tmp_path, capsys):
+    state, conf = fake_k8s([["Created", "Running", "Failed"]], ["boom: NCCL timeout\n"])
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": conf.host}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(dump_yaml(_docs()))
+    rc = main(["launch", str(manifest), "--kubeconfig", str(kubeconfig), "--polling-interval", "0.05",
+               "--wait-timeout", "5"])
+    assert rc == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "failed" in err and "NCCL timeout" in err
+    assert ("POST", "/apis/kubeflow.org/v1/namespaces/r1zero/pytorchjobs") in state.requests
 
 
 def test_cluster_refuses_kinds_trainingclient_cannot_create():
