@@ -56,7 +56,6 @@ class Telemetry:
         self._gateway = tcfg.pushgateway
         self._push_interval = tcfg.push_interval_s
         self._last_push = time.monotonic()
-        self._comm_mark = 0.0
         self._step = 0
         self._warned: set[str] = set()
         self.metrics.set("last_step_time", time.time())  # the stall alert counts from process start
@@ -90,10 +89,11 @@ class Telemetry:
             m.set("tokens_per_second", tokens / seconds)
             if self._flops_per_token and self._peak_flops and "mfu" not in gauges:
                 m.set("mfu", tokens * self._flops_per_token / (seconds * self._peak_flops))
-            comm_now = self._comm.total_seconds()
-            # Overlapped async ops can add up to more than the step: a ratio is capped at 1.
-            m.set("comm_ratio", min(1.0, max(0.0, comm_now - self._comm_mark) / seconds))
-            self._comm_mark = comm_now
+            # Only collectives that ended within this step's wall window count: a checkpoint's or
+            # an evaluation's communication between steps is not charged to the next step.
+            now = time.perf_counter()
+            comm = self._comm.seconds_between(now - seconds, now)
+            m.set("comm_ratio", min(1.0, comm / seconds))
         if loss is not None:
             m.set("loss", loss)  # NaN is exported as NaN: the R1ZeroLossNaN alert keys on it
         if lr is not None:

@@ -42,6 +42,7 @@ import functools
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 # function name (torch.distributed / deepspeed.comm) -> bounded op label
@@ -108,11 +109,13 @@ class CommTimer:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._ev_lock = threading.Lock()
         self._seconds: dict[str, float] = dict.fromkeys(OPS, 0.0)
         self._calls: dict[str, int] = dict.fromkeys(OPS, 0)
         self._local = threading.local()
         self._pending: dict[int, tuple[str, float, object]] = {}  # id(work) -> (op, t0, work)
         self._busy_until = 0.0  # end of the latest counted in-flight interval (perf_counter)
+        self._recent: deque[tuple[float, float]] = deque(maxlen=1 << 16)  # (end, seconds) per op
         self._cuda_events: list[tuple[str, object, object]] = []  # (op, start, end)
         self._saved: list[tuple[object, str, Callable]] = []
         self._saved_wait: Callable | None = None
@@ -123,6 +126,7 @@ class CommTimer:
         with self._lock:
             self._seconds[op] += seconds
             self._calls[op] += calls
+            self._recent.append((time.perf_counter(), seconds))
 
     def add_interval(self, op: str, t0: float, t1: float) -> None:
         """Charge ``op`` with the part of [t0, t1] (perf_counter) not already counted."""
@@ -131,10 +135,23 @@ class CommTimer:
             if t1 > start:
                 self._seconds[op] += t1 - start
                 self._busy_until = t1
+                self._recent.append((t1, t1 - start))
             self._calls[op] += 1
 
+    def seconds_between(self, t0: float, t1: float) -> float:
+        """Comm seconds counted for ops that ended in [t0, t1] (perf_counter clock); older records
+        are dropped, so call it with non-decreasing ``t0`` (once per step)."""
+        if self._cuda_events:
+            self._resolve_cuda()
+        with self._lock:
+            recent = self._recent
+            while recent and recent[0][0] < t0:
+                recent.popleft()
+            return sum(sec for end, sec in recent if end <= t1)
+
     def _resolve_cuda(self) -> None:
-        events, self._cuda_events = self._cuda_events, []
+        with self._ev_lock:  # scrapes call this from the HTTP thread
+            events, self._cuda_events = self._cuda_events, []
         for op, start, end in events:
             end.synchronize()
             self.add(op, start.elapsed_time(end) / 1000.0)  # elapsed_time is in ms
@@ -199,7 +216,8 @@ class CommTimer:
         return out
 
     def _queue_cuda(self, op, start, end) -> None:
-        self._cuda_events.append((op, start, end))
+        with self._ev_lock:
+            self._cuda_events.append((op, start, end))
         if len(self._cuda_events) > _MAX_PENDING:
             self._resolve_cuda()
 

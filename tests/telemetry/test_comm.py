@@ -25,6 +25,16 @@ def test_interval_union_counts_overlap_once():
     assert set(snap) == set(OPS)
 
 
+def test_seconds_between_charges_only_ops_ending_in_the_window():
+    t = CommTimer()
+    t.add_interval("barrier", 0.0, 0.5)  # e.g. a checkpoint barrier between steps
+    t.add_interval("all_reduce", 1.2, 1.5)
+    t.add_interval("all_reduce", 1.6, 1.7)
+    assert t.seconds_between(1.0, 2.0) == pytest.approx(0.4)
+    assert t.seconds_between(1.55, 2.0) == pytest.approx(0.1)  # older records are dropped
+    assert t.total_seconds() == pytest.approx(0.9)  # the counters keep everything
+
+
 def test_install_uninstall_restores_functions():
     orig = dist.all_reduce, dist.all_to_all_single, dist.Work.wait
     t = CommTimer().install()
