@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from r1zero.cli import add_config_args, config_from_args
 from r1zero.errors import UserError
-from r1zero.sizing import GPUS, Hardware, ModelSpec, plan, spec_from_params, to_json
+from r1zero.sizing import GPUS, Hardware, Layout, ModelSpec, estimate, plan, spec_from_params, to_json
 
 # What the article this project reproduces claims for its 13B MoE on 1024 A100s. Printed as
 # claims next to the planner's predictions, never as facts.
@@ -78,11 +78,22 @@ def _resolve(args):
     hw = Hardware(gpu, gpus, gpus_per_node, inter)
     global_batch = args.global_batch or (cfg.cluster.global_batch if cfg else 1024)
     precision = args.precision or (cfg.pretrain.precision if cfg else "bf16")
-    return spec, hw, global_batch, precision
+    return spec, hw, global_batch, precision, cfg
+
+
+def config_layout(cfg, spec: ModelSpec, hw: Hardware, global_batch: int, precision: str, headroom: float):
+    """Estimate of the config's own ``parallel`` section, or None when it does not span ``hw.gpus``."""
+    p = cfg.parallel
+    if p.dp * p.tp * p.pp != hw.gpus or global_batch % p.dp or (global_batch // p.dp) % cfg.pretrain.micro_batch:
+        return None
+    recompute = "full" if cfg.pretrain.activation_checkpointing else "none"
+    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, zero_stage=p.zero_stage, micro_batch=cfg.pretrain.micro_batch,
+                    recompute=recompute)
+    return estimate(spec, hw, layout, global_batch, precision, headroom)
 
 
 def _plan(args) -> int:
-    spec, hw, global_batch, precision = _resolve(args)
+    spec, hw, global_batch, precision, cfg = _resolve(args)
     est = plan(spec, hw, global_batch, precision, headroom=args.headroom)
     out = to_json(est, hw)
     busy = 1 - est.bubble_fraction
@@ -102,6 +113,13 @@ def _plan(args) -> int:
     print(f"step: {est.step_seconds:.2f} s; {est.tflops_per_gpu:.0f} TFLOP/s per GPU; MFU {est.mfu:.1%}; "
           f"bubble {est.bubble_fraction:.1%}; communication {est.comm_fraction:.1%}; "
           f"scaling efficiency {est.scaling_efficiency:.2f}")
+    mine = config_layout(cfg, spec, hw, global_batch, precision, args.headroom) if cfg and args.params is None else None
+    if mine is not None:
+        C = mine.layout
+        print(f"config's own layout (parallel section) tp={C.tp} pp={C.pp} dp={C.dp} ep={C.ep} zero={C.zero_stage} "
+              f"micro_batch={C.micro_batch} recompute={C.recompute}: {'fits' if mine.fits else 'does NOT fit'}, "
+              f"{mine.memory_per_gpu_gb:.1f} GB, {mine.tflops_per_gpu:.0f} TFLOP/s per GPU, MFU {mine.mfu:.1%}, "
+              f"bubble {mine.bubble_fraction:.1%}, communication {mine.comm_fraction:.1%}")
     if spec.moe and hw.gpus == 1024 and "a100" in hw.gpu.name:
         c = ARTICLE_CLAIMS
         print("article's claims (not verified here) vs this planner's predictions:")
