@@ -27,7 +27,7 @@ import time
 import warnings
 
 from r1zero.telemetry.comm import CommTimer
-from r1zero.telemetry.exporter import GAUGE_KEYS, JSONL_KEYS, Metrics, Server, push, serve
+from r1zero.telemetry.exporter import GAUGE_KEYS, JSONL_COUNTERS, JSONL_KEYS, Metrics, Server, push, serve
 
 __all__ = ["start", "Telemetry", "NullTelemetry", "CommTimer"]
 
@@ -123,14 +123,20 @@ class Telemetry:
             self.metrics.set_moe(layer.get("layer", i), **{k: v for k, v in layer.items() if k != "layer"})
 
     def observe_metrics(self, records: dict[str, float]) -> None:
-        """Set the gauges that correspond to metrics-JSONL names (``train/loss``, ``moe/L0/max_load_ratio``...);
-        other names are ignored."""
+        """Export one metrics-JSONL row: gauges for names such as ``train/loss``, ``grpo/kl``,
+        ``moe/L0/max_load_ratio``; per-step counts (``grpo/nan_skipped``) increment their counter.
+        Other names are ignored. Call it once per step (counts would add up twice otherwise)."""
         for name, value in records.items():
             if value is None or not isinstance(value, int | float):
                 continue
             key = JSONL_KEYS.get(name)
             if key is not None:
                 self.set_gauges(**{key: value})
+                continue
+            counter = JSONL_COUNTERS.get(name)
+            if counter is not None:
+                if value > 0:
+                    getattr(self.metrics, counter).inc(value)
                 continue
             moe = _MOE_NAME.match(name)
             if moe:

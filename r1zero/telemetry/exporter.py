@@ -70,12 +70,19 @@ JSONL_KEYS: dict[str, str] = {
     "train/tokens_per_s": "tokens_per_second",
     "grpo/loss": "loss",
     "grpo/lr": "lr",
+    "grpo/grad_norm": "grad_norm",
     "grpo/reward/mean": "reward",
     "grpo/accuracy": "accuracy",
     "grpo/format_rate": "format_rate",
     "grpo/kl": "kl",
     "grpo/completion_length/mean": "completion_length",
     "grpo/reflection_rate": "reflection_rate",
+}
+# per-step counts in metrics-JSONL rows -> counter attribute (incremented by the value)
+JSONL_COUNTERS: dict[str, str] = {
+    "grpo/nan_skipped": "nan_skips",
+    "train/nan_skipped": "nan_skips",
+    "insight/aha_events": "aha_events",
 }
 # moe/L<i>/<name> -> MoE gauge attribute
 MOE_KEYS: dict[str, str] = {

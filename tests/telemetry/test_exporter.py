@@ -71,7 +71,8 @@ def test_grpo_moe_counters_and_jsonl_names():
                              "moe/L0/router_entropy": 1.2, "eval/accuracy/math": 0.9})
         tel.observe_moe([{"layer": 0, "load": [3, 1], "max_load_ratio": 1.25, "router_entropy": 1.1}])
         # what the trainers pass: metrics-JSONL names through set_gauges(**dict)
-        tel.set_gauges(**{"moe/L2/dropped_frac": 0.05, "moe/L2/load/E0": 0.5, "grpo/format_rate": 0.75})
+        tel.set_gauges(**{"moe/L2/dropped_frac": 0.05, "moe/L2/load/E0": 0.5, "grpo/format_rate": 0.75,
+                          "grpo/nan_skipped": 1.0, "grpo/grad_norm": 0.3})
         tel.inc("aha_events")
         tel.inc("nan_skips", 2)
         with tel.checkpoint_timer():
@@ -90,7 +91,8 @@ def test_grpo_moe_counters_and_jsonl_names():
     assert value(s, "r1zero_moe_router_entropy_nats", layer="0") == 1.1
     assert value(s, "r1zero_moe_dropped_ratio", layer="2") == 0.05
     assert value(s, "r1zero_aha_events_total") == 1
-    assert value(s, "r1zero_nan_skips_total") == 2
+    assert value(s, "r1zero_nan_skips_total") == 3  # inc(2) + the row's per-step count
+    assert value(s, "r1zero_grad_norm") == 0.3
     assert value(s, "r1zero_checkpoint_duration_seconds_count") == 1
     assert math.isnan(value(s, "r1zero_loss"))  # exported as NaN for the R1ZeroLossNaN alert
 
