@@ -50,8 +50,6 @@ class Telemetry:
         self.metrics.add_collector(self.gpu)
         self._comm = CommTimer()
         self.metrics.add_comm(self._comm)
-        if comm:
-            self._comm.install()
         self._flops_per_token, self._peak_flops = flops_per_token, peak_flops
         self._gateway = tcfg.pushgateway
         self._push_interval = tcfg.push_interval_s
@@ -63,6 +61,8 @@ class Telemetry:
         if tcfg.serve:
             port = tcfg.port + local_rank if tcfg.port else 0
             self.server = serve(self.metrics.registry, port, tcfg.bind)
+        if comm:  # last: a failed start leaves no patched collectives behind
+            self._comm.install()
 
     # -- properties ------------------------------------------------------------------------
     @property

@@ -106,19 +106,24 @@ def test_unknown_names_warn_once():
 
 
 def test_port_is_base_plus_local_rank_and_busy_port_is_a_user_error():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1]
-    base = min(base, 65000)
-    cfg = TelemetryConfig(port=base, bind="127.0.0.1")
-    tel = telemetry.start(cfg, job="j", rank=5, stage="pretrain", local_rank=1)
-    try:
-        assert tel.port == base + 1
-        with pytest.raises(UserError, match=f"telemetry port {base + 1} .* already in use"):
+    import torch.distributed as dist
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = TelemetryConfig(port=port - 1, bind="127.0.0.1")
+        with pytest.raises(UserError, match=f"telemetry port {port} .* already in use"):
             telemetry.start(cfg, job="j", rank=9, stage="pretrain", local_rank=1)
+        assert not hasattr(dist.all_reduce, "__r1zero_timed__")  # a failed start patches nothing
+    tel = telemetry.start(cfg, job="j", rank=5, stage="pretrain", local_rank=1)  # now free
+    try:
+        assert tel.port == port  # base + local rank
+        assert dist.all_reduce.__r1zero_timed__
     finally:
         tel.close()
     tel.close()  # idempotent
+    assert not hasattr(dist.all_reduce, "__r1zero_timed__")
 
 
 def test_off_switch_is_a_no_op():
