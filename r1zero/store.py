@@ -19,6 +19,7 @@ S3 endpoint and credentials come from :class:`r1zero.config.StoreConfig` or the 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -63,6 +64,36 @@ def sha256_file(path: Path) -> str:
 # local
 
 
+_LOW_SPACE = 1 << 20  # under 1 MiB free after a failed write: the write failed for want of space
+
+
+def disk_full(err: BaseException, path: str | Path) -> bool:
+    """True when ``err`` (raised while writing under ``path``) means the filesystem is full.
+
+    ENOSPC/EDQUOT when the OS error reaches Python; otherwise (``shutil.Error`` lists, torch's C++
+    zip writer's RuntimeError) judged by the space left on the filesystem holding ``path``.
+    """
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err, (OSError, RuntimeError)):
+        return False
+    return _free_bytes(path) < _LOW_SPACE
+
+
+def _free_bytes(path: str | Path) -> int:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return 1 << 62
+
+
+def disk_full_error(path: str | Path, what: str) -> UserError:
+    return UserError(f"{what}: no space left on device under {path} ({_free_bytes(path)} bytes free)")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
     path = Path(path)
@@ -74,8 +105,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if disk_full(err, path.parent):
+            raise disk_full_error(path.parent, f"writing {path.name}") from None
         raise
 
 
@@ -97,8 +130,11 @@ def _publish_local(src: Path, dest: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, dest.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:  # the previous artifact at dest (if any) is untouched
+            raise disk_full_error(dest.parent, f"publishing {dest.name}") from None
         raise
 
 

@@ -170,11 +170,20 @@ class Checkpointer:
             staging.mkdir(parents=True, exist_ok=True)
         _barrier()
         staging.mkdir(parents=True, exist_ok=True)  # other nodes' local staging
-        write_shards(staging)
-        torch.save(rng_state(), staging / f"rng-rank{rank:05d}.pt")
-        if rank == 0:
-            store.atomic_write_text(staging / STATE, json.dumps({**state, "step": step, "world_size": world},
-                                                                 sort_keys=True, indent=1))
+        try:
+            write_shards(staging)
+            torch.save(rng_state(), staging / f"rng-rank{rank:05d}.pt")
+            if rank == 0:
+                store.atomic_write_text(staging / STATE, json.dumps({**state, "step": step, "world_size": world},
+                                                                     sort_keys=True, indent=1))
+        except Exception as err:
+            # disk full: one clear line; the staging dir goes (freeing its space), earlier checkpoints stay
+            if store.disk_full(err, staging):
+                full = store.disk_full_error(staging.parent, f"checkpoint {step_name(step)} not saved (the "
+                                             "previous checkpoint is kept)")
+                shutil.rmtree(staging, ignore_errors=True)
+                raise full from None
+            raise
         _barrier()
         # every rank hashes (and for S3 uploads) what its node's staging dir holds
         mine = {}
