@@ -37,14 +37,15 @@ from r1zero.data.schema import DOMAINS  # noqa: E402
 
 
 def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """CPU seconds of this process and its (finished) worker processes."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def bench_mix(rows: int, max_difficulty: int, seed: int) -> dict:
+def bench_mix(rows: int, max_difficulty: int, seed: int, workers: int) -> dict:
     n_eval = rows // 100
     cfg = load_config(None, [f"seed={seed}", f"data.n_train={rows - n_eval}", f"data.n_eval={n_eval}",
-                             f"data.max_difficulty={max_difficulty}"])
+                             f"data.max_difficulty={max_difficulty}", f"data.workers={workers}"])
     out = Path(tempfile.mkdtemp(prefix="r1zero-bench-data-"))
     try:
         c0, t0 = _cpu(), time.perf_counter()
@@ -54,9 +55,11 @@ def bench_mix(rows: int, max_difficulty: int, seed: int) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     return {"rows": m["rows_kept"], "rows_in": m["rows_in"], "quarantined": sum(m["rows_quarantined"].values()),
             "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "rows_per_s": round(m["rows_kept"] / seconds),
-            "ratio_error_pp": m["ratio_error_pp"],
-            # ru_maxrss is KiB on Linux: the peak of the whole process, imports included
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "ratio_error_pp": m["ratio_error_pp"], "workers": workers,
+            # ru_maxrss is KiB on Linux: the peak of this process (imports included) plus the
+            # largest worker's peak -- an upper bound of what was resident at once
+            "peak_rss_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                  + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024, 1)}
 
 
 def _prompts(n: int, max_difficulty: int) -> list[str]:
@@ -130,11 +133,13 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-rows", type=int, default=20_000, help="prompts for the dedup side-by-side")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the dedup side-by-side")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2, help="data.workers (generation processes)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     args = ap.parse_args(argv)
     os.environ.setdefault("R1ZERO_PROGRESS", "0")
-    res = bench_mix(args.rows, args.max_difficulty, args.seed)
-    print(f"data mix: {res['rows']} rows kept of {res['rows_in']} in {res['seconds']} s wall, {res['cpu_seconds']} s CPU "
+    res = bench_mix(args.rows, args.max_difficulty, args.seed, args.workers)
+    print(f"data mix ({args.workers} workers): {res['rows']} rows kept of {res['rows_in']} in {res['seconds']} s wall, "
+          f"{res['cpu_seconds']} s CPU "
           f"({res['rows_per_s']} rows/s), peak RSS {res['peak_rss_mb']} MB")
     if args.peer_rows > 0:
         res["dedup"] = bench_dedup(args.peer_rows, args.max_difficulty, args.repeats)

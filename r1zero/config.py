@@ -99,6 +99,9 @@ class DataConfig(_Section):
     tokenizer_rows: int = Field(20_000, ge=1)
     # rows generated per batch (vectorised MinHash, one Parquet row group at a time).
     chunk_rows: int = Field(8192, ge=16)
+    # processes generating candidate rows (domains split between them; output is identical for
+    # any value). 2 = the dev machine's cores; runs under 20k rows always use 1.
+    workers: int = Field(2, ge=1, le=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +319,8 @@ class ClusterConfig(_Section):
     retrain_schedule: str = "0 3 * * 0"  # CronJob (5-field, UTC): weekly retraining, Sunday 03:00
     kfp_host: str = "http://ml-pipeline.kubeflow:8888"  # in-cluster KFP API (standalone install)
     git_repo: str = "https://github.com/r1zero/r1zero.git"  # Argo CD source of manifests/
+    # Model registry of the promotion gate; scheduled retraining warm-starts from its champion.
+    registry_uri: str = "s3://r1zero/registry"
 
 
 class TelemetryConfig(_Section):

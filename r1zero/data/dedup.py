@@ -28,10 +28,9 @@ import zlib
 
 import numpy as np
 
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-# Sentence punctuation carries no meaning for duplicate detection; math/code symbols (+ - * / = %
-# ( ) [ ] < >) do, so they stay.
-_DROP = frozenset(".,;:!?\"'`")
+# Words, and single symbols except sentence punctuation: that carries no meaning for duplicate
+# detection, while math/code symbols (+ - * / = % ( ) [ ] < >) do, so they stay.
+_TOKEN_RE = re.compile(r"\w+|[^\w\s.,;:!?\"'`]")
 
 
 # (false-positive, false-negative) weights for datasketch's LSH parameter search. Candidates are
@@ -44,7 +43,7 @@ LSH_WEIGHTS = (0.1, 0.9)
 def tokens(text: str) -> list[str]:
     """Normalised tokens: NFKC, casefold, words and single symbols, sentence punctuation dropped."""
     norm = unicodedata.normalize("NFKC", text).casefold()
-    return [t for t in _TOKEN_RE.findall(norm) if t not in _DROP]
+    return _TOKEN_RE.findall(norm)
 
 
 def normalise(text: str) -> str:
@@ -217,21 +216,29 @@ class KeyedIndex:
             order = np.argsort(k, kind="stable")
             self.runs[-1] = (k[order], v[order])
 
-    def lookup(self, keys_CB: np.ndarray, cap: int) -> list[np.ndarray]:
-        """Per row of ``keys_CB``: the ids stored under any of its keys (at most ``cap`` per key and run)."""
-        c = keys_CB.shape[0]
-        found: list[list[np.ndarray]] = [[] for _ in range(c)]
+    def lookup(self, keys_CB: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate pairs ``(row, id)``: ``id`` is stored under one of row ``row``'s keys.
+
+        At most ``cap`` ids per key and run (bounded work on crowded keys); pairs may repeat.
+        """
+        flat = keys_CB.ravel()
+        order = np.argsort(flat, kind="stable")  # sorted needles: cache-friendly binary searches
+        needles = flat[order]
+        rows_out, ids_out = [], []
         for run_k, run_v in self.runs:
-            lo_CB = np.searchsorted(run_k, keys_CB, side="left")
-            hit_CB = run_k[np.minimum(lo_CB, run_k.size - 1)] == keys_CB
-            rows, cols = np.nonzero(hit_CB)
-            if rows.size == 0:
+            lo = np.searchsorted(run_k, needles, side="left")
+            hit = run_k[np.minimum(lo, run_k.size - 1)] == needles
+            if not hit.any():
                 continue
-            lo = lo_CB[rows, cols]
-            hi = np.minimum(np.searchsorted(run_k, keys_CB[rows, cols], side="right"), lo + cap)
-            for i, a, b in zip(rows.tolist(), lo.tolist(), hi.tolist()):
-                found[i].append(run_v[a:b])
-        return [np.unique(np.concatenate(f)) if f else np.zeros(0, dtype=np.int64) for f in found]
+            lo, row = lo[hit], order[hit] // keys_CB.shape[1]
+            n = np.minimum(np.searchsorted(run_k, needles[hit], side="right"), lo + cap) - lo
+            # expand each [lo, lo + n) range into its positions
+            pos = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+            rows_out.append(np.repeat(row, n))
+            ids_out.append(run_v[pos])
+        if not rows_out:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(rows_out), np.concatenate(ids_out)
 
 
 class SignatureStore:
@@ -276,9 +283,11 @@ class DedupIndex:
     (J ~ 0.6) each collide with a few percent probability.
     """
 
-    # Candidates examined per band key and run: templated text can pile thousands of rows onto one
-    # key; a true duplicate shares all bands, so looking at the first few per key suffices.
+    # Candidates examined per band key and run. Templated text can pile thousands of rows onto one
+    # key; the cap bounds the work, at the cost of missing a near duplicate that sits beyond the
+    # first 64 rows of a crowded key in every band it shares (a recall trade-off).
     CAND_CAP = 64
+    PAIR_SLICE = 1 << 17  # candidate pairs compared at once (x num_perm x 4 bytes of temporaries)
 
     def __init__(self, num_perm: int) -> None:
         self.exact = HashIndex()
@@ -288,9 +297,12 @@ class DedupIndex:
     def near_hits(self, sig_CP: np.ndarray, bands_CB: np.ndarray, threshold: float) -> np.ndarray:
         """bool (C,): whether each row is a near duplicate of a row already in the index."""
         hit_C = np.zeros(sig_CP.shape[0], dtype=bool)
-        for i, ids in enumerate(self.bands.lookup(bands_CB, self.CAND_CAP)):
-            if ids.size:
-                hit_C[i] = jaccard_estimate(sig_CP[i], self.sigs[ids]).max() >= threshold
+        rows, ids = self.bands.lookup(bands_CB, self.CAND_CAP)
+        need = int(np.ceil(threshold * sig_CP.shape[1] - 1e-9))  # equal positions for J >= threshold
+        for s in range(0, rows.size, self.PAIR_SLICE):
+            r, i = rows[s:s + self.PAIR_SLICE], ids[s:s + self.PAIR_SLICE]
+            equal = np.count_nonzero(sig_CP[r] == self.sigs[i], axis=1)
+            hit_C[r[equal >= need]] = True
         return hit_C
 
     def add(self, ekeys_C: np.ndarray, sig_CP: np.ndarray, bands_CB: np.ndarray) -> None:

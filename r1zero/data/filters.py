@@ -63,10 +63,11 @@ def check(row: dict, min_chars: int, max_chars: int, min_score: float) -> tuple[
         return "too_short", f"{size} chars < min_chars {min_chars}"
     if size > max_chars:
         return "too_long", f"{size} chars > max_chars {max_chars}"
-    for field in ("prompt", "answer", "solution"):
-        m = _CONTROL_RE.search(row[field])
-        if m:
-            return "control_chars", f"{field} contains U+{ord(m.group(0)):04X}"
+    if _CONTROL_RE.search(prompt + row["answer"] + row["solution"]):  # one scan; name the field if found
+        for field in ("prompt", "answer", "solution"):
+            m = _CONTROL_RE.search(row[field])
+            if m:
+                return "control_chars", f"{field} contains U+{ord(m.group(0)):04X}"
     if not 1 <= row["difficulty"] <= 10:
         return "bad_difficulty", f"difficulty {row['difficulty']} not in 1..10"
     score = quality_score(prompt + " " + row["solution"])

@@ -30,20 +30,20 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from r1zero import store
-from r1zero.data import filters
-from r1zero.data.dedup import DedupIndex, MinHasher, jaccard_estimate, token_hashes, tokens
+from r1zero.data.batches import BatchProducer, Features, row_features
+from r1zero.data.dedup import DedupIndex, MinHasher, jaccard_estimate
 from r1zero.data.documents import pretrain_text
 from r1zero.data.generators import CellSampler
 from r1zero.data.importers import check_import, iter_import, source_name
 from r1zero.data.manifest import build_manifest, write_manifest
-from r1zero.data.schema import DOMAINS, QUARANTINE_SCHEMA, ROW_SCHEMA, VERIFIABLE, make_row, quarantine_row
+from r1zero.data.schema import DOMAINS, QUARANTINE_SCHEMA, ROW_SCHEMA, VERIFIABLE, quarantine_row
 from r1zero.data.shards import ShardWriter, iter_rows
 from r1zero.data.tokenizer import check_vocab_size, train_tokenizer
 from r1zero.errors import UserError
 from r1zero.progress import print0, progress
+
+MIN_ROWS_FOR_WORKERS = 20_000
 
 
 def largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
@@ -104,6 +104,9 @@ class _MixRun:
         self.q_by_split: dict[str, Counter] = {s: Counter() for s in ("import", "eval", "train")}
         self.sources: Counter = Counter()
         self.bar = progress(total=d.n_train + d.n_eval, desc="data mix", unit="row")
+        # worker processes pay off only when there is enough to generate (fork + pickling cost)
+        workers = d.workers if d.n_train + d.n_eval >= MIN_ROWS_FOR_WORKERS else 1
+        self.producer = BatchProducer(workers, self.hasher, d.filter)
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -114,17 +117,14 @@ class _MixRun:
 
     # -- screening -------------------------------------------------------------------------
 
-    def screen(self, rows: list[dict], sc: _Screen, enforce_quota: bool) -> list[bool]:
+    def screen(self, rows: list[dict], sc: _Screen, enforce_quota: bool, feats: Features | None = None) -> list[bool]:
         """Filter, decontaminate, deduplicate and keep/quarantine a batch of rows into ``sc``."""
         if not rows:
             return []
         self.rows_in += len(rows)
-        dd, fc, thr = self.d.dedup, self.d.filter, self.d.dedup.threshold
-        toks = [tokens(r["prompt"]) for r in rows]
-        ekeys_C = np.fromiter((int.from_bytes(hashlib.blake2b(" ".join(t).encode(), digest_size=8).digest(), "little")
-                               for t in toks), dtype=np.uint64, count=len(rows))
-        sig_CP = self.hasher.signatures(token_hashes(toks))
-        bands_CB = self.hasher.band_keys(sig_CP)
+        dd, thr = self.d.dedup, self.d.dedup.threshold
+        feats = feats or row_features(rows, self.hasher, self.d.filter)
+        ekeys_C, sig_CP, bands_CB = feats.ekeys_C, feats.sig_CP, feats.bands_CB
         against = self.eval.index if sc is self.train else None
         if against is not None:
             cont_exact_C = against.exact.contains(ekeys_C)
@@ -136,7 +136,7 @@ class _MixRun:
         keep: list[int] = []
         for i, row in enumerate(rows):
             ek, bks = int(ekeys_C[i]), bands_CB[i].tolist()
-            bad = filters.check(row, fc.min_chars, fc.max_chars, fc.min_score)
+            bad = feats.bad[i]
             if bad is None and against is not None:
                 if cont_exact_C[i]:
                     bad = ("contaminated_exact", "same normalised prompt as an eval item")
@@ -147,7 +147,7 @@ class _MixRun:
             if bad is None and dd.near:
                 near = bool(dup_near_C[i])
                 if not near:
-                    cand = sorted({j for b in bks for j in seen_bands.get(b, ())})
+                    cand = [j for b in bks for j in seen_bands.get(b, ())]
                     near = bool(cand) and jaccard_estimate(sig_CP[i], sig_CP[cand]).max() >= thr
                 if near:
                     bad = ("duplicate_near", f"MinHash Jaccard >= {thr} with an earlier {sc.split} row")
@@ -158,7 +158,9 @@ class _MixRun:
                 continue
             seen_exact.add(ek)
             for b in bks:
-                seen_bands.setdefault(b, []).append(i)
+                lst = seen_bands.setdefault(b, [])
+                if len(lst) < DedupIndex.CAND_CAP:  # bounded work on crowded keys, as in the index
+                    lst.append(i)
             keep.append(i)
             sc.kept[row["domain"]] += 1
             self.sources[row["source"]] += 1
@@ -221,15 +223,9 @@ class _MixRun:
             if total == 0:
                 break
             order = interleave(largest_remainder(min(total, d.chunk_rows), deficit))
-            rows, cells = [], []
-            for dom in order:
-                difficulty, family, item = sc.samplers[dom].generate()
-                rows.append(make_row(id=f"{sc.split}-{dom}-{made[dom]:08d}", domain=dom, prompt=item["prompt"],
-                                     answer=item["answer"], solution=item["solution"], difficulty=difficulty,
-                                     source=f"gen:{dom}/{family}", meta=item["meta"]))
-                cells.append((difficulty, family))
-                made[dom] += 1
-            for dom, cell, ok in zip(order, cells, self.screen(rows, sc, enforce_quota=False)):
+            rows, cells, feats = self.producer.produce(sc.split, sc.samplers, order, made)
+            made.update(order)
+            for dom, cell, ok in zip(order, cells, self.screen(rows, sc, enforce_quota=False, feats=feats)):
                 sc.samplers[dom].record(cell, ok)
 
     def generation_report(self) -> dict:
@@ -267,6 +263,7 @@ class _MixRun:
 
     def close(self) -> dict:
         self.bar.close()
+        self.producer.close()
         files = {}
         for w in (self.train.writer, self.eval.writer, self.qwriter):
             files.update(dict(w.close()))

@@ -108,5 +108,8 @@ def test_keyed_index_lookup_returns_all_ids_under_a_key():
     idx = KeyedIndex()
     idx.add(np.array([5, 7, 5], dtype=np.uint64), np.array([0, 1, 2]))
     idx.add(np.array([9, 5], dtype=np.uint64), np.array([3, 4]))
-    found = idx.lookup(np.array([[5, 1], [9, 7], [2, 3]], dtype=np.uint64), cap=10)
-    assert [f.tolist() for f in found] == [[0, 2, 4], [1, 3], []]
+    rows, ids = idx.lookup(np.array([[5, 1], [9, 7], [2, 3]], dtype=np.uint64), cap=10)
+    pairs = sorted(zip(rows.tolist(), ids.tolist()))
+    assert pairs == [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3)]
+    rows, ids = idx.lookup(np.array([[5, 5]], dtype=np.uint64), cap=1)  # cap: first id per key and run
+    assert ids.tolist() == [0, 0] and rows.tolist() == [0, 0]  # the runs merged: one run
