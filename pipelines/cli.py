@@ -45,7 +45,8 @@ def _submit(args) -> int:
     cfg = config_from_args(args)
     result = submit(cfg, host=args.host, namespace=args.namespace, experiment=args.experiment,
                     params=args.param, schedule=args.schedule, dry_run=args.dry_run, token=args.token,
-                    registry_uri=args.registry, package=args.package, run_name=args.run_name,
+                    registry_uri=cfg.cluster.registry_uri if args.registry is None else args.registry,
+                    package=args.package, run_name=args.run_name,
                     warm_start=args.warm_start)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
@@ -77,7 +78,8 @@ def register(sub) -> None:
     s.add_argument("--param", action="append", default=[], metavar="K=V", help="pipeline parameter (repeatable)")
     s.add_argument("--schedule", default=None, metavar="CRON",
                    help="recurring run: 5-field cron (converted) or KFP's 6-field form (seconds first)")
-    s.add_argument("--registry", default="", help="model registry URI (promotion gate, warm start)")
+    s.add_argument("--registry", default=None, help="model registry URI (promotion gate, warm start); "
+                   "default cluster.registry_uri, '' disables promotion")
     s.add_argument("--warm-start", action="store_true", help="GRPO starts from the last promoted model "
                    "(implied by --schedule; the retraining CronJob passes it)")
     s.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (env KFP_TOKEN); else "

@@ -143,7 +143,7 @@ def retrain_cronjob(cfg) -> dict:
         "name": "submit", "image": c.runtime_image, "imagePullPolicy": "Always",
         "command": ["r1zero"],
         "args": ["pipeline", "submit", "--host", "$(KFP_HOST)", "--config", f"{CONFIG_DIR}/config.yaml",
-                 "--experiment", "scheduled-retraining"],
+                 "--experiment", "scheduled-retraining", "--registry", c.registry_uri, "--warm-start"],
         "env": [{"name": "KFP_HOST", "valueFrom": {"configMapKeyRef": {"name": CONFIG_CM, "key": "KFP_HOST"}}},
                 {"name": "HOME", "value": "/tmp"}],
         "resources": {"requests": dict(res), "limits": dict(res)},
