@@ -1,6 +1,6 @@
 """Telemetry overhead: the same 2-rank gloo training step with telemetry off and on, side by side.
 
-    .venv/bin/python benchmarks/bench_telemetry.py [--steps 100] [--rounds 6] [--scrape 1.0]
+    .venv/bin/python benchmarks/bench_telemetry.py [--steps 50] [--rounds 6] [--pairs 600] [--scrape 1.0]
 
 Re-launches itself under ``torchrun --standalone --nproc_per_node 2``. Each round runs ``--steps``
 steps with telemetry off (``telemetry.enabled=false``: the NullTelemetry) and ``--steps`` with it on
@@ -9,7 +9,9 @@ every step, a thread scraping ``/metrics`` every ``--scrape`` seconds: 15x more 
 PodMonitor's 15 s), alternating which goes first. A step is a 4-layer MLP forward/backward plus
 one all-reduce per parameter tensor (8 collectives per step, like DeepSpeed's gradient buckets).
 Reported: median step time per mode and the overhead ratio on/off - 1 per round (the machine is
-shared: read the spread, not one figure), plus per-call costs from a tight loop.
+shared: read the spread, not one figure); a paired A/B where telemetry is toggled step by step
+(``paired_ab``: slow load drift cancels in the pairs; median paired difference with a bootstrap
+95% interval); and the exporter's own cost per step from per-call timings.
 """
 
 from __future__ import annotations
@@ -130,11 +132,58 @@ def per_call_costs(n: int = 3000, repeats: int = 7) -> dict:
     return out
 
 
+def paired_ab(step, pairs: int, rank: int, scrape_s: float) -> dict:
+    """Telemetry toggled step by step (on/off in a seeded random order within each pair, same on
+    both ranks), so slow load drift cancels in the paired differences. The endpoint and the
+    scraper run throughout (a scrape's cost is counted separately); "on" = collectives patched
+    + observe_step + set_gauges."""
+    import random
+
+    tel = telemetry.start(ON, job="bench", rank=rank, stage="pretrain", comm=False)
+    timer = tel.comm_timer()
+    stop = threading.Event()
+
+    def scrape():
+        while not stop.wait(scrape_s):
+            urllib.request.urlopen(tel.url, timeout=5).read()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    order_rng = random.Random(1234)  # same sequence on every rank
+    times = {"on": [], "off": []}
+    for i in range(pairs):
+        modes = ["on", "off"] if order_rng.random() < 0.5 else ["off", "on"]
+        for mode in modes:
+            if mode == "on":
+                timer.install()
+            else:
+                timer.uninstall()
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = step()
+            if mode == "on":
+                tel.observe_step(time.perf_counter() - t0, tokens=128, loss=loss, lr=1e-3, step=i + 1)
+                tel.set_gauges(grad_norm=1.0)
+            times[mode].append(time.perf_counter() - t0)
+    stop.set()
+    scraper.join()
+    tel.close()
+    rel = [a / b - 1 for a, b in zip(times["on"], times["off"], strict=True)]
+    boot_rng = random.Random(0)
+    boots = sorted(statistics.median(boot_rng.choices(rel, k=len(rel))) for _ in range(400))
+    return {"pairs": pairs, "on_ms_median": statistics.median(times["on"]) * 1e3,
+            "off_ms_median": statistics.median(times["off"]) * 1e3,
+            "ratio_of_medians": statistics.median(times["on"]) / statistics.median(times["off"]) - 1,
+            "median_paired_rel_diff": statistics.median(rel),
+            "median_paired_rel_diff_ci95": [boots[10], boots[389]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--scrape", type=float, default=1.0)
+    ap.add_argument("--pairs", type=int, default=600)
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -154,6 +203,7 @@ def main() -> None:
         rounds.append({"off_ms": med["off"] * 1e3, "on_ms": med["on"] * 1e3, "overhead": med["on"] / med["off"] - 1,
                        "cpu_off_ms": cpu["off"] * 1e3, "cpu_on_ms": cpu["on"] * 1e3,
                        "cpu_overhead": cpu["on"] / cpu["off"] - 1})
+    paired = paired_ab(step, args.pairs, rank, args.scrape)
     costs = per_call_costs()
     if rank == 0:
         ov = [x["overhead"] for x in rounds]
@@ -164,7 +214,8 @@ def main() -> None:
         wrapper_us = max(0.0, costs["all_reduce_timed_us"] - costs["all_reduce_plain_us"])
         own_us = 8 * wrapper_us + statistics.median(observe_us) + costs["scrape_ms"] * 1e3 * (step_ms / 1e3) / args.scrape
         pooled_ov = statistics.median(pooled["on"]) / statistics.median(pooled["off"]) - 1
-        print(json.dumps({"rounds": rounds, "per_call": costs, "wall_overhead_pooled_median": pooled_ov,
+        print(json.dumps({"rounds": rounds, "paired": paired, "per_call": costs,
+                          "wall_overhead_pooled_median": pooled_ov,
                           "wall_overhead_median": statistics.median(ov), "wall_overhead_min": min(ov),
                           "wall_overhead_max": max(ov), "cpu_overhead_median": statistics.median(cov),
                           "cpu_overhead_min": min(cov), "cpu_overhead_max": max(cov),

@@ -55,6 +55,7 @@ class Telemetry:
         self._push_interval = tcfg.push_interval_s
         self._last_push = time.monotonic()
         self._step = 0
+        self._last_observe = time.perf_counter()
         self._warned: set[str] = set()
         self.metrics.set("last_step_time", time.time())  # the stall alert counts from process start
         self.server: Server | None = None
@@ -89,11 +90,14 @@ class Telemetry:
             m.set("tokens_per_second", tokens / seconds)
             if self._flops_per_token and self._peak_flops and "mfu" not in gauges:
                 m.set("mfu", tokens * self._flops_per_token / (seconds * self._peak_flops))
-            # Only collectives that ended within this step's wall window count: a checkpoint's or
-            # an evaluation's communication between steps is not charged to the next step.
-            now = time.perf_counter()
-            comm = self._comm.seconds_between(now - seconds, now)
-            m.set("comm_ratio", min(1.0, comm / seconds))
+        # Comm ratio over the wall time since the previous observe_step (numerator and denominator
+        # cover the same window wherever the caller measured ``seconds`` and whatever it did
+        # between steps: GRPO evaluates between its step end and this call).
+        now = time.perf_counter()
+        window = now - self._last_observe
+        if window > 0:
+            m.set("comm_ratio", min(1.0, self._comm.seconds_between(self._last_observe, now) / window))
+        self._last_observe = now
         if loss is not None:
             m.set("loss", loss)  # NaN is exported as NaN: the R1ZeroLossNaN alert keys on it
         if lr is not None:

@@ -150,7 +150,7 @@ class Metrics:
         self.mfu = gauge("r1zero_mfu_ratio", "Model FLOPs utilisation of the last step (0-1).")
         self.grad_norm = gauge("r1zero_grad_norm", "Global gradient norm of the last step.")
         self.comm_ratio = gauge("r1zero_comm_time_ratio",
-                                "Fraction of the last step's wall time spent in collectives (0-1).")
+                                "Fraction of wall time in collectives since the previous step (0-1).")
         self.reward = gauge("r1zero_grpo_reward", "Mean GRPO reward of the last step.")
         self.accuracy = gauge("r1zero_grpo_accuracy_ratio", "Fraction of verified-correct completions (0-1).")
         self.format_rate = gauge("r1zero_grpo_format_ratio", "Fraction of well-formatted completions (0-1).")
