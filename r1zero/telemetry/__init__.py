@@ -209,6 +209,27 @@ class Telemetry:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+class _NullComm(contextlib.nullcontext):
+    """``comm_timer()`` of the disabled telemetry: nothing is patched or counted."""
+
+    installed = False
+
+    def install(self):
+        return self
+
+    def uninstall(self) -> None:
+        pass
+
+    def attach_ddp(self, ddp_model) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return {}
+
+    def total_seconds(self) -> float:
+        return 0.0
+
+
 class NullTelemetry:
     """What :func:`start` returns when telemetry is off: every method does nothing."""
 
@@ -239,7 +260,7 @@ class NullTelemetry:
         return contextlib.nullcontext()
 
     def comm_timer(self):
-        return contextlib.nullcontext()
+        return _NullComm()
 
     def push(self) -> bool:
         return False
