@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "data": "r1zero.data.cli",
     "sandbox": "r1zero.sandbox.cli",
     "pretrain": "r1zero.train.cli",
+    "grpo": "r1zero.grpo.cli",
     "plan": "r1zero.sizing_cli",
     "render": "r1zero.cluster.cli_render",
     "validate": "r1zero.cluster.cli_validate",

@@ -1,0 +1,207 @@
+"""One policy update from scored rollouts, data-parallel over torch.distributed ranks.
+
+    stats = policy_update(model, optimizer, batch, adv_B, gcfg, ref_model=None)
+
+Each rank holds whole groups. The loss is ``sum over local tokens / global denominator``: the
+aggregation denominator (token count, sequence count or N*L_max, see
+:func:`r1zero.grpo.losses.aggregate`) is all-reduced first and gradients are all-reduced with SUM,
+so N ranks produce exactly the update that one process makes on the same global batch (up to
+float summation order). ``mu`` inner iterations reuse the rollout log-probs as pi_old
+(DeepSeekMath Alg. 1); with ``mu == 1`` pi_old is the detached current policy (ratio 1, as in TRL).
+
+:class:`NanGuard` skips an update whose loss or gradient norm is not finite, counts it, and aborts
+after ``grpo.nan_abort_after`` in a row.
+
+Legend: B = completions, L = prompt+completion length, T = completion length, V = vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from r1zero.generate import left_pad
+from r1zero.grpo.losses import entropy, policy_loss, token_logprobs
+from r1zero.grpo.ppo import value_loss
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum a list of floats over ranks (float64)."""
+    if world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@dataclass
+class Batch:
+    input_ids_BL: torch.Tensor
+    attention_BL: torch.Tensor
+    position_BL: torch.Tensor
+    targets_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    prompt_len: int
+
+
+def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> Batch:
+    """Left-padded prompts + right-padded completions in one tensor."""
+    p_BL, pm_BL = left_pad(prompt_ids, pad_id)
+    T = max(1, max((len(c) for c in completion_ids), default=1))
+    c_BT = torch.full((len(completion_ids), T), pad_id, dtype=torch.long)
+    cm_BT = torch.zeros((len(completion_ids), T), dtype=torch.long)
+    for i, c in enumerate(completion_ids):
+        if c:
+            c_BT[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            cm_BT[i, :len(c)] = 1
+    ids = torch.cat([p_BL, c_BT], 1)
+    att = torch.cat([pm_BL, cm_BT], 1)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids, att, pos, c_BT, cm_BT.float(), p_BL.shape[1])
+
+
+def forward_completion(model, batch: Batch):
+    """(logits_BTV over completion positions, model output)."""
+    T = batch.targets_BT.shape[1]
+    kw = {"use_cache": False}
+    if _accepts_keep(model):
+        kw["logits_to_keep"] = T + 1
+    out = model(input_ids=batch.input_ids_BL, attention_mask=batch.attention_BL, position_ids=batch.position_BL, **kw)
+    logits = out.logits
+    logits_BTV = logits[:, -(T + 1):-1, :]
+    return logits_BTV, out
+
+
+def _accepts_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        logits_BTV, _ = forward_completion(model, batch)
+        return token_logprobs(logits_BTV, batch.targets_BT)
+    finally:
+        model.train(was)
+
+
+def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """SUM gradients over ranks in one flat buffer (missing grads count as zero)."""
+    if world()[1] == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[off:off + n].view_as(p).clone()
+        off += n
+
+
+class NanGuard:
+    """Count non-finite updates; raise after ``abort_after`` in a row."""
+
+    def __init__(self, abort_after: int):
+        self.abort_after = abort_after
+        self.in_a_row = 0
+        self.total = 0
+
+    def ok(self, *values: float) -> bool:
+        if all(math.isfinite(v) for v in values):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.abort_after:
+            raise RuntimeError(f"GRPO aborted: {self.in_a_row} consecutive non-finite updates "
+                               f"(loss/grad NaN or inf); see grpo.nan_abort_after")
+        return False
+
+    def state(self) -> dict:
+        return {"in_a_row": self.in_a_row, "total": self.total}
+
+    def load(self, st: dict) -> None:
+        self.in_a_row, self.total = int(st["in_a_row"]), int(st["total"])
+
+
+def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, guard: NanGuard,
+                  old_logp_BT: torch.Tensor | None = None, ref_logp_BT: torch.Tensor | None = None,
+                  value_head=None, old_values_BT: torch.Tensor | None = None,
+                  returns_BT: torch.Tensor | None = None, local_fraction: float = 1.0) -> dict:
+    """``gcfg.mu`` optimiser steps on one batch; returns summed stats (already reduced over ranks).
+
+    ``adv`` is adv_B (GRPO/RLOO) or adv_BT (PPO). ``local_fraction`` = this rank's share of the
+    global completions, used to weight the MoE auxiliary loss so that its ranks' sum is the mean.
+    """
+    model.train()
+    mask_BT = batch.mask_BT
+    stats = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0,
+             "grad_norm": 0.0, "skipped": 0, "value_loss": 0.0}
+    _, den_local = _denominator(mask_BT, gcfg)
+    den = all_sum([den_local])[0]
+    n_tok_global = all_sum([float(mask_BT.sum())])[0]
+    for it in range(gcfg.mu):
+        optimizer.zero_grad(set_to_none=False)
+        logits_BTV, out = forward_completion(model, batch)
+        logp_BT = token_logprobs(logits_BTV, batch.targets_BT)
+        old = logp_BT.detach() if old_logp_BT is None else old_logp_BT
+        num, _, st = policy_loss(logp_BT, old, adv, mask_BT, eps_low=gcfg.eps_low, eps_high=gcfg.eps_high,
+                                 beta=gcfg.beta, ref_logp_BT=ref_logp_BT, agg=gcfg.loss_agg,
+                                 max_len=gcfg.max_new_tokens)
+        loss = num / max(den, 1e-12)
+        vl_value = 0.0
+        if value_head is not None:
+            v_BT = value_head.values()[:, -(mask_BT.shape[1] + 1):-1]
+            vsum, _ = value_loss(v_BT, old_values_BT, returns_BT, mask_BT)
+            vl = vsum / max(n_tok_global, 1.0)
+            loss = loss + gcfg.value_coef * vl
+            vl_value = float(vl.detach())
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and torch.is_tensor(aux) and aux.requires_grad:
+            loss = loss + aux * local_fraction
+        loss.backward()
+        allreduce_grads(params)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, gcfg.grad_clip if gcfg.grad_clip > 0 else float("inf")))
+        loss_sum = all_sum([float(loss.detach())])[0]
+        if guard.ok(loss_sum, gnorm):
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=False)
+            stats["skipped"] += 1
+        if it == 0:
+            with torch.no_grad():
+                ent = float((entropy(logits_BTV.detach()) * mask_BT).sum())
+            stats["entropy_sum"] = ent
+        stats["loss"] += loss_sum / gcfg.mu
+        stats["grad_norm"] += gnorm / gcfg.mu
+        stats["value_loss"] += vl_value / gcfg.mu
+        for k in ("tokens", "clip_low", "clip_high", "kl_sum"):
+            stats[k] += st[k] / gcfg.mu
+    red = all_sum([stats["tokens"], stats["clip_low"], stats["clip_high"], stats["kl_sum"], stats["entropy_sum"],
+                   stats["value_loss"]])
+    stats.update(tokens=red[0], clip_low=red[1], clip_high=red[2], kl_sum=red[3], entropy_sum=red[4],
+                 value_loss=red[5] / world()[1])
+    return stats
+
+
+def _denominator(mask_BT: torch.Tensor, gcfg) -> tuple[None, float]:
+    n = mask_BT.shape[0]
+    if gcfg.loss_agg == "sequence":
+        return None, float(n)
+    if gcfg.loss_agg == "token":
+        return None, float(mask_BT.sum())
+    return None, float(n * gcfg.max_new_tokens)
