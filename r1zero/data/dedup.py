@@ -6,14 +6,15 @@
   (Broder 1997; Leskovec et al., *Mining of Massive Datasets* ch. 3). The signature is computed
   vectorised with numpy for a whole batch and is bit-for-bit datasketch's default ``affine32``
   scheme (murmur3 ``fmix32`` pre-mix, then ``a*h + b mod 2^32`` with datasketch's seeded
-  permutations) for a shingle hash function :func:`shingle_hashes` -- the tests check this against
-  ``datasketch.MinHash``. Bands/rows come from ``datasketch.lsh._optimal_param`` (as ``MinHashLSH`` picks
-  them, with recall-favouring weights :data:`LSH_WEIGHTS`). A band collision with an earlier row makes it a *candidate*, as a
-  ``MinHashLSH.query`` hit would; it is a near duplicate when the candidates' estimated Jaccard
-  (equal signature positions) reaches the threshold (see :class:`DedupIndex` for why).
+  permutations) for the shingle hashes of :meth:`MinHasher.shingle_hashes` -- the tests check this
+  against ``datasketch.MinHash``. Bands/rows come from ``datasketch.lsh._optimal_param`` (as
+  ``MinHashLSH`` picks them, with recall-favouring weights :data:`LSH_WEIGHTS`). A band collision
+  with an earlier row makes it a *candidate*, as a ``MinHashLSH.query`` hit would; it is a near
+  duplicate when a candidate's estimated Jaccard (equal signature positions) reaches the
+  threshold (see :class:`DedupIndex` for why).
 - State: sorted ``uint64`` arrays in LSM-style runs (:class:`HashIndex`, :class:`KeyedIndex`) and
-  one ``uint32`` signature row per kept row: 8 bytes per exact key, 16 per band key (+ row id),
-  4 * num_perm per row (~300 bytes at 64 permutations); no Python objects per row.
+  one ``uint32`` signature row per kept row: 8 bytes per exact key, 12 per band key (+ row id),
+  4 * num_perm per row: ~370 bytes per kept row at 64 permutations and 9 bands; no Python objects.
 
 Tensor names carry their shape: C = rows in a batch, W = shingles (windows) in a batch,
 P = permutations, B = bands, R = rows per band.
@@ -66,7 +67,7 @@ def token_hash(tok: str) -> int:
 def token_hashes(rows_tokens: list[list[str]]) -> list[list[int]]:
     """:func:`token_hash` of every token of every row, via a bounded cache (vocabularies repeat)."""
     cache = _tok_cache
-    if len(cache) > 1_000_000:
+    if len(cache) > 200_000:  # bounded (~20 MB); numbers make the token vocabulary open-ended
         cache.clear()
     for toks in rows_tokens:
         for t in toks:
@@ -191,7 +192,7 @@ class HashIndex:
 
 
 class KeyedIndex:
-    """uint64 keys -> int64 row ids (duplicates allowed), as sorted runs merged LSM-style."""
+    """uint64 keys -> int32 row ids (duplicates allowed), as sorted runs merged LSM-style."""
 
     def __init__(self) -> None:
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
@@ -204,7 +205,7 @@ class KeyedIndex:
         return sum(k.nbytes + v.nbytes for k, v in self.runs)
 
     def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
-        keys, ids = np.asarray(keys, dtype=np.uint64).ravel(), np.asarray(ids, dtype=np.int64).ravel()
+        keys, ids = np.asarray(keys, dtype=np.uint64).ravel(), np.asarray(ids, dtype=np.int32).ravel()
         if keys.size == 0:
             return
         order = np.argsort(keys, kind="stable")
@@ -237,7 +238,7 @@ class KeyedIndex:
             rows_out.append(np.repeat(row, n))
             ids_out.append(run_v[pos])
         if not rows_out:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
         return np.concatenate(rows_out), np.concatenate(ids_out)
 
 
