@@ -98,9 +98,23 @@ def init_default_group(env: DistEnv, device: torch.device) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    backend = "gloo" if device.type == "cpu" else "nccl"
+    restart = _int_env("TORCHELASTIC_RESTART_COUNT", 0)
+    if env.launched and restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps ONE agent TCPStore across restart rounds (torch 2.13: static rendezvous, and
+        # the c10d rendezvous's shared store), so a restarted group would read the dead workers'
+        # gloo/nccl addresses of the earlier round ("connectFullMesh failed ... Connection refused").
+        # This round's keys get their own prefix; deepspeed.init_distributed below then reuses the group.
+        from datetime import timedelta
+
+        store = dist.PrefixStore(f"r1zero/restart-{restart}", dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False,
+            timeout=timedelta(minutes=30)))
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(minutes=30))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",
+    deepspeed.init_distributed(dist_backend=backend,
                                verbose=False, rank=env.rank, world_size=env.world_size)
 
 

@@ -82,21 +82,10 @@ def load_tokenizer(data_dir: Path):
 
 def new_model(cfg, tokenizer):
     """A fresh :class:`R1ZeroForCausalLM` from ``cfg.model``; identical on every rank (seeded)."""
-    from r1zero.model import R1ZeroConfig, R1ZeroForCausalLM
+    from r1zero.model import build_model
 
-    hf_cfg = R1ZeroConfig.from_model_config(cfg.model, eos_token_id=tokenizer.eos_token_id,
-                                            pad_token_id=tokenizer.pad_token_id)
-    # NOTE: not r1zero.model.build_model: its fork_rng(devices=[cpu]) probes CUDA on CPU-only torch.
-    state = torch.get_rng_state()
-    torch.manual_seed(cfg.seed)
-    try:
-        model = R1ZeroForCausalLM(hf_cfg)
-        # NOTE: under transformers 5.24 post_init() leaves the routed experts' torch.empty weights
-        # uninitialised (garbage/NaN); applying the model's own _init_weights again fixes that.
-        model.apply(model._init_weights)
-        return model
-    finally:
-        torch.set_rng_state(state)
+    return build_model(cfg.model, seed=cfg.seed, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
 
 
 def make_engine(model, cfg, ctx):
