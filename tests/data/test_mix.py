@@ -189,3 +189,24 @@ def test_s3_round_trip_and_s3_import(s3_bucket, tmp_path):
     local = Path(store.materialize(uri))
     assert json.loads((local / "manifest.json").read_text()) == m
     assert load_tokenizer(uri).eos_token == "<|endoftext|>"
+
+
+def test_auto_split_and_jsonl_shards(tmp_path):
+    imp = tmp_path / "mine.jsonl"
+    rows = [{"prompt": f"Convert {i} km to m, then add {i % 7}.", "answer": str(1000 * i + i % 7), "domain": "cross"}
+            for i in range(2, 202)]
+    imp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(f'data.imports=[{{"uri": "{imp}", "format": "generic"}}]', "data.n_train=600", "data.n_eval=400",
+               "data.shard_format=jsonl.gz")
+    m = run_mix(cfg, str(tmp_path / "d"))
+    assert sorted(p.name for p in (tmp_path / "d" / "train").iterdir()) == ["part-00000.jsonl.gz", "part-00001.jsonl.gz"]
+    tr = [r for r in read_rows(tmp_path / "d", "train") if r["source"].startswith("import")]
+    ev = [r for r in read_rows(tmp_path / "d", "eval") if r["source"].startswith("import")]
+    # auto: each row goes to eval with probability n_eval / (n_train + n_eval) = 0.4, by prompt hash
+    q_eval = m["quarantine_by_split"]["eval"].get("over_quota", 0)
+    q_train = m["quarantine_by_split"]["train"].get("over_quota", 0)
+    assert len(tr) + len(ev) + q_eval + q_train == 200
+    assert 55 < len(ev) + q_eval < 105  # binomial(200, 0.4): 80 +- 7
+    # imports fill the cross quotas (train 90, eval 86) before the generators; the rest is over quota
+    assert len(tr) == min(90, len(tr) + q_train) and len(ev) == min(86, len(ev) + q_eval)
+    assert m["counts"]["train"]["cross"] == 90 and m["counts"]["eval"]["cross"] == 86
