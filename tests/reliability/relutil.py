@@ -37,3 +37,46 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300.0, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "r1zero.cli", *map(str, args)], cwd=cwd, env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_cmd(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
+    """``torchrun --nproc-per-node N --max-restarts R -m r1zero.cli ...`` on loopback with a free port.
+
+    Static rendezvous (``--master-addr/--master-port``), as a PyTorchJob's ``PET_MASTER_*`` give
+    bare ``torchrun``. torchrun keeps its store across restart rounds; r1zero.train.dist prefixes
+    each round's keys (without that the restarted gloo group reads the dead rank's address).
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--max-restarts", str(max_restarts), "--monitor-interval", "0.5", "--master-addr", "127.0.0.1",
+            "--master-port", str(port), "-m", "r1zero.cli", *map(str, args)]
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the worker process with ``RANK=rank`` under a torchrun launcher, if any."""
+    import psutil
+
+    try:
+        kids = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for p in kids:
+        try:
+            env = p.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
+            return p.pid
+    return None
+
+
+def metric_rows(path: Path, exclude: tuple[str, ...] = ()) -> list[tuple[int, str, float]]:
+    """``metrics.jsonl`` as sorted (step, name, value) tuples, without names containing ``exclude``."""
+    import json
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return sorted((r["step"], r["name"], r["value"]) for r in rows if not any(x in r["name"] for x in exclude))

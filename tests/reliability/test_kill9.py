@@ -1,0 +1,91 @@
+"""kill -9 of one rank mid-run, as a PyTorchJob pod loss would: torchrun (``--max-restarts 1``)
+restarts the worker group, the run resumes from the last checkpoint and its final metrics and
+model equal an uninterrupted run's.
+
+Each test runs the stage twice with 2 gloo ranks on loopback: once uninterrupted (the reference),
+once with SIGKILL sent to the RANK=1 worker as soon as a mid-run checkpoint has appeared. Compared:
+every metric row except wall-clock rates (``tokens_per_s``, ``seconds``), the summary's loss list and
+the sha256 of the saved ``model.safetensors``.
+
+    .venv/bin/python -m pytest tests/reliability/test_kill9.py -q
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from relutil import REPO, TINY_TRAIN, cli_env, metric_rows, torchrun_cmd, worker_pid  # noqa: E402
+
+TIMING = ("tokens_per_s", "seconds", "per_s", "_time")
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _run(args: list[str], log: Path, max_restarts: int = 0) -> subprocess.Popen:
+    f = open(log, "w")  # noqa: SIM115 - closed by the caller through the Popen's lifetime
+    return subprocess.Popen(torchrun_cmd(2, args, max_restarts), cwd=REPO, env=cli_env(), stdout=f,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> str:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-4000:]
+    return text
+
+
+def kill_rank_when(proc: subprocess.Popen, ready, rank: int = 1, timeout: float = 300) -> float:
+    """SIGKILL the ``rank`` worker as soon as ``ready()`` is true; returns the kill time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before the kill point"
+        if ready():
+            pid = worker_pid(proc.pid, rank)
+            assert pid is not None, "rank worker not found"
+            os.kill(pid, signal.SIGKILL)
+            return time.monotonic()
+        time.sleep(0.02)
+    raise AssertionError("kill point not reached in time")
+
+
+@pytest.mark.slow
+def test_pretrain_kill9_one_rank_resumes_and_matches_uninterrupted(tiny_data, tmp_path):
+    steps, every = 60, 10
+    args = ["pretrain", "--config", "configs/tiny.yaml", *TINY_TRAIN, "--set", "parallel.dp=2",
+            "--set", f"pretrain.steps={steps}", "--set", f"pretrain.checkpoint_every={every}",
+            "--set", "pretrain.keep_last=3", "--data", str(tiny_data)]
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    _wait(_run([*args, "--out", ref_out], tmp_path / "ref.log"), tmp_path / "ref.log")
+
+    log = tmp_path / "killed.log"
+    proc = _run([*args, "--out", out], log, max_restarts=1)
+    ckpts = out / "checkpoints"
+    kill_rank_when(proc, lambda: (ckpts / f"step-{2 * every:08d}").is_dir())
+    text = _wait(proc, log)
+
+    summary = json.loads((out / "summary.json").read_text())
+    ref = json.loads((ref_out / "summary.json").read_text())
+    # torchrun saw the SIGKILL, started a second worker group, which resumed from a mid-run checkpoint
+    assert "exitcode: -9" in text, text[-3000:]
+    assert 2 * every <= summary["start_step"] < steps and summary["start_step"] % every == 0
+    assert summary["steps"] == steps
+    assert metric_rows(out / "metrics.jsonl", TIMING) == metric_rows(ref_out / "metrics.jsonl", TIMING)
+    assert summary["final_loss"] == ref["final_loss"]
+    assert _sha(out / "model.safetensors") == _sha(ref_out / "model.safetensors")
