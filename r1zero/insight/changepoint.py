@@ -33,6 +33,9 @@ WIDTH80_PER_SCALE = 2.0 * np.log(9.0)
 # the height/width tests after it decide what is reported anyway.
 PENALTY_PER_LOG_N = 3.0
 MIN_POINTS = 12  # shorter series are not analysed
+# a jump needs this many samples of its "before" and "after" levels: fewer cannot tell a level
+# shift from a short excursion (a 2-3 point dip and its return look like a step on short series)
+MIN_SIDE = 8
 MAD_TO_SIGMA = 1.4826  # Gaussian consistency factor of the MAD
 
 
@@ -275,6 +278,21 @@ def find_knee(t: np.ndarray, y: np.ndarray, min_sigma: float, sigma: float | Non
     return Knee(float(t[i]), slope_b, slope_a, float(t[near[-1]] - t[near[0]]), float(drop / sigma), float(dist[i]))
 
 
+def _raw_shift(t: np.ndarray, y: np.ndarray, r: Rise, limit: float) -> float:
+    """Model-free level change: median after the rise minus median before it (``MIN_SIDE``+ samples each).
+
+    Guards the logistic+linear fit against explaining a short excursion as "trend + step" (the
+    linear term can cancel most of a step, so a dip-and-return can fit as a large rise).
+    """
+    pre_idx = np.nonzero(t < r.start)[0]
+    post_idx = np.nonzero(t > r.end)[0]
+    pre = pre_idx[t[pre_idx] >= r.start - 2 * limit]
+    post = post_idx[t[post_idx] <= r.end + 2 * limit]
+    pre = pre if pre.size >= MIN_SIDE else pre_idx[-MIN_SIDE:]
+    post = post if post.size >= MIN_SIDE else post_idx[:MIN_SIDE]
+    return float(np.median(y[post]) - np.median(y[pre]))
+
+
 def find_jumps(t: np.ndarray, y: np.ndarray, min_sigma: float, max_width_frac: float = 0.1,
                direction: int = 1, sigma: float | None = None,
                penalty_per_log_n: float = PENALTY_PER_LOG_N) -> list[Rise]:
@@ -300,6 +318,8 @@ def find_jumps(t: np.ndarray, y: np.ndarray, min_sigma: float, max_width_frac: f
             continue
         w = fit_rise(t[m], y[m], sigma)
         if (np.sign(w.height) == direction and w.height_sigma >= min_sigma and w.width80 <= limit
-                and abs(w.center - r.center) <= limit):
+                and abs(w.center - r.center) <= limit
+                and np.sum(t < w.start) >= MIN_SIDE and np.sum(t > w.end) >= MIN_SIDE
+                and _raw_shift(t, y, w, limit) * direction >= 0.5 * abs(w.height)):
             out.append(w)
     return out
