@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+# ``auto`` pads experts to the largest one while that adds at most 30% rows (measured on the 2-core
+# dev machine, benchmarks/bench_moe.py: bmm over experts beat per-expert GEMMs by more than that).
+PAD_LIMIT = 0.30
+
 
 class _GroupedSwiGLU(torch.autograd.Function):
     """``out_TD = sum_slots w_N * SwiGLU_e(x_TD[tok_N])`` scattered back to the tokens."""
@@ -71,29 +75,88 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 dw_d.append(torch.zeros_like(w_d[e]))
                 continue
             idx_n, s_n1 = tok_N[start:start + n], w_N[start:start + n, None]
-            h_n2F = hs[e]
-            Fd = h_n2F.shape[1] // 2
-            g_nF, u_nF = h_n2F[:, :Fd], h_n2F[:, Fd:]
-            sig_nF = torch.sigmoid(g_nF)
-            silu_nF = g_nF * sig_nF
-            a_nF = silu_nF * u_nF  # un-scaled activation
             dy_nD = dout_TD.index_select(0, idx_n)
             das_nF = torch.mm(dy_nD, w_d[e])  # grad wrt the gate-scaled activation
-            dw_d.append(torch.mm(dy_nD.t(), a_nF * s_n1))
+            a_nF, dh_n2F, ds_n = _swiglu_grads(hs[e], das_nF, s_n1)
+            dw_d.append(torch.mm(dy_nD.t(), a_nF.mul_(s_n1)))
             if need_w:
-                dw_N[start:start + n] = (das_nF * a_nF).sum(-1)
-            da_nF = das_nF.mul_(s_n1)
-            dh_n2F = torch.empty_like(h_n2F)
-            torch.mul(da_nF, silu_nF, out=dh_n2F[:, Fd:])
-            # d silu(g)/dg = sig(g) * (1 + g * (1 - sig(g)))
-            dsilu_nF = sig_nF.mul_(g_nF * (1 - sig_nF) + 1)
-            torch.mul(da_nF.mul_(u_nF), dsilu_nF, out=dh_n2F[:, :Fd])
+                dw_N[start:start + n] = ds_n
             x_nD = x_TD.index_select(0, idx_n)
             dw_gu.append(torch.mm(dh_n2F.t(), x_nD))
             if need_x:
                 dx_TD.index_add_(0, idx_n, torch.mm(dh_n2F, w_gu[e]))
             start += n
         return dx_TD, dw_N, None, None, *dw_gu, *dw_d
+
+
+def _swiglu_grads(h_2F, das_F, s_1):
+    """Shared backward algebra of ``a = silu(g) * u`` scaled by ``s``, given dL/d(a*s).
+
+    Returns ``(a, dh, ds)``: the un-scaled activation (for the down-weight grad), the gradient
+    wrt ``h = [g, u]`` and the per-row gradient wrt the gate weight ``s``.
+    """
+    Fd = h_2F.shape[-1] // 2
+    g, u = h_2F[..., :Fd], h_2F[..., Fd:]
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    a = silu * u
+    ds = (das_F * a).sum(-1)
+    da = das_F.mul_(s_1)
+    dh = torch.empty_like(h_2F)
+    torch.mul(da, silu, out=dh[..., Fd:])
+    # d silu(g)/dg = sig(g) * (1 + g * (1 - sig(g)))
+    dsilu = sig.mul_(g * (1 - sig) + 1)
+    torch.mul(da.mul_(u), dsilu, out=dh[..., :Fd])
+    return a, dh, ds
+
+
+class _PaddedSwiGLU(torch.autograd.Function):
+    """Same op as :class:`_GroupedSwiGLU`, as two ``torch.bmm`` over experts padded to the
+    largest expert (M rows each). Padding rows point at token 0 with gate weight 0, so they add
+    exactly zero to outputs and gradients without any masking. Fewer, larger kernels: ``bmm``
+    parallelises over experts instead of inside each small GEMM, which keeps both cores busy when
+    experts are small (fine-grained) -- at the cost of computing the padding."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_N, tok_N, counts, *weights):
+        E = len(counts)
+        M = max(counts)
+        N = tok_N.numel()
+        counts_E = torch.tensor(counts, device=x_TD.device)
+        expert_N = torch.repeat_interleave(torch.arange(E, device=x_TD.device), counts_E)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        dest_N = expert_N * M + torch.arange(N, device=x_TD.device) - starts_E[expert_N]
+        idx_P = torch.zeros(E * M, dtype=tok_N.dtype, device=x_TD.device).index_copy_(0, dest_N, tok_N)
+        s_P = torch.zeros(E * M, dtype=w_N.dtype, device=x_TD.device).index_copy_(0, dest_N, w_N)
+        w_gu_E2FD = torch.stack(weights[:E])
+        w_d_EDF = torch.stack(weights[E:])
+        x_EMD = x_TD.index_select(0, idx_P).view(E, M, -1)
+        h_EM2F = torch.bmm(x_EMD, w_gu_E2FD.transpose(1, 2))
+        Fd = h_EM2F.shape[-1] // 2
+        a_EMF = F.silu(h_EM2F[..., :Fd]).mul_(h_EM2F[..., Fd:]).mul_(s_P.view(E, M, 1))
+        y_EMD = torch.bmm(a_EMF, w_d_EDF.transpose(1, 2))
+        out_TD = torch.zeros_like(x_TD).index_add_(0, idx_P, y_EMD.view(E * M, -1))
+        ctx.save_for_backward(x_TD, idx_P, s_P, dest_N, h_EM2F, w_gu_E2FD, w_d_EDF)
+        ctx.shape = (E, M)
+        return out_TD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout_TD):
+        x_TD, idx_P, s_P, dest_N, h_EM2F, w_gu_E2FD, w_d_EDF = ctx.saved_tensors
+        E, M = ctx.shape
+        s_EM1 = s_P.view(E, M, 1)
+        dy_EMD = dout_TD.contiguous().index_select(0, idx_P).view(E, M, -1)
+        das_EMF = torch.bmm(dy_EMD, w_d_EDF)
+        a_EMF, dh_EM2F, ds_EM = _swiglu_grads(h_EM2F, das_EMF, s_EM1)
+        dw_d_EDF = torch.bmm(dy_EMD.transpose(1, 2), a_EMF.mul_(s_EM1))
+        x_EMD = x_TD.index_select(0, idx_P).view(E, M, -1)
+        dw_gu_E2FD = torch.bmm(dh_EM2F.transpose(1, 2), x_EMD)
+        dx_TD = None
+        if ctx.needs_input_grad[0]:
+            dx_TD = torch.zeros_like(x_TD).index_add_(0, idx_P, torch.bmm(dh_EM2F, w_gu_E2FD).view(E * M, -1))
+        dw_N = ds_EM.reshape(-1)[dest_N] if ctx.needs_input_grad[1] else None
+        return dx_TD, dw_N, None, None, *dw_gu_E2FD.unbind(0), *dw_d_EDF.unbind(0)
 
 
 class RoutedExperts(nn.Module):
@@ -111,10 +174,21 @@ class RoutedExperts(nn.Module):
         self.w_down = nn.ParameterList([nn.Parameter(torch.empty(d_model, d_ff)) for _ in range(n_experts)])
 
     def forward_grouped(self, x_TD: torch.Tensor, tok_N: torch.Tensor, counts: list[int],
-                        w_N: torch.Tensor) -> torch.Tensor:
-        """Fused path: ``out_TD[t] = sum over t's slots of w * expert(x_TD[t])``."""
-        return _GroupedSwiGLU.apply(x_TD.contiguous(), w_N.contiguous(), tok_N, list(counts),
-                                    *self.w_gate_up, *self.w_down)
+                        w_N: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """Fused path: ``out_TD[t] = sum over t's slots of w * expert(x_TD[t])``.
+
+        ``mode``: ``loop`` (per-expert GEMMs, no padding), ``padded`` (two ``bmm`` over experts
+        padded to the largest one) or ``auto``: padded when the padding adds at most
+        ``PAD_LIMIT`` extra rows, else loop.
+        """
+        counts = list(counts)
+        N = sum(counts)
+        if mode == "auto":
+            mode = "padded" if len(counts) * max(counts) <= (1 + PAD_LIMIT) * N else "loop"
+        if N == 0:
+            mode = "loop"
+        fn = _PaddedSwiGLU if mode == "padded" else _GroupedSwiGLU
+        return fn.apply(x_TD.contiguous(), w_N.contiguous(), tok_N, counts, *self.w_gate_up, *self.w_down)
 
     def forward(self, x_ND: torch.Tensor, counts: list[int], scale_N: torch.Tensor | None = None) -> torch.Tensor:
         """Autograd path over gathered rows; expert e takes rows ``[sum(counts[:e]), +counts[e])``.

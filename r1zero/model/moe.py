@@ -35,6 +35,7 @@ class MoELayer(nn.Module):
         self.capacity_factor = None if config.router == "soft" else config.capacity_factor
         self.bias_update_rate = config.bias_update_rate
         self.route_scale = getattr(config, "route_scale", 1.0)
+        self.expert_compute = getattr(config, "expert_compute", "auto")
         D = config.hidden_size
         self.gate = nn.Linear(D, config.n_experts, bias=False)
         self.experts = RoutedExperts(config.n_experts, D, config.d_expert)
@@ -73,7 +74,7 @@ class MoELayer(nn.Module):
             y_ND = self.ep_dispatch(self, x_TD.index_select(0, tok_N), kept_E, w_N)
             out_TD = torch.zeros_like(x_TD).index_add_(0, tok_N, y_ND)
         else:
-            out_TD = self.experts.forward_grouped(x_TD, tok_N, kept_E.tolist(), w_N)
+            out_TD = self.experts.forward_grouped(x_TD, tok_N, kept_E.tolist(), w_N, self.expert_compute)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 

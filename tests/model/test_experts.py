@@ -1,8 +1,11 @@
 """The fused grouped expert op: exact gradients (gradcheck) and agreement with plain autograd."""
 
+import pytest
 import torch
 
-from r1zero.model.experts import RoutedExperts, _GroupedSwiGLU
+from r1zero.model.experts import RoutedExperts, _GroupedSwiGLU, _PaddedSwiGLU
+
+OPS = {"loop": _GroupedSwiGLU, "padded": _PaddedSwiGLU}
 
 
 def _setup(dtype, counts=(3, 0, 4, 2), T=5, D=4, Fd=3, seed=0):
@@ -19,17 +22,19 @@ def _setup(dtype, counts=(3, 0, 4, 2), T=5, D=4, Fd=3, seed=0):
     return x, tok, w, experts, list(counts)
 
 
-def test_gradcheck_grouped_swiglu_float64():
+@pytest.mark.parametrize("mode", ["loop", "padded"])
+def test_gradcheck_grouped_swiglu_float64(mode):
     x, tok, w, ex, counts = _setup(torch.float64)
     params = [p for p in ex.parameters()]
-    fn = lambda x, w, *ps: _GroupedSwiGLU.apply(x, w, tok, counts, *ps)  # noqa: E731
+    fn = lambda x, w, *ps: OPS[mode].apply(x, w, tok, counts, *ps)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, *params), eps=1e-6, atol=1e-6)
 
 
-def test_grouped_matches_autograd_path():
+@pytest.mark.parametrize("mode", ["loop", "padded", "auto"])
+def test_grouped_matches_autograd_path(mode):
     x, tok, w, ex, counts = _setup(torch.float32, counts=(7, 5, 0, 9, 3), T=11, D=16, Fd=8, seed=1)
     gout = torch.randn(11, 16)
-    out = ex.forward_grouped(x, tok, counts, w)
+    out = ex.forward_grouped(x, tok, counts, w, mode)
     out.backward(gout)
     grads = [x.grad.clone(), w.grad.clone()] + [p.grad.clone() for p in ex.parameters()]
     x.grad = w.grad = None

@@ -62,8 +62,9 @@ def _grads(layer, x, out, g):
     ],
     ids=["softmax", "shared", "sigmoid", "soft", "capacity", "sigmoid-capacity", "top1"],
 )
-def test_sort_dispatch_matches_mask_loop(kw):
-    layer = make_layer(**kw)
+@pytest.mark.parametrize("mode", ["loop", "padded"])
+def test_sort_dispatch_matches_mask_loop(kw, mode):
+    layer = make_layer(expert_compute=mode, **kw)
     x = torch.randn(3, 7, 16, requires_grad=True)
     g = torch.randn(3, 7, 16)
     out = layer(x)
