@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -71,10 +73,11 @@ def bad(tmp_path_factory, tiny_data) -> Path:
     _write(d / "k8s_broken.yaml", "apiVersion: v1\nkind: [ConfigMap\n")
     _write(d / "two_configmaps.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
     # metrics files
-    _write(d / "metrics_badjson.jsonl", '{"step": 1, "name": "grpo/accuracy", "value": 0.1}\n{"step": 2, "name": \n')
+    _write(d / "metrics_badjson.jsonl", '{"step": 2, "name": \n{"step": 3}}\n')
     _write(d / "metrics_missing_field.jsonl", '{"step": 1, "name": "grpo/accuracy"}\n')
     _write(d / "metrics_bad_value.jsonl", '{"step": 1, "name": "grpo/accuracy", "value": "high"}\n')
     _write(d / "metrics_empty.jsonl", "")
+    _write(d / "metrics_latin1.jsonl", b'{"step": 1, "name": "caf\xe9", "value": 1}\n')
     return d
 
 
@@ -129,6 +132,24 @@ CASES: list[tuple[str, list[str], str]] = [
     ("k8s_manifest_not_object", ["launch", "{bad}/not_k8s.yaml", "--local"], r"must be a Kubernetes object"),
     ("k8s_manifest_broken_yaml", ["launch", "{bad}/k8s_broken.yaml", "--local"], r"not valid YAML"),
     ("k8s_manifest_no_job", ["launch", "{bad}/two_configmaps.yaml", "--local"], r"exactly one training job"),
+    # --- metrics files ---------------------------------------------------------------------
+    ("metrics_missing", ["insight", "detect", "--metrics", "{bad}/nope.jsonl", "--out", "{bad}/ev.json"],
+     r"file not found"),
+    ("metrics_bad_json", ["insight", "detect", "--metrics", "{bad}/metrics_badjson.jsonl", "--out", "{bad}/ev.json"],
+     r"no valid rows .*bad_json"),
+    ("metrics_missing_field", ["insight", "detect", "--metrics", "{bad}/metrics_missing_field.jsonl", "--out",
+                               "{bad}/ev.json"], r"no valid rows .*missing_field"),
+    ("metrics_bad_value", ["insight", "detect", "--metrics", "{bad}/metrics_bad_value.jsonl", "--out",
+                           "{bad}/ev.json"], r"no valid rows .*bad_type"),
+    ("metrics_empty", ["insight", "detect", "--metrics", "{bad}/metrics_empty.jsonl", "--out", "{bad}/ev.json"],
+     r"no valid rows \(0 lines"),
+    ("metrics_not_utf8", ["insight", "detect", "--metrics", "{bad}/metrics_latin1.jsonl", "--out", "{bad}/ev.json"],
+     r"not UTF-8"),
+    # --- stage inputs (RL, eval) ------------------------------------------------------------
+    ("grpo_policy_missing", ["grpo", "--policy", "{bad}/nope", "--data", "{data}", "--out", "{bad}/g"],
+     r"artifact not found"),
+    ("eval_model_not_a_model", ["eval", "--model", "{data}", "--data", "{data}", "--out", "{bad}/e"],
+     r"not a model directory"),
     # --- stage inputs (pretraining) -------------------------------------------------------
     ("pretrain_data_missing", ["pretrain", "--data", "{bad}/nope", "--out", "{bad}/o"], r"artifact not found"),
     ("pretrain_layout_mismatch", ["pretrain", "--set", "parallel.dp=2", "--data", "{data}", "--out", "{bad}/o"],
@@ -150,14 +171,25 @@ def test_catalogue_size_and_coverage():
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 30
     areas = {i.split("_")[0] for i in ids}
-    assert {"config", "set", "cli", "data", "manifest", "k8s", "pretrain"} <= areas
+    assert {"config", "set", "cli", "data", "manifest", "k8s", "metrics", "pretrain", "grpo", "eval"} <= areas
+
+
+@pytest.fixture(scope="module")
+def results(bad, tiny_data) -> dict[str, subprocess.CompletedProcess]:
+    """Every case's CLI subprocess, a few at a time (most of each run is interpreter start-up)."""
+    def one(case):
+        name, argv, _ = case
+        args = [a.replace("{bad}", str(bad)).replace("{data}", str(tiny_data)) for a in argv]
+        return name, run_cli(*args, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(one, CASES))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2(case, bad, tiny_data):
+def test_bad_input_is_one_line_exit_2(case, results):
     name, argv, pattern = case
-    args = [a.replace("{bad}", str(bad)).replace("{data}", str(tiny_data)) for a in argv]
-    res = run_cli(*args, timeout=180)
+    res = results[name]
     lines = res.stderr.strip().splitlines()
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.returncode == 2, (res.returncode, res.stderr[-1500:])
