@@ -88,7 +88,7 @@ def _loop(rng: random.Random, difficulty: int):
             steps.append(f"i = {i}: s = {s}")
         return s, steps + [f"return {s}"]
 
-    return src, trace_fn, lambda: rng.randint(1, 4 + difficulty), False
+    return src, trace_fn, lambda: rng.randint(1, 1 + difficulty), False  # short traces at low difficulty
 
 
 def _list_sum(rng: random.Random, difficulty: int):
@@ -141,6 +141,6 @@ def generate(rng: random.Random, difficulty: int, family: str | None = None) -> 
         answer = repr(output)
     else:
         prompt = f"{source}\nFind an integer x such that f(x) == {output!r}."
-        solution = f"Try x = {arg!r}: " + "; ".join(steps) + f". So f({arg!r}) == {output!r}."
+        solution = f"Try x = {arg!r}: " + "; ".join(steps) + "."
         answer = repr(arg)
     return {"prompt": prompt, "answer": answer, "solution": solution, "meta": meta}
