@@ -175,8 +175,8 @@ def run_evaluate(config_yaml: str, model, data, result, report, metrics, baselin
     html = Path(result.path) / "report.html"
     if html.is_file():
         Path(report.path).write_text(html.read_text(encoding="utf-8"), encoding="utf-8")
-    acc = float(out["accuracy"]) if "accuracy" in out else float(out["pass@1"])
-    log_metrics(metrics, {"accuracy": acc, **_flat(out)})
+    acc = float(out["accuracy"])
+    log_metrics(metrics, out)
     return acc
 
 
@@ -292,12 +292,20 @@ def delete_run_jobs(namespace: str, run_id: str, api=None) -> list[str]:
 
 
 def _eval_summary(result_dir: str) -> dict:
+    """The headline figures of an evaluation's metrics.json (see r1zero.eval.evaluate)."""
     m = json.loads((Path(result_dir) / "metrics.json").read_text())
-    acc = m.get("accuracy", m.get("pass@1"))
-    ci = m.get("accuracy_ci") or m.get("pass@1_ci")
-    return {"accuracy": acc, "ci": ci, "format_rate": m.get("format_rate"),
-            "accuracy_formatted": m.get("accuracy_formatted"),
-            "by_domain": m.get("accuracy_by_domain") or m.get("by_domain")}
+    overall = m["overall"]
+
+    def est(block, key):
+        e = block.get(key) or {}
+        return e.get("mean"), ([e["lo"], e["hi"]] if e.get("lo") is not None else None)
+
+    acc, ci = est(overall, "pass@1")
+    return {"accuracy": acc, "ci": ci,
+            "format_rate": est(overall, "format_rate")[0],
+            "accuracy_formatted": est(overall, "accuracy_formatted")[0],
+            "pass@k": est(overall, "pass@k")[0], "maj@k": est(overall, "maj@k")[0],
+            "by_domain": {d: est(b, "pass@1")[0] for d, b in m.get("by_domain", {}).items()}}
 
 
 def build_summary(data_dir, base_dir, rl_dir, base_eval_dir, rl_eval_dir, insight_dir) -> dict:

@@ -51,8 +51,9 @@ def test_promotion_registry_s3(s3_server, s3_bucket, tmp_path):
 def _eval_dir(tmp_path, name, acc):
     d = tmp_path / name
     d.mkdir()
-    (d / "metrics.json").write_text(json.dumps({"accuracy": acc, "accuracy_ci": [acc - 0.05, acc + 0.05],
-                                               "format_rate": 0.9}))
+    (d / "metrics.json").write_text(json.dumps({"accuracy": acc, "overall": {
+        "pass@1": {"mean": acc, "lo": acc - 0.05, "hi": acc + 0.05, "n": 100},
+        "format_rate": {"mean": 0.9, "lo": 0.8, "hi": 0.95, "n": 100}}, "by_domain": {}}))
     runtime.record_stage(d, name, 3.0)
     return str(d)
 
