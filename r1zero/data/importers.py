@@ -58,8 +58,9 @@ def _iter_lines(uri: str) -> Iterator[bytes]:
 def check_import(uri: str) -> None:
     """Raise :class:`UserError` unless ``uri`` names a readable file / existing S3 object."""
     if store.is_s3(uri):
-        if not store.exists(uri):
-            raise UserError(f"import file not found: {uri}")
+        bucket, key = store.split_s3(uri)
+        # missing object, bad credentials or an unreachable endpoint: one-line UserError (with retries)
+        store._with_retries(lambda: store.s3_client().head_object(Bucket=bucket, Key=key), f"import {uri}")
         return
     path = store.local_path(uri)
     if not path.is_file():

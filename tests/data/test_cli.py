@@ -40,6 +40,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
         (["data", "mix", "--out", str(tmp_path / "o"), "--set", "data.vocab_size=100", *SMALL[:4]], "too small"),
         (["data", "mix"], "--out"),
         (["data", "show", str(tmp_path)], "no manifest.json"),
+        (["data", "mix", "--out", str(tmp_path / "o"), "--set", "store.endpoint_url=http://127.0.0.1:9",
+          "--set", "store.retries=0", "--set",
+          'data.imports=[{"uri": "s3://bucket/in.jsonl", "format": "generic"}]'], "s3://bucket/in.jsonl"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv

@@ -210,3 +210,11 @@ def test_auto_split_and_jsonl_shards(tmp_path):
     # imports fill the cross quotas (train 90, eval 86) before the generators; the rest is over quota
     assert len(tr) == min(90, len(tr) + q_train) and len(ev) == min(86, len(ev) + q_eval)
     assert m["counts"]["train"]["cross"] == 90 and m["counts"]["eval"]["cross"] == 86
+
+
+def test_missing_s3_import_is_a_user_error(s3_bucket):
+    from r1zero.errors import UserError
+
+    cfg = _cfg(f'data.imports=[{{"uri": "s3://{s3_bucket}/nope.jsonl", "format": "gsm8k"}}]')
+    with pytest.raises(UserError, match="nope.jsonl"):
+        run_mix(cfg, f"s3://{s3_bucket}/out")
