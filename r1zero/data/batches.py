@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from r1zero.data.schema import DOMAINS, make_row
 # Relative per-row generation + feature cost by domain (measured with cProfile on the default
 # config: code compiles and runs its function), used only to balance the worker groups.
 _COST = {"math": 1.0, "code": 1.6, "cross": 0.9, "general": 1.0}
+FORK_WITH_TORCH = False  # see BatchProducer.__init__; tests set it to exercise the workers anyway
 
 
 @dataclass
@@ -91,10 +93,13 @@ class BatchProducer:
 
     def __init__(self, workers: int, hasher: MinHasher, filter_cfg):
         self.hasher, self.fc = hasher, filter_cfg
-        self.workers = max(1, workers)
+        # fork: workers inherit the imported modules (no re-import cost, no re-run of __main__) and
+        # run pure Python/numpy code only. Forking once torch has started its native thread pools
+        # (e.g. a caller that trained a model first) risks a child stuck on a lock, so then stay
+        # in-process: the output is the same either way.
+        self.workers = max(1, workers) if FORK_WITH_TORCH or "torch" not in sys.modules else 1
         self._pool = None
         if self.workers > 1:
-            # fork: workers inherit the imported modules (no re-import cost); they run pure code only.
             self._pool = ProcessPoolExecutor(self.workers - 1, mp_context=multiprocessing.get_context("fork"))
 
     def produce(self, split: str, samplers: dict[str, CellSampler], order: list[str], made: dict[str, int]):

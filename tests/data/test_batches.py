@@ -8,7 +8,7 @@ import random
 import numpy as np
 
 from r1zero.config import FilterConfig, load_config
-from r1zero.data import mix
+from r1zero.data import batches, mix
 from r1zero.data.batches import BatchProducer, split_groups
 from r1zero.data.dedup import MinHasher
 from r1zero.data.generators import CellSampler
@@ -28,11 +28,13 @@ def test_split_groups_cover_every_domain_once():
     assert split_groups({"math": 5}, 2) == [["math"]]
 
 
-def test_two_workers_produce_the_same_batches_as_one():
+def test_two_workers_produce_the_same_batches_as_one(monkeypatch):
+    monkeypatch.setattr(batches, "FORK_WITH_TORCH", True)  # other tests in this process may load torch
     hasher, fc = MinHasher(), FilterConfig()
     results = []
     for workers in (1, 2):
         prod, samplers, made = BatchProducer(workers, hasher, fc), _samplers(), {d: 0 for d in _samplers()}
+        assert prod.workers == workers and (prod._pool is not None) == (workers == 2)
         try:
             out = []
             for _ in range(3):
@@ -56,10 +58,20 @@ def test_two_workers_produce_the_same_batches_as_one():
 
 def test_mix_output_identical_with_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(mix, "MIN_ROWS_FOR_WORKERS", 0)
+    monkeypatch.setattr(batches, "FORK_WITH_TORCH", True)
+    used = []
+    real_init = batches.BatchProducer.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        used.append(self.workers)
+
+    monkeypatch.setattr(batches.BatchProducer, "__init__", spy)
     base = ["data.n_train=800", "data.n_eval=100", "data.vocab_size=300", "data.tokenizer_rows=300",
             "data.chunk_rows=300"]
     for w in (1, 2):
         mix.build_mix(load_config(None, [*base, f"data.workers={w}"]), tmp_path / f"w{w}")
+    assert used == [1, 2]
     a = {p.relative_to(tmp_path / "w1"): p.read_bytes() for p in (tmp_path / "w1").rglob("*") if p.is_file()}
     b = {p.relative_to(tmp_path / "w2"): p.read_bytes() for p in (tmp_path / "w2").rglob("*") if p.is_file()}
     assert a.keys() == b.keys()
@@ -69,3 +81,9 @@ def test_mix_output_identical_with_workers(tmp_path, monkeypatch):
     assert ma["data_config"].pop("workers") == 1 and mb["data_config"].pop("workers") == 2
     ma.pop("config_hash"), mb.pop("config_hash")
     assert ma == mb
+
+
+def test_no_fork_once_torch_is_loaded(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torch", object())
+    prod = BatchProducer(2, MinHasher(), FilterConfig())
+    assert prod.workers == 1 and prod._pool is None
