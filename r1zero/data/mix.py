@@ -127,15 +127,16 @@ class _MixRun:
         ekeys_C, sig_CP, bands_CB = feats.ekeys_C, feats.sig_CP, feats.bands_CB
         against = self.eval.index if sc is self.train else None
         if against is not None:
-            cont_exact_C = against.exact.contains(ekeys_C)
-            cont_near_C = against.near_hits(sig_CP, bands_CB, thr)
-        dup_exact_C = sc.index.exact.contains(ekeys_C)
-        dup_near_C = sc.index.near_hits(sig_CP, bands_CB, thr) if dd.near else None
+            cont_exact_C = against.exact.contains(ekeys_C).tolist()
+            cont_near_C = against.near_hits(sig_CP, bands_CB, thr).tolist()
+        dup_exact_C = sc.index.exact.contains(ekeys_C).tolist()
+        dup_near_C = sc.index.near_hits(sig_CP, bands_CB, thr).tolist() if dd.near else None
+        ekeys, bands = ekeys_C.tolist(), bands_CB.tolist()  # Python ints: fast per-row access below
         seen_exact: set[int] = set()
         seen_bands: dict[int, list[int]] = {}  # band key -> rows kept earlier in this batch
         keep: list[int] = []
         for i, row in enumerate(rows):
-            ek, bks = int(ekeys_C[i]), bands_CB[i].tolist()
+            ek, bks = ekeys[i], bands[i]
             bad = feats.bad[i]
             if bad is None and against is not None:
                 if cont_exact_C[i]:
@@ -145,7 +146,7 @@ class _MixRun:
             if bad is None and dd.exact and (dup_exact_C[i] or ek in seen_exact):
                 bad = ("duplicate_exact", f"same normalised prompt as an earlier {sc.split} row")
             if bad is None and dd.near:
-                near = bool(dup_near_C[i])
+                near = dup_near_C[i]
                 if not near:
                     cand = [j for b in bks for j in seen_bands.get(b, ())]
                     near = bool(cand) and jaccard_estimate(sig_CP[i], sig_CP[cand]).max() >= thr
