@@ -204,6 +204,7 @@ def collect_rollouts(cfg, st: RunState, model, tok, entries, scorer) -> tuple[Ro
                                    _generator(cfg.seed, st.step, rank, rnd))
             _three_level(cfg, st, roll, entries)
             info["generated_groups"] += roll.n_groups
+            info["refills"] = rnd
             info["gen_seconds"] += roll.gen_seconds
             if first is None:
                 first = roll
@@ -223,7 +224,6 @@ def collect_rollouts(cfg, st: RunState, model, tok, entries, scorer) -> tuple[Ro
         short = all_sum([float(max(0, per_rank - have))])[0]
         if short == 0:
             break
-        info["refills"] += 1
     if have == 0:  # nothing informative anywhere: train on the first round (zero advantage, no-op update)
         kept = [first]
     info["first_round"] = first
@@ -468,7 +468,7 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
         st.elapsed_s = time.perf_counter() - t_start
         bar.update(1)
         bar.set_postfix(reward=f"{m['grpo/reward/mean']:.3f}", acc=f"{m['grpo/accuracy']:.3f}")
-        if st.step % g.checkpoint_every == 0 and st.step < g.steps:
+        if st.step % g.checkpoint_every == 0:
             _save(ckpt, st, model, optimizer, value_head, work)
     bar.close()
     if subset and stop_reason == "time_budget" and st.step % g.eval_every != 0 and st.step > 0:

@@ -189,8 +189,10 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
         stats["loss"] += loss_sum / gcfg.mu
         stats["grad_norm"] += gnorm / gcfg.mu
         stats["value_loss"] += vl_value / gcfg.mu
-        for k in ("tokens", "clip_low", "clip_high", "kl_sum"):
+        for k in ("tokens", "clip_low", "clip_high"):
             stats[k] += st[k] / gcfg.mu
+        if it == 0:  # KL(pi_theta || pi_ref) of the policy that generated the batch (before this step's updates)
+            stats["kl_sum"] = st["kl_sum"]
     red = all_sum([stats["tokens"], stats["clip_low"], stats["clip_high"], stats["kl_sum"], stats["entropy_sum"],
                    stats["value_loss"]])
     stats.update(tokens=red[0], clip_low=red[1], clip_high=red[2], kl_sum=red[3], entropy_sum=red[4],

@@ -111,3 +111,9 @@ def tiny_cfg(*overrides: str):
             "grpo.lr=1e-3", "grpo.eval_every=2", "grpo.eval_problems=8", "grpo.sample_every=1",
             "grpo.checkpoint_every=2", "telemetry.enabled=false"]
     return load_config(None, base + list(overrides))
+
+
+@pytest.fixture
+def make_cfg():
+    """``make_cfg(*overrides)`` -> a small GRPO config (tests cannot import conftest directly)."""
+    return tiny_cfg
