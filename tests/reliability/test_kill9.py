@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,3 +90,31 @@ def test_pretrain_kill9_one_rank_resumes_and_matches_uninterrupted(tiny_data, tm
     assert metric_rows(out / "metrics.jsonl", TIMING) == metric_rows(ref_out / "metrics.jsonl", TIMING)
     assert summary["final_loss"] == ref["final_loss"]
     assert _sha(out / "model.safetensors") == _sha(ref_out / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_grpo_kill9_one_rank_resumes_and_matches_uninterrupted(tiny_policy, tiny_data, tmp_path):
+    steps, every = 24, 4
+    args = ["grpo", "--config", "configs/tiny.yaml", "--set", f"grpo.steps={steps}",
+            "--set", f"grpo.checkpoint_every={every}", "--set", "grpo.prompts_per_step=4", "--set", "grpo.group_size=4",
+            "--set", "grpo.max_new_tokens=16", "--set", "grpo.eval_every=8", "--set", "grpo.eval_problems=4",
+            "--set", "grpo.sample_every=4", "--set", "telemetry.enabled=false",
+            "--policy", str(tiny_policy), "--data", str(tiny_data)]
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    _wait(_run([*args, "--out", ref_out], tmp_path / "ref.log"), tmp_path / "ref.log")
+
+    log = tmp_path / "killed.log"
+    proc = _run([*args, "--out", out], log, max_restarts=1)
+    ckpts = out / "checkpoints"
+    kill_rank_when(proc, lambda: (ckpts / f"step-{2 * every:08d}").is_dir())
+    text = _wait(proc, log)
+
+    assert "exitcode: -9" in text, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps
+    resumed = [int(m) for m in re.findall(r"grpo: resumed from step (\d+)", text)]
+    assert len(resumed) == 1 and 2 * every <= resumed[0] < steps and resumed[0] % every == 0, resumed
+    assert metric_rows(out / "metrics.jsonl", TIMING) == metric_rows(ref_out / "metrics.jsonl", TIMING)
+    assert _sha(out / "model.safetensors") == _sha(ref_out / "model.safetensors")
+    assert [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()] == \
+        [json.loads(x) for x in (ref_out / "samples.jsonl").read_text().splitlines()]
