@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from r1zero.config import load_config  # noqa: E402
-from r1zero.data.dedup import DedupIndex, MinHasher, token_hash, tokens  # noqa: E402
+from r1zero.data.dedup import DedupIndex, MinHasher, batch_near_pairs, token_hash, tokens  # noqa: E402
 from r1zero.data.generators import CellSampler  # noqa: E402
 from r1zero.data.mix import build_mix  # noqa: E402
 from r1zero.data.schema import DOMAINS  # noqa: E402
@@ -73,19 +73,16 @@ def ours(th: list[list[int]], hasher: MinHasher, batch: int = 4096) -> list[bool
         sig = hasher.signatures(th[s:s + batch])
         bands = hasher.band_keys(sig)
         hit = idx.near_hits(sig, bands, hasher.threshold)
-        # sequential within the batch, as in the mix: compare with earlier kept rows of the batch
+        # sequential within the batch, as in the mix: a near duplicate of an earlier *kept* row
+        prev = batch_near_pairs(sig, bands, hasher.threshold, DedupIndex.CAND_CAP)
         kept: list[int] = []
-        seen: dict[int, list[int]] = {}
+        is_kept = [False] * sig.shape[0]
         for i in range(sig.shape[0]):
-            dup = bool(hit[i])
-            if not dup:
-                cand = sorted({j for b in bands[i].tolist() for j in seen.get(b, ())})
-                dup = bool(cand) and (sig[cand] == sig[i]).mean(axis=1).max() >= hasher.threshold
+            dup = bool(hit[i]) or any(is_kept[j] for j in prev[i])
             flags.append(dup)
             if not dup:
                 kept.append(i)
-                for b in bands[i].tolist():
-                    seen.setdefault(b, []).append(i)
+                is_kept[i] = True
         idx.add(np.zeros(len(kept), dtype=np.uint64), sig[kept], bands[kept])
     return flags
 

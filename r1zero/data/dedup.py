@@ -276,6 +276,42 @@ def jaccard_estimate(sig_P: np.ndarray, others_NP: np.ndarray) -> np.ndarray:
     return np.count_nonzero(others_NP == sig_P[None, :], axis=1) / sig_P.size
 
 
+def batch_near_pairs(sig_CP: np.ndarray, bands_CB: np.ndarray, threshold: float, cap: int,
+                     pair_slice: int = 1 << 17) -> list[list[int]]:
+    """Within one batch: for each row j, the earlier rows i < j that are near duplicates of it.
+
+    Candidates are rows sharing an LSH band key with j, limited to the first ``cap`` rows holding
+    that key (bounded work, as in :class:`DedupIndex`); a candidate counts when the estimated
+    Jaccard reaches ``threshold``. Vectorised: sort (key, row), expand each row's preceding
+    same-key rows into pairs, compare signatures in slices.
+    """
+    c, b = bands_CB.shape
+    out: list[list[int]] = [[] for _ in range(c)]
+    if c < 2:
+        return out
+    keys = bands_CB.ravel()
+    rows = np.repeat(np.arange(c, dtype=np.int64), b)
+    order = np.lexsort((rows, keys))
+    ks, rs = keys[order], rows[order]
+    pos = np.arange(ks.size)
+    new_group = np.concatenate([[True], ks[1:] != ks[:-1]])
+    g0 = np.maximum.accumulate(np.where(new_group, pos, 0))  # start of each element's key group
+    n = np.minimum(pos - g0, cap)  # earlier same-key rows examined for this element
+    if not n.any():
+        return out
+    j = np.repeat(rs, n)
+    i = rs[np.repeat(g0 - np.cumsum(n) + n, n) + np.arange(int(n.sum()))]
+    pair = np.unique(i * c + j)  # the same pair can share several bands
+    i, j = pair // c, pair % c
+    need = int(np.ceil(threshold * sig_CP.shape[1] - 1e-9))
+    for s in range(0, pair.size, pair_slice):
+        ii, jj = i[s:s + pair_slice], j[s:s + pair_slice]
+        ok = np.count_nonzero(sig_CP[ii] == sig_CP[jj], axis=1) >= need
+        for a, z in zip(ii[ok].tolist(), jj[ok].tolist()):
+            out[z].append(a)
+    return out
+
+
 class DedupIndex:
     """Exact keys, LSH band keys (-> row ids) and signatures of the rows kept so far in one split.
 

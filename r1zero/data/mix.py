@@ -32,7 +32,7 @@ from pathlib import Path
 
 from r1zero import store
 from r1zero.data.batches import BatchProducer, Features, row_features
-from r1zero.data.dedup import DedupIndex, MinHasher, jaccard_estimate
+from r1zero.data.dedup import DedupIndex, MinHasher, batch_near_pairs
 from r1zero.data.documents import pretrain_text
 from r1zero.data.generators import CellSampler
 from r1zero.data.importers import check_import, iter_import, source_name
@@ -131,12 +131,14 @@ class _MixRun:
             cont_near_C = against.near_hits(sig_CP, bands_CB, thr).tolist()
         dup_exact_C = sc.index.exact.contains(ekeys_C).tolist()
         dup_near_C = sc.index.near_hits(sig_CP, bands_CB, thr).tolist() if dd.near else None
-        ekeys, bands = ekeys_C.tolist(), bands_CB.tolist()  # Python ints: fast per-row access below
+        ekeys = ekeys_C.tolist()  # Python ints: fast per-row access below
+        # earlier rows of this batch that each row is a near duplicate of (kept or not: checked below)
+        near_prev = batch_near_pairs(sig_CP, bands_CB, thr, DedupIndex.CAND_CAP) if dd.near else None
+        kept_mask = [False] * len(rows)
         seen_exact: set[int] = set()
-        seen_bands: dict[int, list[int]] = {}  # band key -> rows kept earlier in this batch
         keep: list[int] = []
         for i, row in enumerate(rows):
-            ek, bks = ekeys[i], bands[i]
+            ek = ekeys[i]
             bad = feats.bad[i]
             if bad is None and against is not None:
                 if cont_exact_C[i]:
@@ -146,11 +148,7 @@ class _MixRun:
             if bad is None and dd.exact and (dup_exact_C[i] or ek in seen_exact):
                 bad = ("duplicate_exact", f"same normalised prompt as an earlier {sc.split} row")
             if bad is None and dd.near:
-                near = dup_near_C[i]
-                if not near:
-                    cand = [j for b in bks for j in seen_bands.get(b, ())]
-                    near = bool(cand) and jaccard_estimate(sig_CP[i], sig_CP[cand]).max() >= thr
-                if near:
+                if dup_near_C[i] or any(kept_mask[j] for j in near_prev[i]):
                     bad = ("duplicate_near", f"MinHash Jaccard >= {thr} with an earlier {sc.split} row")
             if bad is None and enforce_quota and sc.room(row["domain"]) <= 0:
                 bad = ("over_quota", f"{sc.split} quota for {row['domain']} ({sc.quotas.get(row['domain'], 0)}) is full")
@@ -158,10 +156,7 @@ class _MixRun:
                 self.quarantine(quarantine_row(row, bad[0], bad[1], sc.split))
                 continue
             seen_exact.add(ek)
-            for b in bks:
-                lst = seen_bands.setdefault(b, [])
-                if len(lst) < DedupIndex.CAND_CAP:  # bounded work on crowded keys, as in the index
-                    lst.append(i)
+            kept_mask[i] = True
             keep.append(i)
             sc.kept[row["domain"]] += 1
             self.sources[row["source"]] += 1
@@ -169,10 +164,7 @@ class _MixRun:
         if keep:
             sc.index.add(ekeys_C[keep], sig_CP[keep], bands_CB[keep])
         self.bar.update(len(keep))
-        mask = [False] * len(rows)
-        for i in keep:
-            mask[i] = True
-        return mask
+        return kept_mask
 
     # -- imports ---------------------------------------------------------------------------
 

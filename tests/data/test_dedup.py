@@ -14,6 +14,7 @@ from r1zero.data.dedup import (
     HashIndex,
     KeyedIndex,
     MinHasher,
+    batch_near_pairs,
     exact_key,
     normalise,
     token_hashes,
@@ -113,3 +114,26 @@ def test_keyed_index_lookup_returns_all_ids_under_a_key():
     assert pairs == [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3)]
     rows, ids = idx.lookup(np.array([[5, 5]], dtype=np.uint64), cap=1)  # cap: first id per key and run
     assert ids.tolist() == [0, 0] and rows.tolist() == [0, 0]  # the runs merged: one run
+
+
+def test_batch_near_pairs_matches_brute_force():
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(60)]
+    base = [[rng.choice(words) for _ in range(25)] for _ in range(30)]
+    texts = []
+    for _ in range(300):
+        t = list(rng.choice(base))
+        for _ in range(rng.choice([0, 1, 2, 6])):
+            t[rng.randrange(25)] = rng.choice(words)
+        texts.append(" ".join(t))
+    hasher = MinHasher(num_perm=64, shingle=3, threshold=0.8)
+    sig = hasher.signatures(token_hashes([tokens(t) for t in texts]))
+    bands = hasher.band_keys(sig)
+    got = batch_near_pairs(sig, bands, 0.8, cap=10_000, pair_slice=97)  # no cap; odd slices
+    shared = [set(r) for r in bands.tolist()]
+    for j in range(len(texts)):
+        want = [i for i in range(j) if shared[i] & shared[j] and (sig[i] == sig[j]).mean() >= 0.8]
+        assert got[j] == want
+    assert sum(map(len, got)) > 100
+    capped = batch_near_pairs(sig, bands, 0.8, cap=2)
+    assert all(set(c) <= set(g) for c, g in zip(capped, got)) and sum(map(len, capped)) < sum(map(len, got))
