@@ -27,6 +27,7 @@ WIDTH80_PER_SCALE = 2.0 * np.log(9.0)
 JUMP_MAX_WIDTH_FRAC = 0.05  # planted jumps: width80 <= 5% of the run (detector limit is 10%)
 TREND_MIN_WIDTH_FRAC = 0.30  # planted trends: width80 >= 30% of the run
 MIN_HEIGHT_SIGMA = 3.0  # the quality goal covers jumps of at least 3 noise standard deviations
+HEIGHT_BINS = ((0.0, 3.0), (3.0, 4.0), (4.0, 6.0), (6.0, np.inf))  # recall reported per bin (sigmas)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def score_jumps(curves: list[SyntheticCurve], detect, tol_frac: float = 0.05) ->
     tp = fp = fn = 0
     errors: list[float] = []
     free = {"sigmoid": [0, 0], "plateau": [0, 0]}  # kind -> [curves with a detection, curves]
+    bins = {lo: [0, 0] for lo, _ in HEIGHT_BINS}  # height bin -> [found, planted]
     for c in curves:
         found = sorted(float(s) for s in detect(c.steps, c.values))
         if c.kind in free:
@@ -183,10 +185,13 @@ def score_jumps(curves: list[SyntheticCurve], detect, tol_frac: float = 0.05) ->
         for j in c.jumps:
             cands = [(abs(s - j.step), k) for k, s in enumerate(found) if k not in used]
             cands = [x for x in cands if x[0] <= tol_frac * c.run_length]
+            b = next(lo for lo, hi in HEIGHT_BINS if lo <= j.height_sigma < hi)
+            bins[b][1] += 1
             if cands:
                 err, k = min(cands)
                 used.add(k)
                 tp += 1
+                bins[b][0] += 1
                 errors.append(err / c.run_length)
             else:
                 fn += 1
@@ -200,4 +205,6 @@ def score_jumps(curves: list[SyntheticCurve], detect, tol_frac: float = 0.05) ->
         "step_error_frac_mean": float(np.mean(errors)) if errors else 0.0,
         "false_curve_rate": sum(v[0] for v in free.values()) / n_free if n_free else 0.0,
         "false_curve_rate_by_kind": {k: (v[0] / v[1] if v[1] else 0.0) for k, v in free.items()},
+        "recall_by_height_sigma": {f"{lo:g}-{hi:g}": (bins[lo][0] / bins[lo][1] if bins[lo][1] else None)
+                                   for lo, hi in HEIGHT_BINS},
     }
