@@ -269,13 +269,6 @@ class SignatureStore:
         return self.buf[ids]
 
 
-def jaccard_estimate(sig_P: np.ndarray, others_NP: np.ndarray) -> np.ndarray:
-    """MinHash Jaccard estimate: the fraction of equal signature positions (Broder 1997)."""
-    if not others_NP.size:
-        return np.zeros(0)
-    return np.count_nonzero(others_NP == sig_P[None, :], axis=1) / sig_P.size
-
-
 def batch_near_pairs(sig_CP: np.ndarray, bands_CB: np.ndarray, threshold: float, cap: int,
                      pair_slice: int = 1 << 17) -> list[list[int]]:
     """Within one batch: for each row j, the earlier rows i < j that are near duplicates of it.
