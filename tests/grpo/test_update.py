@@ -1,0 +1,125 @@
+"""policy_update: world 2 (gloo, two processes) == world 1 on the same global batch; NaN guard."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from r1zero.config import GRPOConfig
+from r1zero.grpo.advantages import advantages
+from r1zero.grpo.update import NanGuard, build_batch, policy_update
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      eos_token_id=1, pad_token_id=0, bos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    prompts, comps, groups, rewards = [], [], [], []
+    for grp in range(4):  # 4 groups of 3, variable lengths
+        p = torch.randint(2, 32, (3 + grp,), generator=g).tolist()
+        for j in range(3):
+            prompts.append(p)
+            comps.append(torch.randint(2, 32, (2 + (grp * 3 + j) % 5,), generator=g).tolist())
+            groups.append(grp)
+            rewards.append(float((grp + j) % 2))
+    return prompts, comps, torch.tensor(groups), torch.tensor(rewards)
+
+
+def _run(rank: int, world: int, port: int, aggs: tuple, out: dict | None):
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    res = {agg: _update_once(rank, world, agg) for agg in aggs}
+    if world > 1:
+        if rank == 0:
+            torch.save(res, out["path"])
+        dist.barrier()
+        dist.destroy_process_group()
+        return None
+    return res
+
+
+def _update_once(rank: int, world: int, agg: str) -> dict:
+    model = _model()
+    cfg = GRPOConfig(mu=2, lr=1.0, loss_agg=agg, max_new_tokens=8, eps_low=0.2, eps_high=0.28)
+    prompts, comps, groups, rewards = _batch()
+    adv = advantages(rewards, groups, "group")
+    per = len(prompts) // world
+    sl = slice(rank * per, (rank + 1) * per)
+    batch = build_batch(prompts[sl], comps[sl], 0)
+    params = list(model.parameters())
+    # plain SGD: the comparison is about the (all-reduced) gradient; Adam would amplify float-order
+    # noise in near-zero gradients (g / sqrt(v)) into visible parameter differences
+    opt = torch.optim.SGD(params, lr=cfg.lr)
+    with torch.no_grad():
+        from r1zero.grpo.update import sequence_logprobs
+
+        old = sequence_logprobs(model, batch)
+    stats = policy_update(model, opt, batch, adv[sl], cfg, params=params, guard=NanGuard(3), old_logp_BT=old)
+    vec = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    return {"vec": vec, "stats": stats}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+AGGS = ("token", "sequence", "constant")
+
+
+@pytest.mark.slow
+def test_world2_update_equals_world1(tmp_path):
+    ones = _run(0, 1, 0, AGGS, None)
+    path = str(tmp_path / "w2.pt")
+    mp.spawn(_run, args=(2, _free_port(), AGGS, {"path": path}), nprocs=2, join=True)
+    twos = torch.load(path)
+    for agg in AGGS:
+        _compare(ones[agg], twos[agg])
+
+
+def _compare(one: dict, two: dict) -> None:
+    moved = (one["vec"] - torch.nn.utils.parameters_to_vector(_model().parameters()).detach()).abs().max()
+    assert moved > 1e-3, "the update must be non-trivial for the comparison to mean anything"
+    assert torch.allclose(one["vec"], two["vec"], atol=1e-6, rtol=0), float((one["vec"] - two["vec"]).abs().max())
+    for k in ("tokens", "clip_low", "clip_high", "loss", "grad_norm"):
+        assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-5, abs=1e-7), k
+    assert one["stats"]["clip_low"] + one["stats"]["clip_high"] > 0  # second inner step is off-policy and clips
+
+
+def test_nan_guard_skips_then_aborts():
+    model = _model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    prompts, comps, groups, rewards = _batch()
+    batch = build_batch(prompts, comps, 0)
+    cfg = GRPOConfig(mu=1, lr=1e-2, max_new_tokens=8)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    guard = NanGuard(abort_after=2)
+    adv = advantages(rewards, groups, "group")
+    st = policy_update(model, opt, batch, adv, cfg, params=params, guard=guard)
+    assert st["skipped"] == 1 and guard.total == 1
+    after = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    assert torch.equal(torch.isnan(after), torch.isnan(before))
+    assert torch.equal(after[~torch.isnan(after)], before[~torch.isnan(before)])  # no step was taken
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite"):
+        policy_update(model, opt, batch, adv, cfg, params=params, guard=guard)
+    g2 = NanGuard(2)
+    assert g2.ok(1.0) and not g2.ok(float("inf")) and g2.ok(0.5) and g2.in_a_row == 0 and g2.total == 1
