@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/tiny
 
-.PHONY: setup run test test-fast lint images manifests clean
+.PHONY: setup run test test-fast lint images manifests audit clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,16 @@ manifests: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+
+# pip-audit of the pinned dependencies in its own venv (its dependencies must not move the project's
+# pins); triaged findings live in .ci/audit.py and README "Security posture and pip-audit triage".
+AUDIT_VENV ?= .venv-audit
+$(AUDIT_VENV)/bin/pip-audit:
+	python3 -m venv $(AUDIT_VENV)
+	$(AUDIT_VENV)/bin/python -m pip install -q pip-audit==2.10.1
+
+audit: $(AUDIT_VENV)/bin/pip-audit
+	$(AUDIT_VENV)/bin/python .ci/audit.py --pip-audit $(AUDIT_VENV)/bin/pip-audit
 
 clean:
 	rm -rf runs out .pytest_cache
