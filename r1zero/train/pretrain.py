@@ -213,6 +213,7 @@ def train(cfg, data_uri: str, work: Path, ckpt_uri: str) -> dict:
                                    "train/grad_norm": res.grad_norm, "train/tokens_per_s": res.tokens / seconds})
                 if moe:
                     metrics.add(step, moe)
+                    metrics.flush()  # visible progress for whoever tails metrics.jsonl
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.4f}")
             if tel is not None:

@@ -1,9 +1,9 @@
-"""Layout parity on CPU/gloo: dp, tp, pp, ep (world 2) and dp x pp (world 4) vs world 1, 20 steps fp32.
+"""Layout parity on CPU/gloo: dp (ZeRO-1 and ZeRO-3), tp, pp, ep (world 2) and dp x pp (world 4) vs world 1, 20 steps fp32.
 
 The global batch is the same in every layout (dp splits it, grad_accum makes up the rest; pipeline
 micro-batches are the grad_accum micro-batches), so every layout must reproduce the world=1
 losses within 1e-4 relative. The world-2 layouts run under the ``deepspeed`` launcher (one launch,
-four runs, see ``parity_worker.py``); the world-4 layout runs the CLI under bare ``torchrun`` as a
+five runs, see ``parity_worker.py``); the world-4 layout runs the CLI under bare ``torchrun`` as a
 PyTorchJob would.
 """
 
@@ -59,7 +59,8 @@ def _env() -> dict:
 def test_world2_layouts_match_world1_under_deepspeed_launcher(setup, data_dir):
     root, config, refs = setup
     specs = {
-        "dp2": "parallel.dp=2,pretrain.grad_accum=1",
+        "dp2": "parallel.dp=2,parallel.zero_stage=1,pretrain.grad_accum=1",
+        "dp2z3": "parallel.dp=2,parallel.zero_stage=3,pretrain.grad_accum=1",
         "tp2": "parallel.tp=2,pretrain.grad_accum=2",
         "pp2": "parallel.pp=2,pretrain.grad_accum=2",
         "ep2": "parallel.dp=2,parallel.ep=2,pretrain.grad_accum=1",
@@ -70,7 +71,7 @@ def test_world2_layouts_match_world1_under_deepspeed_launcher(setup, data_dir):
            str(config), str(data_dir), str(out), *[f"{k}:{v}" for k, v in specs.items()]]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    engines = {"dp2": "deepspeed", "tp2": "native", "pp2": "native", "ep2": "native"}
+    engines = {"dp2": "deepspeed", "dp2z3": "deepspeed", "tp2": "native", "pp2": "native", "ep2": "native"}
     figures = {}
     for name in specs:
         summary = json.loads((out / name / "summary.json").read_text())
