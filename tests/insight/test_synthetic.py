@@ -30,7 +30,7 @@ def test_score_jumps_counts_matches_and_false_positives():
 
 @pytest.mark.slow
 def test_jump_detection_quality_meets_goals():
-    # 200 curves per family, fixed seed, detector at the config defaults (3 sigma, 10% width).
+    # 200 curves per family, fixed seed, detector at the config defaults (2.5 sigma, 10% width).
     cfg = InsightConfig()
     suite = make_suite(200, seed=2026)
     s = score_jumps(suite, lambda t, y: [r.center for r in cp.find_jumps(t, y, cfg.min_sigma, cfg.max_width_frac)])
