@@ -90,15 +90,17 @@ def rbac(cfg) -> list[dict]:
     logs and events, and manage the per-job config ConfigMaps. Nothing cluster-wide."""
     ns = cfg.cluster.namespace
     meta = {"namespace": ns, "labels": dict(PART_OF)}
-    job_verbs = ["create", "get", "list", "watch", "delete", "patch"]
+    # Exactly the calls the launcher makes (tests/reliability/test_security.py keeps this in step):
     rules = [
-        {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs", "mpijobs"], "verbs": job_verbs},
-        {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs/status", "mpijobs/status"], "verbs": ["get"]},
-        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": job_verbs},
-        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs/status"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "delete"]},
+        # launch_cluster (TrainingClient): create_job, get_job while waiting, delete_job;
+        # delete_run_jobs (components/runtime.py, the exit handler): list by run label + delete
+        {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["create", "get", "list", "delete"]},
+        {"apiGroups": ["kubeflow.org"], "resources": ["mpijobs"], "verbs": ["list", "delete"]},
+        # the log stream: TrainingClient.get_job_pods (list) and read_namespaced_pod_log (pods/log get)
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        # the job's config ConfigMap (an existing one, HTTP 409, is reused as is)
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
     ]
     return [_wave(o, 0) for o in (
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": LAUNCHER_SA, **meta},

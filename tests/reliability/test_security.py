@@ -114,6 +114,36 @@ def test_launcher_rbac_has_no_wildcards_secrets_or_escalation():
             assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
 
 
+# Every Kubernetes API call the launcher makes -> the (apiGroup, resource, verb) it needs.
+NEEDED = {
+    ("kubeflow.org", "pytorchjobs", "create"): "launch_cluster: TrainingClient.create_job",
+    ("kubeflow.org", "pytorchjobs", "get"): "launch_cluster: wait_for_job_conditions -> get_job",
+    ("kubeflow.org", "pytorchjobs", "delete"): "launch_cluster: delete_job; components.runtime.delete_run_jobs",
+    ("kubeflow.org", "pytorchjobs", "list"): "components.runtime.delete_run_jobs (label selector)",
+    ("kubeflow.org", "mpijobs", "list"): "components.runtime.delete_run_jobs (label selector)",
+    ("kubeflow.org", "mpijobs", "delete"): "components.runtime.delete_run_jobs",
+    ("", "pods", "list"): "launch: TrainingClient.get_job_pods (log streamer, master tail)",
+    ("", "pods/log", "get"): "launch: core_api.read_namespaced_pod_log, TrainingClient.get_job_logs",
+    ("", "configmaps", "create"): "launch_cluster: create_namespaced_config_map",
+}
+
+
+def test_launcher_rbac_is_exactly_what_the_code_calls():
+    from r1zero.cluster import launch
+
+    docs = list(yaml.safe_load_all((REPO / "manifests" / "base" / "rbac.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "Role")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    assert granted == set(NEEDED), {"extra": sorted(granted - set(NEEDED)), "missing": sorted(set(NEEDED) - granted)}
+    # the code still makes those calls (if one goes away, so must its grant)
+    src = Path(launch.__file__).read_text() + (REPO / "components" / "runtime.py").read_text()
+    for call in ("create_job", "wait_for_job_conditions", "delete_job", "get_job_pods", "read_namespaced_pod_log",
+                 "create_namespaced_config_map", "list_namespaced_custom_object", "delete_namespaced_custom_object"):
+        assert call in src, call
+    assert launch.JOB_KINDS == {"PyTorchJob"}  # the only kind launch creates on a cluster
+
+
 @pytest.mark.slow
 def test_canary_credentials_never_written(s3_server, s3_bucket, tmp_path):
     env = cli_env(AWS_ACCESS_KEY_ID=CANARY_ID, AWS_SECRET_ACCESS_KEY=CANARY_SECRET, AWS_DEFAULT_REGION="us-east-1",
