@@ -90,3 +90,32 @@ def test_zero_stages_bf16_and_activation_checkpointing(data_dir, tmp_path, make_
     assert run("ac", pretrain={"activation_checkpointing": True}) == base
     bf16 = run("bf16", pretrain={"precision": "bf16"})
     assert all(abs(a - b) / b < 1e-2 for a, b in zip(bf16, base)) and bf16 != base
+
+
+def test_s3_output_checkpoints_and_resume(data_dir, s3_bucket, s3_server, monkeypatch, make_config):
+    """Model dir published to S3, checkpoints on S3, and a crashed run resumes from S3."""
+    from r1zero.model import load_causal_lm
+    from r1zero.train.ds_engine import DeepSpeedTrainEngine
+
+    cfg = make_config(pretrain={"steps": 4, "checkpoint_every": 2, "heldout_per_domain": 0})
+    out = f"s3://{s3_bucket}/run/pretrain"
+    real = DeepSpeedTrainEngine.train_step
+    calls = {"n": 0}
+
+    def crashing(self, micro):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated preemption")
+        return real(self, micro)
+
+    monkeypatch.setattr(DeepSpeedTrainEngine, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        P.run_pretrain(cfg, str(data_dir), out)
+    monkeypatch.setattr(DeepSpeedTrainEngine, "train_step", real)
+    summary = P.run_pretrain(cfg, str(data_dir), out)
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="run/")["Contents"]}
+    assert "run/pretrain/_SUCCESS" in keys and "run/pretrain/summary.json" in keys
+    assert "run/pretrain/checkpoints/step-00000004/MANIFEST.json" in keys
+    model, tok = load_causal_lm(out)
+    assert model.config.model_type == "r1zero_moe" and tok.eos_token_id is not None
