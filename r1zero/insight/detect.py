@@ -36,6 +36,7 @@ from r1zero import store
 from r1zero.config import InsightConfig
 from r1zero.errors import UserError
 from r1zero.insight import changepoint as cp
+from r1zero.progress import progress
 
 KINDS = ("jump", "knee", "reflection", "length_growth", "aha")
 DEFAULT_RUN = "default"
@@ -160,7 +161,7 @@ def find_aha(events: list[dict], window: float) -> list[dict]:
 def detect_all(series: Series, cfg: InsightConfig) -> list[dict]:
     """Events of every series plus the cross-metric ``aha`` events, sorted by run, metric, step."""
     events: list[dict] = []
-    for (run, metric), (t, y) in sorted(series.items()):
+    for (run, metric), (t, y) in progress(sorted(series.items()), desc="insight", unit="series"):
         events.extend(detect_series(run, metric, t, y, cfg))
     events.extend(find_aha(events, cfg.window))
     return sorted(events, key=lambda e: (e["run"], e["metric"], e["step"], KINDS.index(e["kind"])))

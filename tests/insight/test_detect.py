@@ -112,3 +112,16 @@ def test_parse_metrics_averages_duplicates_and_sorts():
     series, rows = parse_metrics(lines)
     t, y = series[("default", "a")]
     assert list(t) == [1.0, 2.0] and list(y) == [3.0, 2.0] and rows["kept"] == 3
+
+
+def test_run_detect_reads_and_writes_s3(s3_bucket):
+    from r1zero import store
+
+    rows = aha_run_rows(2, jump_step=45, n_steps=90)
+    src = f"s3://{s3_bucket}/grpo/metrics.jsonl"
+    store.write_bytes(src, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    out = f"s3://{s3_bucket}/insight/events.json"
+    doc = run_detect(src, out)
+    assert json.loads(store.read_bytes(out)) == json.loads(json.dumps(doc))
+    assert store.read_bytes(f"s3://{s3_bucket}/insight/events.eval_accuracy_math.png")[:4] == b"\x89PNG"
+    assert any(e["kind"] == "aha" for e in doc["events"])
