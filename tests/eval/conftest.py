@@ -64,8 +64,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def eval_env(tmp_path_factory):
-    """(data_dir, trained_model_dir, untrained_model_dir)."""
+def eval_base(tmp_path_factory):
+    """(data_dir, untrained_model_dir, tokenizer, llama_config, training_texts): cheap, about 1 s."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("eval_env")
@@ -81,14 +81,23 @@ def eval_env(tmp_path_factory):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
                       tie_word_embeddings=True)
-    out = {}
-    for name, steps in (("untrained", 0), ("trained", 200)):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg)
-        if steps:
-            fit(model, tok, [t + tok.eos_token for t in texts], steps)
-        d = root / name
-        model.save_pretrained(str(d))
-        tok.save_pretrained(str(d))
-        out[name] = d
-    return data, out["trained"], out["untrained"]
+    torch.manual_seed(0)
+    untrained = root / "untrained"
+    LlamaForCausalLM(cfg).save_pretrained(str(untrained))
+    tok.save_pretrained(str(untrained))
+    return data, untrained, tok, cfg, texts
+
+
+@pytest.fixture(scope="session")
+def eval_env(eval_base):
+    """(data_dir, trained_model_dir, untrained_model_dir); fitting takes ~20-30 s on a loaded CPU."""
+    from transformers import LlamaForCausalLM
+
+    data, untrained, tok, cfg, texts = eval_base
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    fit(model, tok, [t + tok.eos_token for t in texts], 200)
+    trained = untrained.parent / "trained"
+    model.save_pretrained(str(trained))
+    tok.save_pretrained(str(trained))
+    return data, trained, untrained

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from r1zero.cli import main
 
 
+@pytest.mark.slow
 def test_eval_cli_runs_and_prints(eval_env, tmp_path, capsys):
     data, trained, _ = eval_env
     out = tmp_path / "eval"
@@ -19,8 +22,8 @@ def test_eval_cli_runs_and_prints(eval_env, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["overall"]["n_problems"] == 2
 
 
-def test_eval_cli_bad_input(eval_env, tmp_path, capsys):
-    data, trained, _ = eval_env
+def test_eval_cli_bad_input(eval_base, tmp_path, capsys):
+    data, trained = eval_base[:2]
     assert main(["eval", "--model", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert main(["eval", "--model", str(trained), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert main(["eval", "--model", str(trained), "--data", str(data)]) == 2

@@ -105,8 +105,8 @@ def test_run_eval_end_to_end(eval_env, tmp_path):
     assert again["delta/pass@1"] == 0.0 and again["accuracy"] == flat["accuracy"]  # deterministic
 
 
-def test_run_eval_bad_inputs(eval_env, tmp_path):
-    data, trained, _ = eval_env
+def test_run_eval_bad_inputs(eval_base, tmp_path):
+    data, trained = eval_base[:2]
     with pytest.raises(UserError, match="no eval problems"):
         run_eval(_cfg("eval.domains=[code]"), str(trained), str(data), str(tmp_path / "o"))
     with pytest.raises(UserError, match="not found"):
