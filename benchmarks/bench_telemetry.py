@@ -11,7 +11,8 @@ one all-reduce per parameter tensor (8 collectives per step, like DeepSpeed's gr
 Reported: median step time per mode and the overhead ratio on/off - 1 per round (the machine is
 shared: read the spread, not one figure); a paired A/B where telemetry is toggled step by step
 (``paired_ab``: slow load drift cancels in the pairs; median paired difference with a bootstrap
-95% interval); and the exporter's own cost per step from per-call timings.
+95% interval) next to an A/A control run the same way (both arms identical: the method's noise
+floor); and the exporter's own cost per step from per-call timings.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ OFF = TelemetryConfig(enabled=False)
 ON = TelemetryConfig(port=0, bind="127.0.0.1")
 
 
-def make_step(rank: int):
+def make_step(rank: int, width: int = 256):
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(256, 256) for _ in range(4)]
+    layers = [torch.nn.Linear(width, width) for _ in range(4)]
     model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.GELU())])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(128, 256, generator=g)
+    x = torch.randn(128, width, generator=g)
 
     def step() -> float:
         loss = model(x).pow(2).mean()
@@ -132,11 +133,12 @@ def per_call_costs(n: int = 3000, repeats: int = 7) -> dict:
     return out
 
 
-def paired_ab(step, pairs: int, rank: int, scrape_s: float) -> dict:
+def paired_ab(step, pairs: int, rank: int, scrape_s: float, control: bool = False) -> dict:
     """Telemetry toggled step by step (on/off in a seeded random order within each pair, same on
     both ranks), so slow load drift cancels in the paired differences. The endpoint and the
     scraper run throughout (a scrape's cost is counted separately); "on" = collectives patched
-    + observe_step + set_gauges."""
+    + observe_step + set_gauges. ``control=True`` is the A/A run: "on" does exactly what "off"
+    does, so its figures are the noise floor of the method on this machine at this moment."""
     import random
 
     tel = telemetry.start(ON, job="bench", rank=rank, stage="pretrain", comm=False)
@@ -154,14 +156,15 @@ def paired_ab(step, pairs: int, rank: int, scrape_s: float) -> dict:
     for i in range(pairs):
         modes = ["on", "off"] if order_rng.random() < 0.5 else ["off", "on"]
         for mode in modes:
-            if mode == "on":
+            active = mode == "on" and not control
+            if active:
                 timer.install()
             else:
                 timer.uninstall()
             dist.barrier()
             t0 = time.perf_counter()
             loss = step()
-            if mode == "on":
+            if active:
                 tel.observe_step(time.perf_counter() - t0, tokens=128, loss=loss, lr=1e-3, step=i + 1)
                 tel.set_gauges(grad_norm=1.0)
             times[mode].append(time.perf_counter() - t0)
@@ -184,11 +187,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--scrape", type=float, default=1.0)
     ap.add_argument("--pairs", type=int, default=600)
+    ap.add_argument("--width", type=int, default=256, help="MLP width (step time grows ~ width^2)")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    step = make_step(rank)
+    step = make_step(rank, args.width)
     for _ in range(20):  # warm-up
         step()
     rounds, pooled, observe_us = [], {"off": [], "on": []}, []
@@ -203,23 +207,31 @@ def main() -> None:
         rounds.append({"off_ms": med["off"] * 1e3, "on_ms": med["on"] * 1e3, "overhead": med["on"] / med["off"] - 1,
                        "cpu_off_ms": cpu["off"] * 1e3, "cpu_on_ms": cpu["on"] * 1e3,
                        "cpu_overhead": cpu["on"] / cpu["off"] - 1})
-    paired = paired_ab(step, args.pairs, rank, args.scrape)
+    paired, control = {}, {}
+    for rep in range(2):  # A/B and A/A alternate, so both see the same load on average
+        for name, ctl in (("ab", False), ("aa", True)) if rep == 0 else (("aa", True), ("ab", False)):
+            res = paired_ab(step, args.pairs // 2, rank, args.scrape, control=ctl)
+            (paired if name == "ab" else control).setdefault("halves", []).append(res)
+    for d in (paired, control):
+        d["ratio_of_medians"] = statistics.mean(h["ratio_of_medians"] for h in d["halves"])
+        d["median_paired_rel_diff"] = statistics.mean(h["median_paired_rel_diff"] for h in d["halves"])
     costs = per_call_costs()
     if rank == 0:
-        ov = [x["overhead"] for x in rounds]
-        cov = [x["cpu_overhead"] for x in rounds]
-        step_ms = statistics.median(x["off_ms"] for x in rounds)
+        ov = [x["overhead"] for x in rounds] or [float("nan")]
+        cov = [x["cpu_overhead"] for x in rounds] or [float("nan")]
+        step_ms = (statistics.median(x["off_ms"] for x in rounds) if rounds
+                   else statistics.median(h["off_ms_median"] for h in control["halves"]))
         # the exporter's own work per step: 8 timed collectives + observe_step/set_gauges + a scrape
         # amortised over the steps between scrapes
         wrapper_us = max(0.0, costs["all_reduce_timed_us"] - costs["all_reduce_plain_us"])
         own_us = 8 * wrapper_us + statistics.median(observe_us) + costs["scrape_ms"] * 1e3 * (step_ms / 1e3) / args.scrape
-        pooled_ov = statistics.median(pooled["on"]) / statistics.median(pooled["off"]) - 1
-        print(json.dumps({"rounds": rounds, "paired": paired, "per_call": costs,
+        pooled_ov = statistics.median(pooled["on"]) / statistics.median(pooled["off"]) - 1 if rounds else float("nan")
+        print(json.dumps({"rounds": rounds, "paired": paired, "paired_control_aa": control, "per_call": costs,
                           "wall_overhead_pooled_median": pooled_ov,
                           "wall_overhead_median": statistics.median(ov), "wall_overhead_min": min(ov),
                           "wall_overhead_max": max(ov), "cpu_overhead_median": statistics.median(cov),
                           "cpu_overhead_min": min(cov), "cpu_overhead_max": max(cov),
-                          "step_ms_off_median": step_ms, "comm_calls_per_step": 8,
+                          "step_ms_off_median": step_ms, "comm_calls_per_step": 8, "width": args.width,
                           "observe_in_loop_us_median": statistics.median(observe_us),
                           "own_cost_per_step_us": own_us, "own_cost_fraction": own_us / (step_ms * 1e3)}, indent=1))
     dist.destroy_process_group()
