@@ -49,6 +49,15 @@ def select_problems(rows: Sequence[dict], domains: Sequence[str], n_problems: in
     return keep
 
 
+def selection_counts(rows: Sequence[dict], items: Sequence[dict], domains: Sequence[str]) -> dict:
+    """Where every eval-split row went: ``in == evaluated + sum(not_evaluated)``."""
+    other = sum(r.get("domain") not in set(domains) for r in rows)
+    no_answer = sum(r.get("domain") in set(domains) and not str(r.get("answer", "")).strip() for r in rows)
+    return {"in": len(rows), "evaluated": len(items),
+            "not_evaluated": {"domain_not_evaluated": other, "no_gold_answer": no_answer,
+                              "not_sampled": len(rows) - other - no_answer - len(items)}}
+
+
 # ---------------------------------------------------------------------------------------------
 # generation
 
@@ -227,13 +236,15 @@ def run_eval(cfg, model_uri: str, data_uri: str, out_uri: str, baseline_uri: str
     from r1zero.data.shards import read_rows
 
     e = cfg.eval
-    items = select_problems(read_rows(data_uri, "eval"), e.domains, e.n_problems, cfg.seed)
+    rows = read_rows(data_uri, "eval")
+    items = select_problems(rows, e.domains, e.n_problems, cfg.seed)
     if not items:
         raise UserError(f"data {data_uri}: no eval problems in domains {', '.join(e.domains)}")
     recs = evaluate_model(cfg, model_uri, items, "model")
     doc = {"model": str(model_uri), "data": str(data_uri), "config_hash": cfg.hash(), "seed": cfg.seed,
            "k": min(e.k, e.n_samples), "n_samples": e.n_samples, "temperature": e.temperature,
-           "max_new_tokens": e.max_new_tokens, **by_domain(recs, e.bootstrap, cfg.seed)}
+           "max_new_tokens": e.max_new_tokens, "rows": selection_counts(rows, items, e.domains),
+           **by_domain(recs, e.bootstrap, cfg.seed)}
     base_recs = None
     if baseline_uri:
         base_recs, kind = _load_baseline(cfg, baseline_uri, items)

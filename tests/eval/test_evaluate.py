@@ -8,7 +8,15 @@ import pytest
 
 from r1zero.config import load_config
 from r1zero.errors import UserError
-from r1zero.eval.evaluate import aggregate, compare, flat_metrics, run_eval, score_problems, select_problems
+from r1zero.eval.evaluate import (
+    aggregate,
+    compare,
+    flat_metrics,
+    run_eval,
+    score_problems,
+    select_problems,
+    selection_counts,
+)
 from r1zero.verify import Verdict
 
 KW = ["wait", "recheck"]
@@ -69,6 +77,9 @@ def test_select_problems_filters_and_is_seeded():
     assert {r["domain"] for r in got} == {"math", "cross"} and all(r["answer"] for r in got)
     assert select_problems(rows, ["math", "cross", "code"], 5, 1) == select_problems(rows, ["math", "cross", "code"], 5, 1)
     assert len(select_problems(rows, ["math"], 2, 0)) == 2
+    c = selection_counts(rows, select_problems(rows, ["math"], 2, 0), ["math"])
+    assert c == {"in": 20, "evaluated": 2, "not_evaluated": {"domain_not_evaluated": 12, "no_gold_answer": 4,
+                                                            "not_sampled": 2}}
 
 
 def _cfg(*extra):
@@ -89,6 +100,8 @@ def test_run_eval_end_to_end(eval_env, tmp_path):
     assert all(isinstance(v, float) for v in flat.values())
     # the fitted model answers most of its problems; the random-init one answers none
     assert doc["overall"]["n_problems"] == 8 and set(doc["by_domain"]) == {"math", "cross"}
+    assert doc["rows"] == {"in": 9, "evaluated": 8, "not_evaluated": {"domain_not_evaluated": 1, "no_gold_answer": 0,
+                                                                    "not_sampled": 0}}
     assert flat["accuracy"] == doc["overall"]["pass@1"]["mean"] >= 0.6
     assert doc["baseline"]["overall"]["pass@1"]["mean"] <= 0.1
     assert doc["delta"]["overall"]["pass@1"]["lo"] > 0  # significant improvement
