@@ -111,6 +111,9 @@ class StreamingDetector:
 def metrics_callback(write: Callable[[dict], None], prefix: str = "insight") -> Callback:
     """Event -> metrics rows via ``write(row)``: ``{prefix}/{kind}/{metric}`` = event step, and the lag.
 
+    Each ``aha`` also writes ``insight/aha_events`` = 1, the row the telemetry exporter turns into
+    its aha-events counter.
+
     Rows are stamped with the step at which the event was confirmed, so they land in the
     training metrics JSONL (and from there in dashboards) when the event became known.
     """
@@ -120,5 +123,7 @@ def metrics_callback(write: Callable[[dict], None], prefix: str = "insight") -> 
             base["run"] = e["run"]
         write({**base, "name": f"{prefix}/{e['kind']}/{e['metric']}", "value": float(e["step"])})
         write({**base, "name": f"{prefix}/{e['kind']}/{e['metric']}/lag_steps", "value": float(e["lag_steps"])})
+        if e["kind"] == "aha":  # the telemetry exporter counts these rows (r1zero_aha_events_total)
+            write({**base, "name": f"{prefix}/aha_events", "value": 1.0})
 
     return cb

@@ -39,6 +39,7 @@ def test_streaming_emits_jump_reflection_and_aha_once_with_small_lag(tmp_path):
     names = {r["name"] for r in written}
     assert "insight/aha/eval/accuracy/math" in names and "insight/jump/eval/accuracy/math/lag_steps" in names
     assert all(set(r) == {"step", "name", "value"} for r in written)
+    assert [r["value"] for r in written if r["name"] == "insight/aha_events"] == [1.0]  # one aha, counted once
 
 
 def test_streaming_is_quiet_on_a_flat_run_and_ignores_non_finite():
