@@ -121,8 +121,13 @@ def _hash(cfg, sections: tuple[str, ...]) -> str:
 # measurements (pure)
 
 
-def convergence_step(t: np.ndarray, y: np.ndarray, frac: float = CONVERGED_FRAC) -> float | None:
-    """First step where the smoothed curve reaches ``frac`` of its start-to-end rise; None if no rise."""
+def convergence_step(t: np.ndarray, y: np.ndarray, frac: float = CONVERGED_FRAC,
+                     min_sigma: float = 2.5) -> float | None:
+    """First step where the smoothed curve reaches ``frac`` of its start-to-end rise.
+
+    None when there is no real rise: the end level must exceed the start level by ``min_sigma``
+    noise standard deviations, so a flat noisy curve is "not converged", not "converged at once".
+    """
     t = np.asarray(t, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if y.size < 3:
@@ -130,7 +135,7 @@ def convergence_step(t: np.ndarray, y: np.ndarray, frac: float = CONVERGED_FRAC)
     smooth = cp.running_median(y, max(3, y.size // 10) | 1)
     edge = max(1, y.size // 10)
     start, end = float(np.median(smooth[:edge])), float(np.median(smooth[-edge:]))
-    if end <= start:
+    if end - start < min_sigma * cp.robust_sigma(y):
         return None
     idx = np.nonzero(smooth >= start + frac * (end - start))[0]
     return float(t[idx[0]]) if idx.size else None
@@ -144,7 +149,7 @@ def _stats(xs: list[float]) -> dict | None:
     return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()), "n": len(xs)}
 
 
-def aggregate(runs: list[dict], events: list[dict], series: dict) -> dict:
+def aggregate(runs: list[dict], events: list[dict], series: dict, min_sigma: float = 2.5) -> dict:
     """Per-variant table: event counts over runs, event steps, convergence, final accuracy.
 
     ``runs``: ``{"variant", "run", "seed", "accuracy"}`` per run; ``events``: run_detect events
@@ -165,7 +170,7 @@ def aggregate(runs: list[dict], events: list[dict], series: dict) -> dict:
         for r in rs:
             for m in ACC_METRICS:
                 if (r["run"], m) in series:
-                    conv.append(convergence_step(*series[(r["run"], m)]))
+                    conv.append(convergence_step(*series[(r["run"], m)], min_sigma=min_sigma))
                     break
         out[label] = {"n_runs": len(rs), "events": kinds, "convergence_step": _stats(conv),
                       "not_converged": sum(c is None for c in conv),
@@ -188,7 +193,8 @@ def markdown_table(agg: dict) -> str:
     for label, a in agg.items():
         ev = a["events"]
         lines.append(f"| {label} | {a['n_runs']} | {frac(ev['aha'])} | {frac(ev['jump'])} | {frac(ev['reflection'])} "
-                     f"| {frac(ev['length_growth'])} | {ms(ev['aha']['step'])} | {ms(a['convergence_step'])} "
+                     f"| {frac(ev['length_growth'])} | {ms(ev['aha']['step'])} "
+                     f"| {ms(a['convergence_step'])} ({a['n_runs'] - a['not_converged']}/{a['n_runs']} runs) "
                      f"| {ms(a['final_accuracy'], '{:.3f}')} |")
     return "\n".join(lines) + "\n"
 
@@ -289,7 +295,7 @@ def run_experiment(config_path: str | None, overrides: list[str], runs: int, swe
     from r1zero.insight.detect import parse_metrics
 
     series, _ = parse_metrics(json.dumps(r) for r in all_rows)
-    agg = aggregate(records, doc["events"], series)
+    agg = aggregate(records, doc["events"], series, min_sigma=base_cfg.insight.min_sigma)
     result = {"config": config_path, "overrides": overrides, "runs": runs, "sweep": sweep, "seed_scope": seed_scope,
               "variants": agg, "records": records, "events": str(out / "events.json")}
     store.atomic_write_text(out / "experiment.json", json.dumps(result, indent=1, sort_keys=True) + "\n")

@@ -110,7 +110,9 @@ def test_convergence_step_and_table():
     t = np.arange(100, dtype=float)
     assert convergence_step(t, logistic(t, 30, 4)) == pytest.approx(31, abs=2)
     assert convergence_step(t, 1 - t / 100) is None
+    noise = 0.3 + 0.02 * np.random.default_rng(0).normal(size=t.size)
+    assert convergence_step(t, noise) is None  # no real rise: not converged
     agg = {"v": {"n_runs": 2, "events": {k: {"runs_with_event": 1, "n_runs": 2, "step": None}
                                          for k in ("jump", "reflection", "length_growth", "aha", "knee")},
-                 "convergence_step": None, "final_accuracy": {"mean": 0.5, "std": 0.1}}}
-    assert "| v | 2 | 1/2 | 1/2 | 1/2 | 1/2 | - | - | 0.500 ± 0.100 |" in markdown_table(agg)
+                 "convergence_step": None, "not_converged": 2, "final_accuracy": {"mean": 0.5, "std": 0.1}}}
+    assert "| v | 2 | 1/2 | 1/2 | 1/2 | 1/2 | - | - (0/2 runs) | 0.500 ± 0.100 |" in markdown_table(agg)
