@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_moe.py                # full sizes (8192 tokens, d_model 512)
     .venv/bin/python benchmarks/bench_moe.py --tokens 256 --d-model 64 --repeats 1 --warmup 0 --json
 
-Two regimes, every peer configured to the same sizes and measured side by side in one process,
+``r1zero`` is ``MoELayer`` with its default ``expert_compute="auto"``; ``r1zero_loop`` forces the
+per-expert GEMM kernel. Two regimes, every peer configured to the same sizes and measured side by side in one process,
 interleaved per repeat so machine noise hits all of them alike:
 
 * ``mixtral``: E=8 experts, top-2, expert FFN width 1024 (Mixtral-8x7B shape, scaled down);
@@ -58,12 +59,13 @@ def flops_per_token(d_model: int, n_experts: int, top_k: int, d_ff: int) -> floa
 # ---- the three layers ----------------------------------------------------------------------
 
 
-def build_r1zero(d_model, n_experts, top_k, d_ff):
+def build_r1zero(d_model, n_experts, top_k, d_ff, expert_compute="auto"):
     from r1zero.model.config import R1ZeroConfig
     from r1zero.model.moe import MoELayer
 
     cfg = R1ZeroConfig(hidden_size=d_model, num_attention_heads=1, n_experts=n_experts,
-                       num_experts_per_tok=top_k, d_expert=d_ff, n_shared=0, router="softmax")
+                       num_experts_per_tok=top_k, d_expert=d_ff, n_shared=0, router="softmax",
+                       expert_compute=expert_compute)
     layer = MoELayer(cfg, 0)
     with torch.no_grad():
         for p in layer.parameters():
@@ -127,6 +129,7 @@ def build_deepspeed(d_model, n_experts, top_k, d_ff):
 
 PEERS = {
     "r1zero": build_r1zero,
+    "r1zero_loop": lambda *a: build_r1zero(*a, expert_compute="loop"),  # per-expert GEMMs, no padding
     "hf_mixtral": build_hf,
     "hf_grouped_mm": lambda *a: build_hf(*a, experts_implementation="grouped_mm"),
     "deepspeed": build_deepspeed,
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"x{res['speedup_vs_hf']:.2f} hf  x{res['speedup_vs_deepspeed']:.2f} ds  "
                   f"{100 * res['r1zero_fraction_of_peak']:.0f}% of {peak:.0f} GFLOP/s peak "
                   f"(hf {100 * res['hf_fraction_of_peak']:.0f}%)  "
-                  f"hf grouped_mm {res['hf_grouped_mm_tokens_per_s']:.0f} (x{res['speedup_vs_hf_grouped_mm']:.2f})")
+                  f"hf grouped_mm {res['hf_grouped_mm_tokens_per_s']:.0f} (x{res['speedup_vs_hf_grouped_mm']:.2f})  "
+                  f"r1zero loop {res['r1zero_loop_tokens_per_s']:.0f}")
     if args.json:
         print(json.dumps(result, sort_keys=True))
     return result

@@ -90,14 +90,14 @@ def test_kv_cache_matches_full_forward():
 def test_generate_greedy_cache_equals_recompute():
     m = tiny_model()
     prompt = torch.randint(2, 64, (3, 6))
-    kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     with_cache = m.generate(prompt, use_cache=True, **kw)
     no_cache = m.generate(prompt, use_cache=False, **kw)
-    assert with_cache.shape == (3, 16)
+    assert with_cache.shape == (3, 12)
     assert torch.equal(with_cache, no_cache)
     # manual recomputation: argmax of a full forward, token by token
     seq = prompt
-    for _ in range(10):
+    for _ in range(6):
         nxt = m(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
     assert torch.equal(seq, with_cache)
@@ -136,10 +136,10 @@ def test_save_pretrained_round_trip_through_auto_classes(tmp_path):
 def test_tiny_preset_trains_a_few_steps(router):
     torch.manual_seed(0)
     m = tiny_model(router=router).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     ids = torch.randint(2, 64, (4, 16))
     losses = []
-    for _ in range(15):
+    for _ in range(8):
         out = m(ids, labels=ids)
         opt.zero_grad()
         out.loss.backward()
