@@ -85,8 +85,10 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
         drop_BV = (probs_BV.cumsum(dim=-1) - probs_BV) >= top_p
         sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
         logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
-    probs_BV = logits_BV.softmax(dim=-1)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    # inverse-CDF draw: one uniform per row (torch.multinomial costs ~5x more per call here)
+    cdf_BV = logits_BV.softmax(dim=-1).cumsum(dim=-1)
+    u_B1 = torch.rand((cdf_BV.shape[0], 1), generator=generator, device=cdf_BV.device) * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -294,7 +294,7 @@ def step_metrics(cfg, rolls: list[dict], upd: dict, seconds: float, pattern) -> 
         "grpo/kl": upd["kl_sum"] / max(upd["tokens"], 1.0),
         "grpo/clip_frac/low": upd["clip_low"] / max(upd["tokens"], 1.0),
         "grpo/clip_frac/high": upd["clip_high"] / max(upd["tokens"], 1.0),
-        "grpo/entropy": upd["entropy_sum"] / max(upd["tokens"] / max(cfg.grpo.mu, 1), 1.0),
+        "grpo/entropy": upd["entropy_sum"] / max(upd["tokens"], 1.0),  # tokens: per inner iteration
         "grpo/loss": upd["loss"],
         "grpo/grad_norm": upd["grad_norm"],
         "grpo/completion_length/mean": mean(lengths),

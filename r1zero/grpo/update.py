@@ -84,7 +84,13 @@ def forward_completion(model, batch: Batch):
 def _accepts_keep(model) -> bool:
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    cls = type(model)
+    if cls not in _KEEP:
+        _KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _KEEP[cls]
+
+
+_KEEP: dict[type, bool] = {}
 
 
 @torch.no_grad()
