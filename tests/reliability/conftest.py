@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from relutil import TINY_DATA, TINY_TRAIN, run_cli  # noqa: E402
+from relutil import TINY_DATA, TINY_POLICY, run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +23,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_data, tmp_path_factory) -> Path:
-    """A real r1zero MoE model dir from ``r1zero pretrain`` (20 steps, world of one)."""
+    """A real r1zero MoE model dir from ``r1zero pretrain`` (20 steps, world of one, checkpoints 10/15/20)."""
     out = tmp_path_factory.mktemp("tinypolicy") / "pretrain"
-    res = run_cli("pretrain", "--config", "configs/tiny.yaml", *TINY_TRAIN, "--set", "pretrain.steps=20",
-                  "--data", tiny_data, "--out", out)
+    res = run_cli("pretrain", "--config", "configs/tiny.yaml", *TINY_POLICY, "--data", tiny_data, "--out", out)
     assert res.returncode == 0, res.stderr[-2000:]
     return out

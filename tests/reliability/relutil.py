@@ -27,6 +27,12 @@ TINY_TRAIN = ["--set", "model.vocab_size=320", "--set", "model.d_model=32", "--s
               "--set", "pretrain.heldout_max_new_tokens=4", "--set", "telemetry.enabled=false"]
 
 
+# The session's pretrained tiny policy (tests/reliability/conftest.py ``tiny_policy``): 20 steps with
+# checkpoints at 10, 15 and 20 (kept), so tests can repeat it or resume it.
+TINY_POLICY = [*TINY_TRAIN, "--set", "pretrain.steps=20", "--set", "pretrain.checkpoint_every=5",
+               "--set", "pretrain.keep_last=3"]
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "R1ZERO_PROGRESS": "0", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONWARNINGS": "ignore"}

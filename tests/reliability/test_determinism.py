@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from relutil import TINY_DATA, TINY_TRAIN, run_cli  # noqa: E402
+from relutil import TINY_DATA, TINY_POLICY, run_cli  # noqa: E402
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -40,8 +40,7 @@ def test_data_mix_twice_gives_identical_artifact(tiny_data, tmp_path):
 def test_pretrain_twice_gives_identical_checkpoint_hash(tiny_policy, tiny_data, tmp_path):
     """``tiny_policy`` is one run; this repeats it byte for byte (weights, metrics, checkpoint)."""
     again = tmp_path / "again"
-    res = run_cli("pretrain", "--config", "configs/tiny.yaml", *TINY_TRAIN, "--set", "pretrain.steps=20",
-                  "--data", tiny_data, "--out", again)
+    res = run_cli("pretrain", "--config", "configs/tiny.yaml", *TINY_POLICY, "--data", tiny_data, "--out", again)
     assert res.returncode == 0, res.stderr[-2000:]
     sha = {d: hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (tiny_policy, again)}
     assert sha[again] == sha[tiny_policy]

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from relutil import REPO, TINY_TRAIN, cli_env, metric_rows, run_cli, torchrun_cmd, worker_pid  # noqa: E402
+from relutil import REPO, TINY_POLICY, TINY_TRAIN, cli_env, metric_rows, run_cli, torchrun_cmd, worker_pid  # noqa: E402
 
 TIMING = ("tokens_per_s", "seconds", "per_s", "_time")
 
@@ -121,38 +121,36 @@ def test_grpo_kill9_one_rank_resumes_and_matches_uninterrupted(tiny_policy, tiny
 
 
 @pytest.mark.slow
-def test_corrupted_latest_checkpoints_fall_back_to_the_previous_valid_one(tiny_data, tmp_path):
-    """End to end (``r1zero pretrain``, world of one): truncate the newest checkpoint's engine shard
-    and flip one byte in the one before; the rerun warns, resumes from the oldest valid checkpoint
-    and reproduces the first run's metrics and weights."""
+def test_corrupted_latest_checkpoints_fall_back_to_the_previous_valid_one(tiny_policy, tiny_data, tmp_path):
+    """End to end (``r1zero pretrain``, world of one): in a copy of the session's 20-step run, truncate
+    the newest checkpoint's engine shard and flip one byte in the one before; the rerun warns, resumes
+    from the oldest valid checkpoint (step 10) and reproduces the original run's metrics and weights."""
+    import shutil
+
     from r1zero.train.checkpoint import MANIFEST
 
     out = tmp_path / "run"
-    args = ["pretrain", "--config", "configs/tiny.yaml", *TINY_TRAIN, "--set", "pretrain.steps=6",
-            "--set", "pretrain.checkpoint_every=2", "--set", "pretrain.keep_last=3", "--data", str(tiny_data),
-            "--out", str(out)]
-    first = run_cli(*args)
-    assert first.returncode == 0, first.stderr[-2000:]
-    ref_rows, ref_sha = metric_rows(out / "metrics.jsonl", TIMING), _sha(out / "model.safetensors")
+    shutil.copytree(tiny_policy, out)
     ck = out / "checkpoints"
-    assert sorted(p.name for p in ck.iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000010", "step-00000015", "step-00000020"]
 
     def shard(step: int) -> Path:
         files = json.loads((ck / f"step-{step:08d}" / MANIFEST).read_text())["files"]
         return ck / f"step-{step:08d}" / max((k for k in files if k.startswith("engine/")), key=lambda k: files[k]["size"])
 
-    newest = shard(6)
+    newest = shard(20)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
-    middle = shard(4)
+    middle = shard(15)
     data = bytearray(middle.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size, one bit pattern changed
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
     middle.write_bytes(bytes(data))
 
-    again = run_cli(*args, env=cli_env(PYTHONWARNINGS="default"))  # the fallback is reported as a warning
+    again = run_cli("pretrain", "--config", "configs/tiny.yaml", *TINY_POLICY, "--data", str(tiny_data),
+                    "--out", str(out), env=cli_env(PYTHONWARNINGS="default"))  # the fallback is reported as a warning
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "step-00000006" in again.stderr and "truncated" in again.stderr
-    assert "step-00000004" in again.stderr and "checksum mismatch" in again.stderr
+    assert "step-00000020" in again.stderr and "truncated" in again.stderr
+    assert "step-00000015" in again.stderr and "checksum mismatch" in again.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["start_step"] == 2 and summary["steps"] == 6
-    assert metric_rows(out / "metrics.jsonl", TIMING) == ref_rows
-    assert _sha(out / "model.safetensors") == ref_sha
+    assert summary["start_step"] == 10 and summary["steps"] == 20
+    assert metric_rows(out / "metrics.jsonl", TIMING) == metric_rows(tiny_policy / "metrics.jsonl", TIMING)
+    assert _sha(out / "model.safetensors") == _sha(tiny_policy / "model.safetensors")
