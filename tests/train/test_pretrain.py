@@ -122,7 +122,9 @@ def test_s3_output_checkpoints_and_resume(data_dir, s3_bucket, s3_server, monkey
 
 
 def test_time_budget_stops_early_and_still_publishes(data_dir, tmp_path, make_config):
-    cfg = make_config(pretrain={"steps": 50, "time_budget_s": 0.001, "heldout_per_domain": 1})
+    # telemetry on (ephemeral loopback port): the loop must run with the real exporter too
+    cfg = make_config(pretrain={"steps": 50, "time_budget_s": 0.001, "heldout_per_domain": 1},
+                      telemetry={"enabled": True, "port": 0, "bind": "127.0.0.1"})
     s = P.run_pretrain(cfg, str(data_dir), str(tmp_path / "o"))
     assert s["stopped_by_time_budget"] is True and s["steps"] == 1 and len(s["losses"]) == 1
     assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "o" / "summary.json").is_file()
