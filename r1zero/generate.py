@@ -13,8 +13,9 @@ How it is fast (compared with ``model.generate()``):
   position's logits are computed at prefill (``logits_to_keep=1`` when the model supports it);
 - rows that emitted EOS are dropped from the batch (and from the KV cache) in chunks, so late steps
   only pay for the rows still running;
-- the per-token loop is a single forward plus one sampling op: no logits-processor chain,
-  stopping-criteria objects or ``prepare_inputs_for_generation`` round trips;
+- the per-token loop is a single forward plus one sampling op (inverse-CDF draw): no
+  logits-processor chain, stopping-criteria objects or ``prepare_inputs_for_generation`` round
+  trips; for transformers' own SDPA models the (key-padding) attention mask is passed prebuilt;
 - everything runs under ``torch.inference_mode()``.
 
 Greedy (argmax) when ``temperature == 0``. Sampling draws come from ``generator`` so results are
@@ -47,6 +48,17 @@ def _forward_kwargs(model) -> tuple[str, bool]:
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     return cache_kw, "logits_to_keep" in params
+
+
+def _prebuilt_mask_ok(model) -> bool:
+    """Whether the model takes a prepared boolean 4D mask as-is (transformers' own models on SDPA).
+
+    transformers' ``create_causal_mask`` returns a 4D mask unchanged; for one new token the causal
+    part is trivial, so the mask is just key padding: building it ourselves skips the per-step mask
+    construction (a sizeable share of a tiny model's decode step). Other models get the 2D mask.
+    """
+    return (type(model).__module__.startswith("transformers.")
+            and getattr(model.config, "_attn_implementation", None) == "sdpa")
 
 
 def _new_cache(model):
@@ -115,6 +127,7 @@ def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature:
         raise ValueError("sample: every prompt needs at least one token")
     device = next(model.parameters()).device
     cache_kw, has_keep = _forward_kwargs(model)
+    fast_mask = _prebuilt_mask_ok(model)
     was_training = model.training
     model.eval()
     try:
@@ -169,7 +182,8 @@ def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature:
             tok_B = tok_B.masked_fill(done_B, pad_id)
             mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], dim=1)
             kw = {cache_kw: cache, "use_cache": True}
-            out = model(input_ids=tok_B[:, None], attention_mask=mask_BT, position_ids=next_pos_B[:, None], **kw)
+            att = mask_BT.bool()[:, None, None, :] if fast_mask else mask_BT
+            out = model(input_ids=tok_B[:, None], attention_mask=att, position_ids=next_pos_B[:, None], **kw)
             cache = _returned_cache(out, cache_kw, cache)
             logits_BV = out.logits[:, -1, :]
             next_pos_B = next_pos_B + 1
