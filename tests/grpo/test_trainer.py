@@ -96,3 +96,21 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys, grpo_env):
     rc = main(["grpo", "--set", "grpo.algorithm=dpo", "--policy", str(llama), "--data", str(data),
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "algorithm" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_spectral_grouping_three_level_and_batch_advantages(grpo_env, tmp_path, make_cfg):
+    data, llama, _ = grpo_env
+    cfg = make_cfg("grpo.steps=2", "grpo.eval_problems=0", "grpo.grouping.enabled=true", "grpo.grouping.k=3",
+                   "grpo.grouping.recluster_every=1", "grpo.grouping.spread_threshold=0.0",
+                   "grpo.reward.three_level=true", "grpo.reward.level_weights=[1.0,0.5,0.5]",
+                   "grpo.advantage=batch", "grpo.loss_agg=sequence")
+    s = run_grpo(cfg, str(llama), str(data), str(tmp_path / "g"))
+    assert s["steps"] == 2
+    rows = _metrics(tmp_path / "g" / "metrics.jsonl")
+    names = {r["name"] for r in rows}
+    assert {"grpo/groups/n", "grpo/group/0/pass_rate", "grpo/groups/spread", "grpo/reward/three_level/mean",
+            "grpo/reward/base/mean"} <= names
+    n_groups = [r["value"] for r in rows if r["name"] == "grpo/groups/n"]
+    assert n_groups[0] == 3 and all(2 <= n <= 6 for n in n_groups)
+    assert all(math.isfinite(r["value"]) for r in rows)
