@@ -186,6 +186,7 @@ def results(bad, tiny_data) -> dict[str, subprocess.CompletedProcess]:
         return dict(pool.map(one, CASES))
 
 
+@pytest.mark.slow  # the shared fixture runs 54 CLI subprocesses
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(case, results):
     name, argv, pattern = case

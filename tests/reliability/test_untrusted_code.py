@@ -67,6 +67,7 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
 
 
+@pytest.mark.slow  # ~30 sandbox processes
 def test_hostile_code_items_and_predictions_are_contained_on_the_reward_path(host):
     canary, listener = host
     port = listener.getsockname()[1]
