@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from r1zero.train.dist import free_port
@@ -43,11 +44,18 @@ def setup(data_dir, make_config, tmp_path_factory):
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     refs = {}
-    for ga in (2, 4):
-        out = root / f"ref-ga{ga}"
-        run_pretrain(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"grad_accum": ga})}),
-                     str(data_dir), str(out))
-        refs[ga] = _losses(out)
+    # one intra-op thread, like the launched ranks (OMP_NUM_THREADS=1): on a busy 2-core machine
+    # two spinning OpenMP threads per process cost far more than they gain at this size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for ga in (2, 4):
+            out = root / f"ref-ga{ga}"
+            run_pretrain(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"grad_accum": ga})}),
+                         str(data_dir), str(out))
+            refs[ga] = _losses(out)
+    finally:
+        torch.set_num_threads(threads)
     return root, config, refs
 
 
