@@ -169,3 +169,36 @@ def test_cli_reports_s3_outage_as_one_line_exit_2(s3_server, s3_bucket, proxy, t
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert len(lines) == 1 and "failed after 2 attempts" in lines[0] and "S3 upload" in lines[0], lines
     assert "Contents" not in s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="mix/")
+
+
+def test_checkpoint_upload_dying_before_its_manifest_is_never_used(s3_server, s3_bucket, proxy, monkeypatch, tmp_path):
+    """A checkpoint save on S3 loses the endpoint right when its MANIFEST (written last) goes up: the
+    save fails with one clear error, and the next load takes the previous, complete checkpoint."""
+    from r1zero.train.checkpoint import Checkpointer
+
+    monkeypatch.setattr(store, "_settings", store.S3Settings(endpoint_url=proxy.endpoint, retries=1))
+
+    def write(payload: bytes):
+        def w(d: Path) -> None:
+            (d / "engine").mkdir(parents=True, exist_ok=True)
+            (d / "engine" / "rank-00000.pt").write_bytes(payload)
+        return w
+
+    ck = Checkpointer(f"s3://{s3_bucket}/run/ck", keep_last=3, staging_root=tmp_path / "staging")
+    ck.save(1, write(b"one" * 1000), {"data_position": 1})
+
+    def on_request(line: bytes) -> None:
+        if b"step-00000002/MANIFEST.json" in line and line.startswith(b"PUT"):
+            proxy.stop()
+
+    proxy.on_request = on_request
+    with pytest.raises(UserError, match=r"step-00000002/MANIFEST\.json: failed after 2 attempts"):
+        ck.save(2, write(b"two" * 1000), {"data_position": 2})
+    proxy.on_request = None
+    proxy.start()
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="run/ck/")["Contents"]]
+    assert any("step-00000002/engine" in k for k in keys)  # the shards made it ...
+    assert not any(k.endswith("step-00000002/MANIFEST.json") for k in keys)  # ... the manifest did not
+    with pytest.warns(UserWarning, match=r"step-00000002 .*unusable"):
+        got = ck.load_latest()
+    assert got.step == 1 and (got.path / "engine" / "rank-00000.pt").read_bytes() == b"one" * 1000
