@@ -5,7 +5,9 @@
 
 Each spec ``name:k=v,...`` becomes ``r1zero pretrain --config CONFIG --data DATA
 --out OUTROOT/name --set k=v ...`` through the real CLI; process groups are created and destroyed
-per run (each on its own port), so one launch (one interpreter start per rank) covers several layouts.
+per run (each on its own port), so one launch (one interpreter start per rank) covers several
+layouts. A spec ending in ``!N`` simulates a preemption: every rank's N-th training step raises,
+the run dies, and the next spec with the same name resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +17,37 @@ import sys
 
 from r1zero.cli import main
 
+
+class Preempted(Exception):
+    pass
+
+
+def _crash_at(n: int):
+    """Patch both engines so that the n-th train_step of this run raises (then restore)."""
+    from r1zero.train.ds_engine import DeepSpeedTrainEngine
+    from r1zero.train.native_engine import NativeTrainEngine
+
+    saved = {cls: cls.train_step for cls in (DeepSpeedTrainEngine, NativeTrainEngine)}
+    calls = {"n": 0}
+
+    def make(real):
+        def step(self, micro):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise Preempted(f"simulated preemption at step {n}")
+            return real(self, micro)
+        return step
+
+    for cls, real in saved.items():
+        cls.train_step = make(real)
+
+    def restore():
+        for cls, real in saved.items():
+            cls.train_step = real
+
+    return restore
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     config, data, root, *specs = args
@@ -23,10 +56,18 @@ if __name__ == "__main__":
         # a fresh rendezvous port per run: re-creating the TCP store on the port the previous
         # (destroyed) group used can hang while the old listening socket lingers
         os.environ["MASTER_PORT"] = str(base_port + i)
+        spec, _, crash = spec.partition("!")
         name, _, sets = spec.partition(":")
         argv = ["pretrain", "--config", config, "--data", data, "--out", f"{root}/{name}"]
         for kv in filter(None, sets.split(",")):
             argv += ["--set", kv]
-        rc = main(argv)
+        restore = _crash_at(int(crash)) if crash else None
+        try:
+            rc = main(argv)
+        except Preempted:
+            continue
+        finally:
+            if restore:
+                restore()
         if rc:
             sys.exit(rc)

@@ -74,9 +74,11 @@ def test_world2_layouts_match_world1_under_deepspeed_launcher(setup, data_dir):
         "ep2": "parallel.dp=2,parallel.ep=2,pretrain.grad_accum=1",
     }
     out = root / "w2"
+    # native-engine resume (DTensor and pipeline-stage shards): die in step 13, resume from step 10
+    resume = [f"{k}r:{specs[k]},pretrain.checkpoint_every=10{crash}" for k in ("tp2", "pp2") for crash in ("!13", "")]
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(REPO / "tests" / "train" / "parity_worker.py"),
-           str(config), str(data_dir), str(out), *[f"{k}:{v}" for k, v in specs.items()]]
+           str(config), str(data_dir), str(out), *[f"{k}:{v}" for k, v in specs.items()], *resume]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     engines = {"dp2": "deepspeed", "dp2z3": "deepspeed", "tp2": "native", "pp2": "native", "ep2": "native"}
@@ -87,6 +89,10 @@ def test_world2_layouts_match_world1_under_deepspeed_launcher(setup, data_dir):
         figures[name] = _max_rel(refs[2], _losses(out / name))
     print("max relative loss difference vs world=1:", figures)
     assert all(v <= REL_TOL for v in figures.values()), figures
+    for k in ("tp2", "pp2"):
+        resumed = json.loads((out / f"{k}r" / "summary.json").read_text())
+        assert resumed["start_step"] == 10 and resumed["steps"] == STEPS
+        assert _losses(out / f"{k}r") == _losses(out / k), f"{k}: resumed run differs from uninterrupted"
 
 
 @pytest.mark.slow
