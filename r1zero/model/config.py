@@ -127,6 +127,7 @@ class R1ZeroConfig(PretrainedConfig):
             bias_update_rate=moe.bias_update_rate,
             capacity_factor=moe.capacity_factor,
             n_dense_layers=moe.n_dense_layers,
+            expert_compute=getattr(moe, "expert_compute", "auto"),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
