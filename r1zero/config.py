@@ -126,9 +126,10 @@ class MoEConfig(_Section):
     # None = dropless; otherwise capacity = ceil(T*k/E * factor) with overflow dropped.
     capacity_factor: float | None = Field(None, gt=0)
     n_dense_layers: int = Field(0, ge=0)
-    # Routed-expert kernel (r1zero/model/experts.py): per-expert GEMMs, one bmm over experts padded
-    # to the largest, or auto (padded while padding adds <= 30% rows; BENCHMARKS.md "MoE layer").
-    expert_compute: Literal["auto", "loop", "padded"] = "auto"
+    # Routed-expert kernel (r1zero/model/experts.py): per-expert GEMMs ("loop", fastest on a quiet
+    # CPU) or one bmm over experts padded to the largest ("padded", faster on oversubscribed cores;
+    # BENCHMARKS.md "MoE layer").
+    expert_compute: Literal["loop", "padded"] = "loop"
 
     @model_validator(mode="after")
     def _k_le_e(self) -> MoEConfig:

@@ -50,9 +50,9 @@ class R1ZeroConfig(PretrainedConfig):
         # DeepSeek-V3 multiplies normalised sigmoid weights by route_scale (2.5 for 671B,
         # inference/configs/config_671B.json); 1.0 keeps the routed output at unit scale.
         route_scale: float = 1.0,
-        # Routed-expert kernels: "loop" (per-expert GEMMs), "padded" (bmm over experts padded
-        # to the largest) or "auto" (padded while padding adds <= 30% rows); see experts.py.
-        expert_compute: str = "auto",
+        # Routed-expert kernels: "loop" (per-expert GEMMs) or "padded" (bmm over experts padded to
+        # the largest; wins only on oversubscribed cores); see experts.py, BENCHMARKS.md.
+        expert_compute: str = "loop",
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         bos_token_id: int | None = None,
@@ -91,8 +91,8 @@ class R1ZeroConfig(PretrainedConfig):
         # dense layer costs the same FLOPs per token as an MoE layer (DeepSeekMoE sec. 3).
         self.d_dense = d_dense or d_expert * (num_experts_per_tok + n_shared)
         self.route_scale = route_scale
-        if expert_compute not in ("auto", "loop", "padded"):
-            raise ValueError(f"expert_compute must be auto|loop|padded, got {expert_compute!r}")
+        if expert_compute not in ("loop", "padded"):
+            raise ValueError(f"expert_compute must be loop|padded, got {expert_compute!r}")
         self.expert_compute = expert_compute
         self.use_cache = use_cache
         super().__init__(
@@ -127,7 +127,7 @@ class R1ZeroConfig(PretrainedConfig):
             bias_update_rate=moe.bias_update_rate,
             capacity_factor=moe.capacity_factor,
             n_dense_layers=moe.n_dense_layers,
-            expert_compute=getattr(moe, "expert_compute", "auto"),
+            expert_compute=getattr(moe, "expert_compute", "loop"),
         )
         kwargs.update(overrides)
         return cls(**kwargs)

@@ -23,10 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-# ``auto`` pads experts to the largest one while that adds at most 30% rows (measured on the 2-core
-# dev machine, benchmarks/bench_moe.py: bmm over experts beat per-expert GEMMs by more than that).
-PAD_LIMIT = 0.30
-
 
 class _GroupedSwiGLU(torch.autograd.Function):
     """``out_TD = sum_slots w_N * SwiGLU_e(x_TD[tok_N])`` scattered back to the tokens."""
@@ -174,18 +170,15 @@ class RoutedExperts(nn.Module):
         self.w_down = nn.ParameterList([nn.Parameter(torch.empty(d_model, d_ff)) for _ in range(n_experts)])
 
     def forward_grouped(self, x_TD: torch.Tensor, tok_N: torch.Tensor, counts: list[int],
-                        w_N: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+                        w_N: torch.Tensor, mode: str = "loop") -> torch.Tensor:
         """Fused path: ``out_TD[t] = sum over t's slots of w * expert(x_TD[t])``.
 
-        ``mode``: ``loop`` (per-expert GEMMs, no padding), ``padded`` (two ``bmm`` over experts
-        padded to the largest one) or ``auto``: padded when the padding adds at most
-        ``PAD_LIMIT`` extra rows, else loop.
+        ``mode``: ``loop`` (per-expert GEMMs, no padding; fastest on a quiet CPU) or ``padded``
+        (one ``bmm`` per projection over experts padded to the largest; faster when the cores are
+        oversubscribed). See BENCHMARKS.md "MoE layer".
         """
         counts = list(counts)
-        N = sum(counts)
-        if mode == "auto":
-            mode = "padded" if len(counts) * max(counts) <= (1 + PAD_LIMIT) * N else "loop"
-        if N == 0:
+        if sum(counts) == 0:
             mode = "loop"
         fn = _PaddedSwiGLU if mode == "padded" else _GroupedSwiGLU
         return fn.apply(x_TD.contiguous(), w_N.contiguous(), tok_N, counts, *self.w_gate_up, *self.w_down)

@@ -35,7 +35,7 @@ class MoELayer(nn.Module):
         self.capacity_factor = None if config.router == "soft" else config.capacity_factor
         self.bias_update_rate = config.bias_update_rate
         self.route_scale = getattr(config, "route_scale", 1.0)
-        self.expert_compute = getattr(config, "expert_compute", "auto")
+        self.expert_compute = getattr(config, "expert_compute", "loop")
         D = config.hidden_size
         self.gate = nn.Linear(D, config.n_experts, bias=False)
         self.experts = RoutedExperts(config.n_experts, D, config.d_expert)

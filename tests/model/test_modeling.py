@@ -23,10 +23,10 @@ def test_from_model_config_maps_the_typed_config():
     assert (hf.hidden_size, hf.num_hidden_layers, hf.n_experts, hf.num_experts_per_tok) == (128, 2, 4, 2)
     assert hf.n_shared == 1 and hf.d_expert == 256 and hf.vocab_size == 512 and hf.router == "softmax"
     assert hf.aux_loss_coef == cfg.model.moe.aux_loss_coef and hf.capacity_factor is None
-    assert hf.expert_compute == "auto"
-    other = load_config("configs/tiny.yaml", ["model.moe.expert_compute=loop", "model.moe.capacity_factor=1.25"])
+    assert hf.expert_compute == "loop"
+    other = load_config("configs/tiny.yaml", ["model.moe.expert_compute=padded", "model.moe.capacity_factor=1.25"])
     hf = R1ZeroConfig.from_model_config(other.model)
-    assert hf.expert_compute == "loop" and hf.capacity_factor == 1.25
+    assert hf.expert_compute == "padded" and hf.capacity_factor == 1.25
 
 
 def test_same_seed_same_weights_and_every_weight_initialised():
