@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/r1zero data mix --config configs/tiny.yaml --out $(OUT)/data
+	$(VENV)/bin/r1zero run --config configs/tiny.yaml --out $(OUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -35,7 +35,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path | No
 
     check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits split one per token: a tiny model learns column arithmetic far more easily than
+    # with BPE merging arbitrary digit runs (as Llama and DeepSeek tokenizers do).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)

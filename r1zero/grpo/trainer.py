@@ -22,6 +22,7 @@ newest valid checkpoint and reproduces the uninterrupted run exactly on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -406,10 +407,11 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
                     (work / name).unlink(missing_ok=True)
         print0(f"grpo: resumed from step {st.step}")
     elif rank == 0:
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", "insight_stream.jsonl"):
             (work / name).unlink(missing_ok=True)
 
     tel = _telemetry(cfg, rank)
+    detector = _streaming_detector(cfg, work / "insight_stream.jsonl", tel)
     if st.step == 0 and subset:
         ev = run_eval(model, tok, subset, scorer, g.max_new_tokens)
         st.first_eval = st.last_eval = ev
@@ -460,16 +462,20 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
             m.update(ev)
         if rank == 0:
             metrics.write(st.step, m)
+            for name, value in m.items():  # "aha" events as soon as they are detectable
+                detector.update(st.step, name, value)
             if st.step % g.sample_every == 0 or st.step == 1:
                 _write_samples(samples_path, st.step, roll, entries)
         if tel is not None:
             tel.observe_step(seconds, tokens=int(sum(len(c) for c in roll.completion_ids)), loss=upd["loss"], lr=g.lr,
                              reward=m["grpo/reward/mean"], accuracy=m["grpo/accuracy"])
+            tel.set_gauges(**m)
         st.elapsed_s = time.perf_counter() - t_start
         bar.update(1)
         bar.set_postfix(reward=f"{m['grpo/reward/mean']:.3f}", acc=f"{m['grpo/accuracy']:.3f}")
         if st.step % g.checkpoint_every == 0:
-            _save(ckpt, st, model, optimizer, value_head, work)
+            with tel.checkpoint_timer() if tel is not None else contextlib.nullcontext():
+                _save(ckpt, st, model, optimizer, value_head, work)
     bar.close()
     if subset and stop_reason == "time_budget" and st.step % g.eval_every != 0 and st.step > 0:
         st.last_eval = run_eval(model, tok, subset, scorer, g.max_new_tokens)  # the curve ends where training did
@@ -517,6 +523,22 @@ def _write_samples(path: Path, step: int, roll: Rollout, entries) -> None:
                                  "formatted": roll.reward.formatted[i], "truncated": roll.truncated[i]}))
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(x + "\n" for x in lines))
+
+
+def _streaming_detector(cfg, path: Path, tel):
+    """Online insight detection on rank 0: each event is appended to ``insight_stream.jsonl``
+    (with its detection lag) and counted by the telemetry exporter when it becomes detectable.
+    Kept out of metrics.jsonl so a resumed run's metrics stay identical to an uninterrupted one
+    (the detector restarts empty after a resume)."""
+    from r1zero.insight.streaming import StreamingDetector, metrics_callback
+
+    def write(row: dict) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if tel is not None:
+            tel.observe_metrics({row["name"]: row["value"]})
+
+    return StreamingDetector(cfg.insight, on_event=[metrics_callback(write)])
 
 
 def _save(ckpt, st: RunState, model, optimizer, value_head, work: Path) -> None:

@@ -30,32 +30,16 @@ import torch
 from r1zero.errors import UserError
 
 
-def _fallback_text(row: dict) -> str:
-    """Document text for a row when the data package offers no ``pretrain_text``."""
-    if row.get("domain") == "general" or not row.get("answer"):
-        return row["prompt"]
-    try:
-        from r1zero.template import render_completion, render_prompt
-    except ImportError:  # the template module is the DATA engineer's; plain text keeps us running
-        return f"{row['prompt']}\n{row.get('solution', '')}\n{row['answer']}"
-    return render_prompt(row["prompt"]) + " " + render_completion(row.get("solution", ""), row["answer"])
+def build_documents(rows: list[dict], seed: int, template_fraction: float = 0.5) -> list[str]:
+    """One pretraining document per row, rendered with a seeded RNG (deterministic).
 
+    ``template_fraction`` (``data.template_fraction``) of the task rows use the R1-Zero template,
+    the rest plain formats (:func:`r1zero.data.documents.pretrain_text`).
+    """
+    from r1zero.data.documents import pretrain_text
 
-def document_text_fn():
-    """``(row, rng) -> str`` from the data package (``r1zero.data.documents.pretrain_text``) if present."""
-    try:
-        from r1zero.data.documents import pretrain_text
-
-        return pretrain_text
-    except ImportError:
-        return lambda row, rng: _fallback_text(row)
-
-
-def build_documents(rows: list[dict], seed: int) -> list[str]:
-    """One pretraining document per row, rendered with a seeded RNG (deterministic)."""
-    fn = document_text_fn()
     rng = random.Random(seed)
-    docs = [fn(row, rng) for row in rows]
+    docs = [pretrain_text(row, rng, template_fraction=template_fraction) for row in rows]
     return [d for d in docs if d]
 
 
