@@ -50,6 +50,10 @@ def collect(run_dir: Path, out: Path) -> dict:
     return summary
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def print_summary(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -65,15 +69,15 @@ def print_summary(s: dict) -> None:
     t.add_column("model")
     t.add_column("accuracy")
     t.add_column("format rate")
-    t.add_row("base", fmt(s["base_accuracy"], s.get("base_ci")), f"{s['base'].get('format_rate')}")
-    t.add_row("RL (GRPO)", fmt(s["rl_accuracy"], s.get("rl_ci")), f"{s['rl'].get('format_rate')}")
+    t.add_row("base", fmt(s["base_accuracy"], s.get("base_ci")), _num(s["base"].get("format_rate")))
+    t.add_row("RL (GRPO)", fmt(s["rl_accuracy"], s.get("rl_ci")), _num(s["rl"].get("format_rate")))
     console.print(t)
     e = Table(title=f"insight events ({len(s['events'])})")
     for col in ("kind", "metric", "step", "before -> after", "score"):
         e.add_column(col)
     for ev in s["events"]:
-        e.add_row(ev["kind"], ev["metric"], str(ev["step"]), f"{ev.get('before')} -> {ev.get('after')}",
-                  f"{ev.get('score')}")
+        e.add_row(ev["kind"], ev["metric"], f"{ev['step']:g}", f"{_num(ev.get('before'))} -> {_num(ev.get('after'))}",
+                  _num(ev.get("score")))
     console.print(e)
     st = Table(title="stage durations")
     st.add_column("stage")
@@ -101,6 +105,8 @@ def run_local(cfg, out: Path, registry_uri: str | None = None, warm_start: bool 
     with warnings.catch_warnings():
         # The runtime image name has no "python" in it; kfp.local warns about that for every task.
         warnings.simplefilter("ignore", RuntimeWarning)
+        # kfp.local ignores display names (and other cluster-only settings) by design.
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
             r1zero_pipeline(config_yaml=config_yaml, target="local",
                             registry_uri=registry_uri if registry_uri is not None else str(out / "registry"),
