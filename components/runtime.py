@@ -303,9 +303,18 @@ def _eval_summary(result_dir: str) -> dict:
     acc, ci = est(overall, "pass@1")
     return {"accuracy": acc, "ci": ci,
             "format_rate": est(overall, "format_rate")[0],
-            "accuracy_formatted": est(overall, "accuracy_formatted")[0],
+            # early RL gains are often format only: accuracy among well-formatted greedy answers
+            "accuracy_formatted": _accuracy_formatted(Path(result_dir) / "per_problem.jsonl"),
             "pass@k": est(overall, "pass@k")[0], "maj@k": est(overall, "maj@k")[0],
             "by_domain": {d: est(b, "pass@1")[0] for d, b in m.get("by_domain", {}).items()}}
+
+
+def _accuracy_formatted(per_problem: Path) -> float | None:
+    if not per_problem.is_file():
+        return None
+    recs = [json.loads(x) for x in per_problem.read_text(encoding="utf-8").splitlines() if x.strip()]
+    fmt = [r for r in recs if r.get("format_rate", 0.0) >= 1.0]
+    return sum(r["pass@1"] for r in fmt) / len(fmt) if fmt else None
 
 
 def build_summary(data_dir, base_dir, rl_dir, base_eval_dir, rl_eval_dir, insight_dir) -> dict:

@@ -69,8 +69,10 @@ def print_summary(s: dict) -> None:
     t.add_column("model")
     t.add_column("accuracy")
     t.add_column("format rate")
-    t.add_row("base", fmt(s["base_accuracy"], s.get("base_ci")), _num(s["base"].get("format_rate")))
-    t.add_row("RL (GRPO)", fmt(s["rl_accuracy"], s.get("rl_ci")), _num(s["rl"].get("format_rate")))
+    t.add_column("accuracy among formatted")
+    for label, key in (("base", "base"), ("RL (GRPO)", "rl")):
+        t.add_row(label, fmt(s[f"{key}_accuracy"], s.get(f"{key}_ci")), _num(s[key].get("format_rate")),
+                  _num(s[key].get("accuracy_formatted")))
     console.print(t)
     e = Table(title=f"insight events ({len(s['events'])})")
     for col in ("kind", "metric", "step", "before -> after", "score"):

@@ -54,6 +54,8 @@ def _eval_dir(tmp_path, name, acc):
     (d / "metrics.json").write_text(json.dumps({"accuracy": acc, "overall": {
         "pass@1": {"mean": acc, "lo": acc - 0.05, "hi": acc + 0.05, "n": 100},
         "format_rate": {"mean": 0.9, "lo": 0.8, "hi": 0.95, "n": 100}}, "by_domain": {}}))
+    (d / "per_problem.jsonl").write_text("\n".join(json.dumps({"format_rate": f, "pass@1": c}) for f, c in
+                                                         [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0), (1.0, 1.0)]))
     runtime.record_stage(d, name, 3.0)
     return str(d)
 
@@ -72,6 +74,7 @@ def test_build_summary(tmp_path):
     assert s["base_accuracy"] == 0.2 and s["rl_accuracy"] == 0.45
     assert s["improvement"] == pytest.approx(0.25)
     assert s["events"][0]["kind"] == "jump"
+    assert s["rl"]["accuracy_formatted"] == pytest.approx(2 / 3) and s["rl"]["format_rate"] == 0.9
     assert set(s["stage_seconds"]) == {"data_mix", "pretrain", "grpo", "evaluate_base", "evaluate_rl",
                                        "detect_insight"}
     md = runtime.summary_markdown(s)
