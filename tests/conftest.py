@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -61,31 +60,31 @@ class S3Server:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """Start moto's S3 server; export endpoint and dummy credentials for boto3 and r1zero."""
+def _s3_process():
+    """One moto S3 server process for the whole session."""
     server = S3Server(free_port())
     server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "R1ZERO_S3_ENDPOINT": server.endpoint,
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from r1zero import store
-
-    store._settings = store.S3Settings.from_env(retries=2)
     try:
         yield server
     finally:
         server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        store._settings = store.S3Settings.from_env()
+
+
+@pytest.fixture
+def s3_server(_s3_process, monkeypatch):
+    """The loopback S3 server, with endpoint and dummy credentials exported for boto3 and r1zero.
+
+    Applied per test (monkeypatch), so nothing another test or an in-process CLI call did to the
+    environment or to the store's settings can point this test at the wrong endpoint.
+    """
+    from r1zero import store
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "R1ZERO_S3_ENDPOINT": _s3_process.endpoint}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(store, "_settings", store.S3Settings.from_env(retries=2))
+    return _s3_process
 
 
 @pytest.fixture

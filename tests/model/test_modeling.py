@@ -20,7 +20,9 @@ def tiny_model(seed=0, **kw):
 def test_from_model_config_maps_the_typed_config():
     cfg = load_config("configs/tiny.yaml")
     hf = R1ZeroConfig.from_model_config(cfg.model)
-    assert (hf.hidden_size, hf.num_hidden_layers, hf.n_experts, hf.num_experts_per_tok) == (128, 2, 4, 2)
+    m = cfg.model
+    assert (hf.hidden_size, hf.num_hidden_layers, hf.n_experts, hf.num_experts_per_tok) == (
+        m.d_model, m.n_layers, m.moe.n_experts, m.moe.top_k) == (128, 4, 4, 2)
     assert hf.n_shared == 1 and hf.d_expert == 256 and hf.vocab_size == 512 and hf.router == "softmax"
     assert hf.aux_loss_coef == cfg.model.moe.aux_loss_coef and hf.capacity_factor is None
     assert hf.expert_compute == "loop"
