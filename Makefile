@@ -5,7 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/tiny
 
-.PHONY: setup run test test-fast lint images manifests audit clean
+# Debian's prometheus (server + promtool) for the observability tests; installed when missing.
+system-deps:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "make test needs Prometheus on PATH (Debian package 'prometheus')" >&2; exit 2; fi; }
+
+.PHONY: setup system-deps run test test-fast lint images manifests audit clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +27,7 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/r1zero run --config configs/tiny.yaml --out $(OUT)
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest -q
 
 test-fast: setup
