@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from r1zero.cli import add_config_args, config_from_args
+from r1zero.cli import add_config_args, add_group, config_from_args
 from r1zero.errors import UserError
 
 DEFAULT_PACKAGE = Path(__file__).with_name("r1zero_pipeline.yaml")
@@ -63,9 +63,7 @@ def register(sub) -> None:
         p.set_defaults(func=_run)
     if "pipeline" in sub.choices:
         return
-    p = sub.add_parser("pipeline", help="compile or submit the Kubeflow pipeline")
-    psub = p.add_subparsers(dest="pipeline_command", metavar="ACTION", parser_class=type(p))
-    psub.required = True
+    psub = add_group(sub, "pipeline", "compile or submit the Kubeflow pipeline")
     c = psub.add_parser("compile", help="compile the pipeline to IR YAML")
     c.add_argument("--out", default=str(DEFAULT_PACKAGE), help="output YAML path")
     c.set_defaults(func=_compile)

@@ -51,6 +51,14 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="override a config value, e.g. --set data.mix.math=0.35 (repeatable)")
 
 
+def add_group(sub, name: str, help: str):
+    """Add a command group (``r1zero NAME ACTION ...``); returns the subparsers for its actions."""
+    p = sub.add_parser(name, help=help)
+    actions = p.add_subparsers(dest=f"{name}_command", metavar="ACTION", parser_class=type(p))
+    actions.required = True
+    return actions
+
+
 def config_from_args(args):
     from r1zero import store
     from r1zero.config import load_config

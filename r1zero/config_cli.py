@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from r1zero.cli import add_config_args, config_from_args
+from r1zero.cli import add_config_args, add_group, config_from_args
 
 
 def _show(args) -> int:
@@ -25,9 +25,7 @@ def _validate(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("config", help="show or validate the resolved config")
-    csub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=type(p))
-    csub.required = True
+    csub = add_group(sub, "config", "show or validate the resolved config")
     show = csub.add_parser("show", help="print the resolved config (preset + --set overrides)")
     add_config_args(show)
     show.add_argument("--json", action="store_true", help="print JSON instead of YAML")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from r1zero.cli import add_config_args, config_from_args
+from r1zero.cli import add_config_args, add_group, config_from_args
 
 
 def _mix(args) -> int:
@@ -36,9 +36,7 @@ def _show(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="data mixing: procedural tasks + imports -> shards, tokenizer, manifest")
-    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(p))
-    dsub.required = True
+    dsub = add_group(sub, "data", "data mixing: procedural tasks + imports -> shards, tokenizer, manifest")
     mix = dsub.add_parser("mix", help="generate, import, filter, dedup and write the data artifact")
     add_config_args(mix)
     mix.add_argument("--out", required=True, help="output URI: a local dir or s3://bucket/prefix")

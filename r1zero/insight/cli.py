@@ -9,7 +9,7 @@ event kind (with the spread of their steps).
 
 from __future__ import annotations
 
-from r1zero.cli import add_config_args, config_from_args
+from r1zero.cli import add_config_args, add_group, config_from_args
 
 
 def _detect(args) -> int:
@@ -30,9 +30,7 @@ def _detect(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("insight", help="detect aha moments and other events in training metrics")
-    isub = p.add_subparsers(dest="insight_command", metavar="ACTION", parser_class=type(p))
-    isub.required = True
+    isub = add_group(sub, "insight", "detect aha moments and other events in training metrics")
     d = isub.add_parser("detect", help="detect events in a metrics JSONL; write JSON + PNGs")
     add_config_args(d)
     d.add_argument("--metrics", required=True, help='metrics JSONL ({"step","name","value"[,"run"]} per line)')

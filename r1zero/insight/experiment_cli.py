@@ -8,7 +8,7 @@ See :mod:`r1zero.insight.experiment` for what is measured and how seeds are shar
 
 from __future__ import annotations
 
-from r1zero.cli import add_config_args, config_from_args
+from r1zero.cli import add_config_args, add_group, config_from_args
 
 
 def _aha(args) -> int:
@@ -23,9 +23,7 @@ def _aha(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("experiment", help="repeatability experiments over seeds and sweeps")
-    esub = p.add_subparsers(dest="experiment_command", metavar="ACTION", parser_class=type(p))
-    esub.required = True
+    esub = add_group(sub, "experiment", "repeatability experiments over seeds and sweeps")
     a = esub.add_parser("aha", help="run the pipeline for N seeds per variant; count aha moments")
     add_config_args(a)
     a.add_argument("--runs", type=int, default=5, help="seeds per variant (default 5)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from r1zero.cli import add_group
 from r1zero.errors import UserError
 
 
@@ -69,9 +70,7 @@ def _memory(text: str) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sandbox", help="run untrusted Python in the sandbox")
-    ssub = p.add_subparsers(dest="sandbox_command", metavar="ACTION", parser_class=type(p))
-    ssub.required = True
+    ssub = add_group(sub, "sandbox", "run untrusted Python in the sandbox")
     run = ssub.add_parser("run", help="run FILE.py sandboxed and print its verdict as JSON")
     run.add_argument("file", metavar="FILE.py")
     run.add_argument("--timeout", type=_positive_float, default=2.0, help="wall/CPU seconds (default 2)")
