@@ -16,7 +16,13 @@ How it is fast (compared with ``model.generate()``):
 - the per-token loop is a single forward plus one sampling op (inverse-CDF draw): no
   logits-processor chain, stopping-criteria objects or ``prepare_inputs_for_generation`` round
   trips; for transformers' own SDPA models the (key-padding) attention mask is passed prebuilt;
-- everything runs under ``torch.inference_mode()``.
+- everything runs under ``torch.inference_mode()``;
+- for transformers' Llama/Qwen2/Mistral and r1zero's own model, a lean decoder
+  (:class:`_LeanDecoder`) replaces ``model(...)``: a KV cache preallocated once per call (no
+  per-step growth), RoPE tables computed once, and the layers' weights applied directly
+  (``F.linear``/``F.rms_norm``, grouped-query attention by matmul over the cache), which skips
+  transformers' per-step module, mask and cache bookkeeping. Any other model, or one with hooks or
+  DTensor weights, takes the generic path; both give the same tokens for a generator seed (tests).
 
 Greedy (argmax) when ``temperature == 0``. Sampling draws come from ``generator`` so results are
 reproducible for a given generator seed.
@@ -30,6 +36,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 # Compact the batch once this fraction of the running rows has finished (at least one row).
 # Selecting rows copies the KV cache, so compacting on every single finished row costs more than
@@ -115,23 +123,269 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids_BL, mask_BL
 
 
+# ---------------------------------------------------------------------------------------------
+# Lean decode path: static KV cache + direct calls into the decoder layers (known architectures)
+
+# transformers decoder layers whose forward is exactly: x += attn(input_layernorm(x)) (RoPE,
+# GQA, optional q/k/v bias), x += mlp(post_attention_layernorm(x)), with a Llama RMSNorm.
+_HF_LLAMA_LIKE = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"}
+_HF_MLP_SWIGLU = {"LlamaMLP", "Qwen2MLP", "MistralMLP"}
+_STATIC_ROPE = {"default", "linear", "llama3"}  # inv_freq does not depend on the sequence length
+
+
+@dataclass
+class _Layer:
+    n1: tuple[torch.Tensor, float]  # (weight, eps) of the pre-attention RMSNorm
+    q: tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias)
+    k: tuple[torch.Tensor, torch.Tensor | None]
+    v: tuple[torch.Tensor, torch.Tensor | None]
+    o: tuple[torch.Tensor, torch.Tensor | None]
+    n2: tuple[torch.Tensor, float]
+    mlp: object  # (gate, up, down) linears for a SiLU SwiGLU, else the module itself
+
+
+def _lin(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if type(m) is not nn.Linear:
+        raise _NotLean(f"{type(m).__name__} is not a plain Linear")
+    return m.weight, m.bias
+
+
+class _NotLean(Exception):
+    pass
+
+
+def _rms(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """Llama RMSNorm: ``w * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)``."""
+    w, eps = norm
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    return w * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def _swiglu(x: torch.Tensor, mlp) -> torch.Tensor:
+    if isinstance(mlp, tuple):
+        (wg, bg), (wu, bu), (wd, bd) = mlp
+        return F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+    return mlp(x)
+
+
+class _LeanDecoder:
+    """Decode with a preallocated KV cache, calling the model's weights directly.
+
+    Supports transformers' Llama, Qwen2 and Mistral (no sliding window) decoders and r1zero's own
+    :class:`~r1zero.model.R1ZeroForCausalLM` (MoE feed-forwards are called as modules). Built only
+    for a plain model: no hooks, no DTensor (tensor-parallel) weights. The math is the model's
+    own (same RMSNorm, RoPE tables from the model's rotary module, GQA head grouping), so
+    logits agree with ``model(...)`` up to float rounding (tests: within 1e-5).
+    Cache layout: ``k[i]``/``v[i]`` are (B, G, T_max, Dh); slot ``s`` holds sequence position
+    ``s`` of every row (left padding keeps the rows aligned), ``bias_BT`` masks the padding.
+    """
+
+    def __init__(self, model):
+        base = getattr(model, "model", None)
+        if base is None or type(getattr(model, "lm_head", None)) is not nn.Linear:
+            raise _NotLean("no .model / plain lm_head")
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            raise _NotLean("global forward hooks")
+        for m in model.modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                raise _NotLean("module hooks")
+        for p in model.parameters():
+            if type(p) is not nn.Parameter or type(p.data) is not torch.Tensor:
+                raise _NotLean("non-plain parameter (DTensor / quantised)")
+        if not model.parameters().__next__().dtype.is_floating_point:
+            raise _NotLean("non-float weights")
+        cfg = model.config
+        self.embed = base.embed_tokens.weight
+        self.head = _lin(model.lm_head)
+        layers = list(base.layers)[:getattr(model.config, "num_hidden_layers", None)]
+        if type(model).__module__.startswith("transformers."):
+            if not layers or {type(x).__name__ for x in layers} - _HF_LLAMA_LIKE:
+                raise _NotLean("decoder layer type")
+            if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
+                raise _NotLean("attention implementation")
+            if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+                raise _NotLean("sliding window")
+            rope = getattr(cfg, "rope_parameters", None) or {}
+            if rope.get("rope_type", "default") not in _STATIC_ROPE:
+                raise _NotLean("dynamic RoPE")
+            if getattr(cfg, "pretraining_tp", 1) != 1:
+                raise _NotLean("pretraining_tp")
+            silu = getattr(cfg, "hidden_act", None) == "silu"
+            rot = base.rotary_emb
+            self._rope = lambda pos_BS: rot(self.embed[:1], pos_BS)
+            self.final = (base.norm.weight, base.norm.variance_epsilon)
+            self.layers = []
+            for x in layers:
+                a, mlp = x.self_attn, x.mlp
+                mlp_t = (_lin(mlp.gate_proj), _lin(mlp.up_proj), _lin(mlp.down_proj)) \
+                    if silu and type(mlp).__name__ in _HF_MLP_SWIGLU else mlp
+                self.layers.append(_Layer((x.input_layernorm.weight, x.input_layernorm.variance_epsilon),
+                                          _lin(a.q_proj), _lin(a.k_proj), _lin(a.v_proj), _lin(a.o_proj),
+                                          (x.post_attention_layernorm.weight,
+                                           x.post_attention_layernorm.variance_epsilon), mlp_t))
+            self.scale = layers[0].self_attn.scaling
+            self.head_dim = layers[0].self_attn.head_dim
+        elif type(model).__module__.startswith("r1zero.model"):
+            from r1zero.model.layers import SwiGLU
+
+            rot = base.rotary
+            self._rope = lambda pos_BS: rot(pos_BS, self.embed.dtype)
+            self.final = (base.norm.weight, base.norm.eps)
+            self.layers = []
+            for x in layers:
+                a, mlp = x.self_attn, x.mlp
+                mlp_t = (_lin(mlp.gate_proj), _lin(mlp.up_proj), _lin(mlp.down_proj)) \
+                    if type(mlp) is SwiGLU else mlp
+                self.layers.append(_Layer((x.attn_norm.weight, x.attn_norm.eps), _lin(a.q_proj), _lin(a.k_proj),
+                                          _lin(a.v_proj), _lin(a.o_proj), (x.ffn_norm.weight, x.ffn_norm.eps),
+                                          mlp_t))
+            self.head_dim = layers[0].self_attn.head_dim
+            self.scale = self.head_dim ** -0.5
+        else:
+            raise _NotLean("unknown architecture")
+        self.n_heads = self.layers[0].q[0].shape[0] // self.head_dim
+        self.n_kv = self.layers[0].k[0].shape[0] // self.head_dim
+        if self.n_heads % self.n_kv:
+            raise _NotLean("heads")
+
+    # -- prefill: U unique prompts, expanded to B rows --------------------------------------
+    def prefill(self, ids_UL: torch.Tensor, mask_UL: torch.Tensor, pos_UL: torch.Tensor, src_B: torch.Tensor,
+                max_new_tokens: int) -> torch.Tensor:
+        U, L = ids_UL.shape
+        H, G, Dh = self.n_heads, self.n_kv, self.head_dim
+        B, T = src_B.shape[0], L + max_new_tokens
+        dev = ids_UL.device
+        # RoPE tables over every position this call can reach: (P, Dh); sin with rotate_half's sign
+        cos_PD, sin_PD = self._rope(torch.arange(int(pos_UL.max()) + max_new_tokens + 1, device=dev)[None])
+        cos_PD, sin_PD = cos_PD[0], sin_PD[0]
+        half = Dh // 2
+        self.cos_PD, self.sin_PD = cos_PD, torch.cat([-sin_PD[:, :half], sin_PD[:, half:]], -1)
+        keys_UL = mask_UL.bool()
+        ar = torch.arange(L, device=dev)
+        allow_U1LL = ((ar[None, :] <= ar[:, None]) & keys_UL[:, None, :]) | (ar[None, :] == ar[:, None])
+        allow_U1LL = allow_U1LL[:, None]
+        cos, sin = self.cos_PD[pos_UL][:, None], self.sin_PD[pos_UL][:, None]  # (U, 1, L, Dh)
+        x = F.embedding(ids_UL, self.embed)
+        self.k, self.v = [], []
+        for ly in self.layers:
+            h = _rms(x, ly.n1)
+            q = F.linear(h, *ly.q).view(U, L, H, Dh).transpose(1, 2)
+            k = F.linear(h, *ly.k).view(U, L, G, Dh).transpose(1, 2)
+            v = F.linear(h, *ly.v).view(U, L, G, Dh).transpose(1, 2)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            kb = k.new_empty((B, G, T, Dh))
+            vb = v.new_empty((B, G, T, Dh))
+            kb[:, :, :L] = k.index_select(0, src_B)
+            vb[:, :, :L] = v.index_select(0, src_B)
+            self.k.append(kb)
+            self.v.append(vb)
+            if G != H:
+                k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allow_U1LL, scale=self.scale)
+            x = x + F.linear(o.transpose(1, 2).reshape(U, L, H * Dh), *ly.o)
+            x = x + _swiglu(_rms(x, ly.n2), ly.mlp)
+        x = _rms(x[:, -1], self.final)
+        self.slot = L
+        bias_BT = torch.zeros((B, T), dtype=x.dtype, device=dev)
+        bias_BT[:, :L].masked_fill_(~keys_UL.index_select(0, src_B), float("-inf"))
+        self.bias_B11T = bias_BT[:, None, None, :]
+        return F.linear(x, *self.head).index_select(0, src_B)
+
+    def select(self, idx_B: torch.Tensor) -> None:
+        self.k = [t.index_select(0, idx_B) for t in self.k]
+        self.v = [t.index_select(0, idx_B) for t in self.v]
+        self.bias_B11T = self.bias_B11T.index_select(0, idx_B)
+
+    # -- one token per row -------------------------------------------------------------------
+    def step(self, tok_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        B = tok_B.shape[0]
+        H, G, Dh = self.n_heads, self.n_kv, self.head_dim
+        r, half, s = H // G, Dh // 2, self.slot
+        cos, sin = self.cos_PD[pos_B][:, None], self.sin_PD[pos_B][:, None]  # (B, 1, Dh)
+        bias = self.bias_B11T[..., :s + 1]
+        x = F.embedding(tok_B, self.embed)
+        for ly, kc, vc in zip(self.layers, self.k, self.v):
+            h = _rms(x, ly.n1)
+            q = F.linear(h, *ly.q).view(B, H, Dh)
+            k = F.linear(h, *ly.k).view(B, G, Dh)
+            q = q * cos + q.roll(half, -1) * sin
+            kc[:, :, s] = k * cos + k.roll(half, -1) * sin
+            vc[:, :, s] = F.linear(h, *ly.v).view(B, G, Dh)
+            a = torch.matmul(q.view(B, G, r, Dh), kc[:, :, :s + 1].transpose(-1, -2)) * self.scale + bias
+            o = torch.matmul(a.softmax(-1), vc[:, :, :s + 1])  # (B, G, r, Dh)
+            x = x + F.linear(o.view(B, H * Dh), *ly.o)
+            x = x + _swiglu(_rms(x, ly.n2), ly.mlp)
+        self.slot = s + 1
+        return F.linear(_rms(x, self.final), *self.head)
+
+
+class _GenericDecoder:
+    """Any causal LM through ``model(...)`` and a transformers cache (the fallback path)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache_kw, self.has_keep = _forward_kwargs(model)
+        self.fast_mask = _prebuilt_mask_ok(model)
+
+    def prefill(self, ids_UL, mask_UL, pos_UL, src_B, max_new_tokens):
+        n = src_B.shape[0]
+        self.cache = _new_cache(self.model)
+        kw = {self.cache_kw: self.cache, "use_cache": True}
+        if self.has_keep:
+            kw["logits_to_keep"] = 1
+        out = self.model(input_ids=ids_UL, attention_mask=mask_UL, position_ids=pos_UL, **kw)
+        self.cache = _returned_cache(out, self.cache_kw, self.cache)
+        logits_BV = out.logits[:, -1, :]
+        self.mask_BT = mask_UL
+        if ids_UL.shape[0] != n or not torch.equal(src_B, torch.arange(n, device=src_B.device)):
+            self.cache = _select_rows(self.cache, src_B)
+            logits_BV = logits_BV.index_select(0, src_B)
+            self.mask_BT = mask_UL.index_select(0, src_B)
+        return logits_BV
+
+    def select(self, idx_B):
+        self.cache = _select_rows(self.cache, idx_B)
+        self.mask_BT = self.mask_BT.index_select(0, idx_B)
+
+    def step(self, tok_B, pos_B):
+        self.mask_BT = torch.cat([self.mask_BT, torch.ones_like(self.mask_BT[:, :1])], dim=1)
+        att = self.mask_BT.bool()[:, None, None, :] if self.fast_mask else self.mask_BT
+        out = self.model(input_ids=tok_B[:, None], attention_mask=att, position_ids=pos_B[:, None],
+                         **{self.cache_kw: self.cache, "use_cache": True})
+        self.cache = _returned_cache(out, self.cache_kw, self.cache)
+        return out.logits[:, -1, :]
+
+
+def lean_decoder(model):
+    """The static-cache decoder for ``model``, or None when its architecture is not supported."""
+    try:
+        return _LeanDecoder(model)
+    except _NotLean:
+        return None
+
+
 @torch.inference_mode()
 def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, *, eos_id: int, pad_id: int,
-           generator: torch.Generator | None = None) -> GenerationOutput:
-    """Sample one completion per prompt row (see module docstring)."""
+           generator: torch.Generator | None = None, lean: bool = True) -> GenerationOutput:
+    """Sample one completion per prompt row (see module docstring).
+
+    ``lean=False`` forces the generic ``model(...)`` + transformers-cache path (same tokens for
+    the same generator seed, up to float rounding; used by the tests).
+    """
     n = len(prompt_ids)
     if n == 0 or max_new_tokens <= 0:
         return GenerationOutput([[] for _ in range(n)], [max_new_tokens <= 0] * n)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample: every prompt needs at least one token")
     device = next(model.parameters()).device
-    cache_kw, has_keep = _forward_kwargs(model)
-    fast_mask = _prebuilt_mask_ok(model)
     was_training = model.training
     model.eval()
     try:
-        # --- prefill each unique prompt once
+        dec = (lean_decoder(model) if lean else None) or _GenericDecoder(model)
+        # --- prefill each unique prompt once, then one row per requested completion
         keys = [tuple(p) for p in prompt_ids]
         uniq: dict[tuple, int] = {}
         for k in keys:
@@ -139,57 +393,44 @@ def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature:
         ids_UL, mask_UL = left_pad([list(k) for k in uniq], pad_id)
         ids_UL, mask_UL = ids_UL.to(device), mask_UL.to(device)
         pos_UL = (mask_UL.cumsum(-1) - 1).clamp(min=0)
-        cache = _new_cache(model)
-        kw = {cache_kw: cache, "use_cache": True}
-        if has_keep:
-            kw["logits_to_keep"] = 1
-        out = model(input_ids=ids_UL, attention_mask=mask_UL, position_ids=pos_UL, **kw)
-        cache = _returned_cache(out, cache_kw, cache)
-        logits_BV = out.logits[:, -1, :]
-        # --- expand to one row per requested completion
         src_B = torch.tensor([uniq[k] for k in keys], dtype=torch.long, device=device)
-        if len(uniq) != n or not torch.equal(src_B, torch.arange(n, device=device)):
-            cache = _select_rows(cache, src_B)
-            logits_BV = logits_BV.index_select(0, src_B)
-            mask_UL = mask_UL.index_select(0, src_B)
-            pos_UL = pos_UL.index_select(0, src_B)
-        mask_BT = mask_UL
-        next_pos_B = pos_UL[:, -1] + 1
+        logits_BV = dec.prefill(ids_UL, mask_UL, pos_UL, src_B, max_new_tokens)
+        next_pos_B = pos_UL[:, -1].index_select(0, src_B) + 1
         rows_B = torch.arange(n, device=device)  # original row of each running row
-        out_NT = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        lengths_N = torch.zeros(n, dtype=torch.long, device=device)
-        finished_N = torch.zeros(n, dtype=torch.bool, device=device)
-        done_B = torch.zeros(n, dtype=torch.bool, device=device)  # finished, still in the batch
+        steps: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (rows or None = all n, tokens)
+        compacted = False
+        done_B = torch.zeros(n, dtype=torch.bool, device=device)  # emitted EOS, still in the batch
         for t in range(max_new_tokens):
-            tok_B = sample_next(logits_BV, temperature, top_p, generator)
-            live_B = ~done_B
-            live_rows = rows_B[live_B]
-            out_NT[live_rows, t] = tok_B[live_B]
-            lengths_N[live_rows] = t + 1
-            hit_B = live_B & (tok_B == eos_id)
-            if hit_B.any():
-                finished_N[rows_B[hit_B]] = True
-                done_B = done_B | hit_B
-            if t == max_new_tokens - 1 or bool(done_B.all()):
+            tok_B = sample_next(logits_BV, temperature, top_p, generator).masked_fill(done_B, pad_id)
+            steps.append((rows_B if compacted else None, tok_B))
+            done_B = done_B | (tok_B == eos_id)
+            if t == max_new_tokens - 1:
                 break
             n_done = int(done_B.sum())
+            if n_done == done_B.numel():
+                break
             if n_done and n_done >= max(1, int(_COMPACT_FRACTION * done_B.numel())):
                 keep_B = (~done_B).nonzero().squeeze(-1)
-                cache = _select_rows(cache, keep_B)
-                rows_B, tok_B = rows_B[keep_B], tok_B[keep_B]
-                mask_BT, next_pos_B = mask_BT[keep_B], next_pos_B[keep_B]
+                dec.select(keep_B)
+                rows_B, tok_B, next_pos_B = rows_B[keep_B], tok_B[keep_B], next_pos_B[keep_B]
                 done_B = done_B[keep_B]
-            tok_B = tok_B.masked_fill(done_B, pad_id)
-            mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], dim=1)
-            kw = {cache_kw: cache, "use_cache": True}
-            att = mask_BT.bool()[:, None, None, :] if fast_mask else mask_BT
-            out = model(input_ids=tok_B[:, None], attention_mask=att, position_ids=next_pos_B[:, None], **kw)
-            cache = _returned_cache(out, cache_kw, cache)
-            logits_BV = out.logits[:, -1, :]
+                compacted = True
+            logits_BV = dec.step(tok_B.masked_fill(done_B, pad_id), next_pos_B)
             next_pos_B = next_pos_B + 1
     finally:
         model.train(was_training)
-    lengths = lengths_N.tolist()
-    rows = out_NT.tolist()
-    fin = finished_N.tolist()
-    return GenerationOutput([r[:m] for r, m in zip(rows, lengths)], [not f for f in fin])
+    out_NT = torch.full((n, len(steps)), pad_id, dtype=torch.long)
+    for t, (rows, tok) in enumerate(steps):
+        if rows is None:
+            out_NT[:, t] = tok.cpu()
+        else:
+            out_NT[rows.cpu(), t] = tok.cpu()
+    completions, truncated = [], []
+    for row in out_NT.tolist():
+        try:
+            m = row.index(eos_id) + 1
+        except ValueError:
+            m = None
+        completions.append(row[:m] if m else row)
+        truncated.append(m is None)
+    return GenerationOutput(completions, truncated)

@@ -100,3 +100,113 @@ def test_edge_cases(model):
     with pytest.raises(ValueError):
         sample(model, [[]], 3, eos_id=EOS, pad_id=PAD)
     assert model.training is False
+
+
+# ---------------------------------------------------------------------------------------------
+# lean (static-cache) decode path vs the generic model(...) path
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                      eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _r1zero_moe():
+    from r1zero.model import R1ZeroConfig, R1ZeroForCausalLM
+
+    torch.manual_seed(2)
+    cfg = R1ZeroConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, n_experts=4, num_experts_per_tok=2, n_shared=1, d_expert=16,
+                       n_dense_layers=1, d_dense=48, eos_token_id=EOS, pad_token_id=PAD)
+    return R1ZeroForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "r1zero_moe"])
+def any_model(request, model):
+    return {"llama": lambda: model, "qwen2": _qwen2, "r1zero_moe": _r1zero_moe}[request.param]()
+
+
+def test_lean_path_supported_and_generic_fallback(model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from r1zero.generate import lean_decoder
+
+    assert lean_decoder(model) is not None
+    assert lean_decoder(_qwen2()) is not None
+    assert lean_decoder(_r1zero_moe()) is not None
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      eos_token_id=EOS, pad_token_id=PAD, bos_token_id=EOS)).eval()
+    assert lean_decoder(gpt2) is None
+    prompts = [[5, 6, 7], [8, 9], [5, 6, 7]]  # the generic path still agrees with generate()
+    assert sample(gpt2, prompts, 6, 0.0, eos_id=EOS, pad_id=PAD).completion_ids == _hf_greedy(gpt2, prompts, 6)
+    # a forward hook (e.g. tensor parallelism, telemetry) must not be bypassed: generic path
+    h = model.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        assert lean_decoder(model) is None
+    finally:
+        h.remove()
+
+
+def test_lean_logits_match_full_forward(any_model):
+    """Prefill + decode-step logits of the static-cache path == logits of one uncached forward."""
+    from r1zero.generate import lean_decoder
+
+    m = any_model
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [10, 11]]
+    uniq = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    src = torch.tensor([0, 1, 2, 1])
+    ids, mask = left_pad(uniq, PAD)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    dec = lean_decoder(m)
+    steps = 6
+    with torch.inference_mode():
+        logits = [dec.prefill(ids, mask, pos, src, steps)]
+        toks = []
+        next_pos = pos[:, -1].index_select(0, src) + 1
+        for t in range(steps - 1):
+            tok = logits[-1].argmax(-1)
+            if t == 2:  # perturb so rows of the same prompt diverge
+                tok = (tok + torch.arange(4)) % 40
+            toks.append(tok)
+            logits.append(dec.step(tok, next_pos))
+            next_pos = next_pos + 1
+        full = torch.cat([ids.index_select(0, src), torch.stack(toks, 1)], 1)
+        fmask = torch.cat([mask.index_select(0, src), torch.ones(4, steps - 1, dtype=torch.long)], 1)
+        ref = m(input_ids=full, attention_mask=fmask, position_ids=(fmask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=False).logits
+    L = ids.shape[1]
+    for t, lg in enumerate(logits):
+        torch.testing.assert_close(lg, ref[:, L - 1 + t], atol=1e-5, rtol=1e-5)
+    assert prompts  # (rows 1 and 3 share a prompt: prefilled once, expanded)
+
+
+def test_lean_and_generic_paths_sample_the_same_tokens(any_model):
+    m = any_model
+    import copy
+
+    m = copy.deepcopy(m)
+    with torch.no_grad():  # EOS likely, so rows finish at different steps and the batch compacts
+        m.lm_head.weight[EOS] = 0.0
+        if m.lm_head.bias is not None:
+            m.lm_head.bias[EOS] = 0.0
+    prompts = [[i % 37 + 2, (i * 7) % 37 + 2, 3][: 1 + i % 3] for i in range(12)] * 2
+    for temp, top_p in ((1.0, 1.0), (0.7, 0.9), (0.0, 1.0)):
+        a = sample(m, prompts, 14, temp, top_p, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(5))
+        b = sample(m, prompts, 14, temp, top_p, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(5),
+                   lean=False)
+        assert a == b
+        if temp == 1.0:
+            assert len({len(c) for c in a.completion_ids}) > 1, "expected rows to finish at different steps"
+
+
+def test_lean_path_leaves_training_mode_and_grad_state(model):
+    import copy
+
+    m = copy.deepcopy(model).train()
+    sample(m, [[4, 5, 6]] * 3, 4, 1.0, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(0))
+    assert m.training and all(x.training for x in m.modules())
