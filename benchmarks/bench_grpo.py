@@ -137,7 +137,10 @@ def trl_steps(tok, steps: int) -> list[tuple[float, int]]:
         args = GRPOConfig(output_dir=out_dir, use_cpu=True, per_device_train_batch_size=P * G, num_generations=G,
                           max_completion_length=MAX_NEW, temperature=1.0, top_p=1.0, beta=0.0, num_iterations=1,
                           loss_type="dapo", learning_rate=1e-6, max_steps=steps, logging_steps=1, report_to="none",
-                          save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+                          save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                          # as on the r1zero side: fp32 (TRL defaults to bf16 autocast) and no
+                          # gradient checkpointing (TRL's default would recompute the forward)
+                          bf16=False, fp16=False, gradient_checkpointing=False)
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                               callbacks=[Timer()])
         with contextlib.redirect_stdout(io.StringIO()):  # TRL prints every log dict

@@ -197,6 +197,7 @@ class _LeanDecoder:
             raise _NotLean("non-float weights")
         cfg = model.config
         self.embed = base.embed_tokens.weight
+        self.padding_idx = base.embed_tokens.padding_idx  # no gradient into that row (training)
         self.head = _lin(model.lm_head)
         layers = list(base.layers)[:getattr(model.config, "num_hidden_layers", None)]
         if type(model).__module__.startswith("transformers."):
@@ -293,6 +294,68 @@ class _LeanDecoder:
         self.bias_B11T = bias_BT[:, None, None, :]
         return F.linear(x, *self.head).index_select(0, src_B)
 
+    # -- training forward: completion logits with each unique prompt computed once -----------
+    def shared_prompt_logits(self, ids_UP: torch.Tensor, att_UP: torch.Tensor, pos_UP: torch.Tensor,
+                             src_B: torch.Tensor, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1 + S, V) predicting completion tokens 0..S of each row (autograd-enabled).
+
+        ``ids_UP``: the U unique prompts, left-padded (``att_UP`` = 1 on real tokens, last column
+        real); row b continues prompt ``src_B[b]`` with the right-padded completion inputs
+        ``ids_BS`` (its first S tokens). The prompt part runs once per unique prompt and its keys
+        and values are gathered per row, so it costs U instead of B prompt rows in the forward and
+        the backward; the result equals the full left-padded-prompt + completion forward at the
+        real positions (masked keys contribute nothing), up to float rounding.
+        """
+        U, P = ids_UP.shape
+        B, S = ids_BS.shape
+        H, G, Dh = self.n_heads, self.n_kv, self.head_dim
+        half = Dh // 2
+        dev = ids_UP.device
+
+        def rope(pos):
+            cos, sin = self._rope(pos)
+            return cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]
+
+        def attend(ly, h, n, s, cos, sin):
+            q = F.linear(h, *ly.q).view(n, s, H, Dh).transpose(1, 2)
+            k = F.linear(h, *ly.k).view(n, s, G, Dh).transpose(1, 2)
+            v = F.linear(h, *ly.v).view(n, s, G, Dh).transpose(1, 2)
+            return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
+
+        def sdpa(q, k, v, allow):
+            if G != H:
+                k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allow, scale=self.scale)
+
+        cos_p, sin_p = rope(pos_UP)
+        keys_UP = att_UP.bool()
+        ar = torch.arange(P, device=dev)
+        allow_p = (((ar[None, :] <= ar[:, None]) & keys_UP[:, None, :]) | (ar[None, :] == ar[:, None]))[:, None]
+        xp = F.embedding(ids_UP, self.embed, self.padding_idx)
+        if S:
+            cos_c, sin_c = rope(pos_BS)
+            ac = torch.arange(S, device=dev)
+            # completions are right-padded: causal alone keeps real queries off the padding keys
+            allow_c = torch.cat([keys_UP.index_select(0, src_B)[:, None, :].expand(B, S, P),
+                                 (ac[None, :] <= ac[:, None]).expand(B, S, S)], -1)[:, None]
+            xc = F.embedding(ids_BS, self.embed, self.padding_idx)
+        for ly in self.layers:
+            q, k, v = attend(ly, _rms(xp, ly.n1), U, P, cos_p, sin_p)
+            op = sdpa(q, k, v, allow_p)
+            if S:
+                q2, k2, v2 = attend(ly, _rms(xc, ly.n1), B, S, cos_c, sin_c)
+                k2 = torch.cat([k.index_select(0, src_B), k2], 2)
+                v2 = torch.cat([v.index_select(0, src_B), v2], 2)
+                oc = sdpa(q2, k2, v2, allow_c)
+                xc = xc + F.linear(oc.transpose(1, 2).reshape(B, S, H * Dh), *ly.o)
+                xc = xc + _swiglu(_rms(xc, ly.n2), ly.mlp)
+            xp = xp + F.linear(op.transpose(1, 2).reshape(U, P, H * Dh), *ly.o)
+            xp = xp + _swiglu(_rms(xp, ly.n2), ly.mlp)
+        x = xp[:, -1:].index_select(0, src_B)
+        if S:
+            x = torch.cat([x, xc], 1)
+        return F.linear(_rms(x, self.final), *self.head)
+
     def select(self, idx_B: torch.Tensor) -> None:
         self.k = [t.index_select(0, idx_B) for t in self.k]
         self.v = [t.index_select(0, idx_B) for t in self.v]
@@ -358,12 +421,27 @@ class _GenericDecoder:
         return out.logits[:, -1, :]
 
 
-def lean_decoder(model):
-    """The static-cache decoder for ``model``, or None when its architecture is not supported."""
+def lean_decoder(model, training: bool = False):
+    """The lean decoder for ``model``, or None when its architecture is not supported.
+
+    ``training=True`` (the shared-prompt training forward) additionally needs a transformers
+    model without dropout or gradient checkpointing: r1zero's MoE layers keep per-token routing
+    statistics and aux losses that prompt sharing would change, so they take the generic path.
+    """
     try:
-        return _LeanDecoder(model)
+        dec = _LeanDecoder(model)
     except _NotLean:
         return None
+    if training:
+        cfg = model.config
+        ckpt = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+            else "is_gradient_checkpointing"
+        if not type(model).__module__.startswith("transformers.") or getattr(model, ckpt, False):
+            return None
+        if model.training and any(float(getattr(cfg, a, 0.0) or 0.0) > 0 for a in ("attention_dropout", "hidden_dropout",
+                                                                                   "dropout", "mlp_dropout")):
+            return None
+    return dec
 
 
 @torch.inference_mode()

@@ -210,3 +210,39 @@ def test_lean_path_leaves_training_mode_and_grad_state(model):
     m = copy.deepcopy(model).train()
     sample(m, [[4, 5, 6]] * 3, 4, 1.0, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(0))
     assert m.training and all(x.training for x in m.modules())
+
+
+def test_shared_prompt_training_forward_matches_generic_update(model, monkeypatch):
+    """policy_update with the lean shared-prompt forward == with one model(...) forward."""
+    import copy
+
+    import r1zero.grpo.update as U
+    from r1zero.config import GRPOConfig
+    from r1zero.generate import lean_decoder
+
+    m0 = copy.deepcopy(model)
+    m0.model.embed_tokens.padding_idx = PAD  # as in transformers' Llama: no lookup gradient into the pad row
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    rows = [p for p in prompts for _ in range(3)]
+    # varying lengths (right padding) and PAD/EOS sampled as real tokens in the completions
+    comps = [[4, PAD, 6, EOS], [7, 8], [9], [PAD, 3, 2, 2, 5], [6, EOS], [2, 2, 2], [8, 9, 10], [3], [EOS]]
+    batch = U.build_batch(rows, comps, PAD)
+    assert batch.prompt_src_B.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert lean_decoder(m0.train(), training=True) is not None
+    cfg = GRPOConfig(group_size=3, max_new_tokens=5, beta=0.0, mu=2, loss_agg="token", lr=1e-2)
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5, 1.0, 0.0, -1.0])
+    res = {}
+    for lean in (True, False):
+        monkeypatch.setattr(U, "LEAN_FORWARD", lean)
+        m = copy.deepcopy(m0)
+        params = list(m.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr)
+        logp = U.sequence_logprobs(m, batch)
+        stats = U.policy_update(m, opt, batch, adv, cfg, params=params, guard=U.NanGuard(3))
+        res[lean] = (logp, stats, [p.detach().clone() for p in params])
+    real = batch.mask_BT.bool()  # padding positions are masked out everywhere downstream
+    torch.testing.assert_close(res[True][0][real], res[False][0][real], atol=1e-5, rtol=1e-5)
+    for k in ("loss", "grad_norm", "entropy_sum", "tokens"):
+        assert res[True][1][k] == pytest.approx(res[False][1][k], rel=1e-5, abs=1e-6), k
+    for a, b in zip(res[True][2], res[False][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from r1zero.generate import left_pad
+from r1zero.generate import lean_decoder, left_pad
 from r1zero.grpo.losses import entropy, policy_loss, token_logprobs
 from r1zero.grpo.ppo import value_loss
 
@@ -51,10 +51,22 @@ class Batch:
     targets_BT: torch.Tensor
     mask_BT: torch.Tensor
     prompt_len: int
+    # row of the first occurrence of each unique prompt (U,) and each row's unique prompt (B,):
+    # lets :func:`forward_completion` run a prompt shared by G completions once
+    prompt_first_U: torch.Tensor | None = None
+    prompt_src_B: torch.Tensor | None = None
 
 
 def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> Batch:
     """Left-padded prompts + right-padded completions in one tensor."""
+    uniq: dict[tuple, int] = {}
+    first, src = [], []
+    for i, p in enumerate(prompt_ids):
+        k = tuple(p)
+        if k not in uniq:
+            uniq[k] = len(uniq)
+            first.append(i)
+        src.append(uniq[k])
     p_BL, pm_BL = left_pad(prompt_ids, pad_id)
     T = max(1, max((len(c) for c in completion_ids), default=1))
     c_BT = torch.full((len(completion_ids), T), pad_id, dtype=torch.long)
@@ -66,12 +78,40 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
     ids = torch.cat([p_BL, c_BT], 1)
     att = torch.cat([pm_BL, cm_BT], 1)
     pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return Batch(ids, att, pos, c_BT, cm_BT.float(), p_BL.shape[1])
+    shared = all(len(p) > 0 for p in prompt_ids)
+    return Batch(ids, att, pos, c_BT, cm_BT.float(), p_BL.shape[1],
+                 torch.tensor(first, dtype=torch.long) if shared else None,
+                 torch.tensor(src, dtype=torch.long) if shared else None)
+
+
+# Use the lean shared-prompt forward (r1zero.generate._LeanDecoder) where the model supports it.
+LEAN_FORWARD = True
+
+
+@dataclass
+class _LeanOutput:
+    logits: torch.Tensor
+    aux_loss: None = None
 
 
 def forward_completion(model, batch: Batch):
-    """(logits_BTV over completion positions, model output)."""
+    """(logits_BTV over completion positions, model output).
+
+    For transformers Llama-family policies (see :func:`r1zero.generate.lean_decoder`) each unique
+    prompt is run once and shared by its G completions (same logits up to float rounding; the
+    gradient is the same sum over rows); otherwise one ``model(...)`` over the whole batch.
+    """
     T = batch.targets_BT.shape[1]
+    dec = lean_decoder(model, training=True) if LEAN_FORWARD and batch.prompt_src_B is not None else None
+    if dec is not None:
+        P, dev = batch.prompt_len, batch.input_ids_BL.device
+        first_U = batch.prompt_first_U.to(dev)
+        ids_UP = batch.input_ids_BL.index_select(0, first_U)[:, :P]
+        att_UP = batch.attention_BL.index_select(0, first_U)[:, :P]
+        pos_UP = batch.position_BL.index_select(0, first_U)[:, :P]
+        logits_BTV = dec.shared_prompt_logits(ids_UP, att_UP, pos_UP, batch.prompt_src_B.to(dev),
+                                              batch.input_ids_BL[:, P:P + T - 1], batch.position_BL[:, P:P + T - 1])
+        return logits_BTV, _LeanOutput(logits_BTV)
     kw = {"use_cache": False}
     if _accepts_keep(model):
         kw["logits_to_keep"] = T + 1
