@@ -114,12 +114,8 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists -> (ids_BL, mask_BL)."""
     width = max(1, max(len(s) for s in seqs))
-    ids_BL = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask_BL = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids_BL[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask_BL[i, width - len(s):] = 1
+    ids_BL = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    mask_BL = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids_BL, mask_BL
 
 
@@ -152,6 +148,18 @@ def _lin(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 class _NotLean(Exception):
     pass
+
+
+# Fuse q/k/v and gate/up weights for decoding only below this many bytes (see _LeanDecoder._fuse).
+_FUSE_MAX_BYTES = 64 << 20
+
+
+def _cat_linear(parts: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """One (weight, bias) from row-stacked linears, or None when only some have a bias."""
+    biases = [b for _, b in parts]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    return torch.cat([w for w, _ in parts]), (None if biases[0] is None else torch.cat(biases))
 
 
 def _rms(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
@@ -190,11 +198,9 @@ class _LeanDecoder:
         for m in model.modules():
             if m._forward_hooks or m._forward_pre_hooks:
                 raise _NotLean("module hooks")
-        for p in model.parameters():
-            if type(p) is not nn.Parameter or type(p.data) is not torch.Tensor:
-                raise _NotLean("non-plain parameter (DTensor / quantised)")
-        if not model.parameters().__next__().dtype.is_floating_point:
-            raise _NotLean("non-float weights")
+            for p in m._parameters.values():  # DTensor / quantised weights are Parameter subclasses
+                if p is not None and (type(p) is not nn.Parameter or not p.dtype.is_floating_point):
+                    raise _NotLean("non-plain parameter")
         cfg = model.config
         self.embed = base.embed_tokens.weight
         self.padding_idx = base.embed_tokens.padding_idx  # no gradient into that row (training)
@@ -213,7 +219,7 @@ class _LeanDecoder:
             if getattr(cfg, "pretraining_tp", 1) != 1:
                 raise _NotLean("pretraining_tp")
             silu = getattr(cfg, "hidden_act", None) == "silu"
-            rot = base.rotary_emb
+            rot = self.rotary = base.rotary_emb
             self._rope = lambda pos_BS: rot(self.embed[:1], pos_BS)
             self.final = (base.norm.weight, base.norm.variance_epsilon)
             self.layers = []
@@ -230,7 +236,7 @@ class _LeanDecoder:
         elif type(model).__module__.startswith("r1zero.model"):
             from r1zero.model.layers import SwiGLU
 
-            rot = base.rotary
+            rot = self.rotary = base.rotary
             self._rope = lambda pos_BS: rot(pos_BS, self.embed.dtype)
             self.final = (base.norm.weight, base.norm.eps)
             self.layers = []
@@ -282,13 +288,12 @@ class _LeanDecoder:
             vb[:, :, :L] = v.index_select(0, src_B)
             self.k.append(kb)
             self.v.append(vb)
-            if G != H:
-                k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allow_U1LL, scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allow_U1LL, scale=self.scale, enable_gqa=G != H)
             x = x + F.linear(o.transpose(1, 2).reshape(U, L, H * Dh), *ly.o)
             x = x + _swiglu(_rms(x, ly.n2), ly.mlp)
         x = _rms(x[:, -1], self.final)
         self.slot = L
+        self._fuse()
         bias_BT = torch.zeros((B, T), dtype=x.dtype, device=dev)
         bias_BT[:, :L].masked_fill_(~keys_UL.index_select(0, src_B), float("-inf"))
         self.bias_B11T = bias_BT[:, None, None, :]
@@ -323,9 +328,7 @@ class _LeanDecoder:
             return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
 
         def sdpa(q, k, v, allow):
-            if G != H:
-                k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allow, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allow, scale=self.scale, enable_gqa=G != H)
 
         cos_p, sin_p = rope(pos_UP)
         keys_UP = att_UP.bool()
@@ -362,6 +365,23 @@ class _LeanDecoder:
         self.bias_B11T = self.bias_B11T.index_select(0, idx_B)
 
     # -- one token per row -------------------------------------------------------------------
+    def _fuse(self) -> None:
+        """Concatenated q|k|v and gate|up weights for the decode step (one matmul instead of 3 / 2).
+
+        A copy of those weights, made once per :func:`sample` call, so only for small models
+        (``_FUSE_MAX_BYTES``), where per-op overhead dominates; large models keep separate matmuls.
+        """
+        self.fused = []
+        nbytes = sum(w.numel() * w.element_size() for ly in self.layers for w, _ in (ly.q, ly.k, ly.v))
+        nbytes += sum(w.numel() * w.element_size() for ly in self.layers if isinstance(ly.mlp, tuple)
+                      for w, _ in ly.mlp[:2])
+        if nbytes > _FUSE_MAX_BYTES:
+            return
+        for ly in self.layers:
+            qkv = _cat_linear([ly.q, ly.k, ly.v])
+            gu = _cat_linear(list(ly.mlp[:2])) if isinstance(ly.mlp, tuple) else None
+            self.fused.append((qkv, gu))
+
     def step(self, tok_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         B = tok_B.shape[0]
         H, G, Dh = self.n_heads, self.n_kv, self.head_dim
@@ -369,19 +389,37 @@ class _LeanDecoder:
         cos, sin = self.cos_PD[pos_B][:, None], self.sin_PD[pos_B][:, None]  # (B, 1, Dh)
         bias = self.bias_B11T[..., :s + 1]
         x = F.embedding(tok_B, self.embed)
-        for ly, kc, vc in zip(self.layers, self.k, self.v):
+        for i, (ly, kc, vc) in enumerate(zip(self.layers, self.k, self.v)):
             h = _rms(x, ly.n1)
-            q = F.linear(h, *ly.q).view(B, H, Dh)
-            k = F.linear(h, *ly.k).view(B, G, Dh)
-            q = q * cos + q.roll(half, -1) * sin
-            kc[:, :, s] = k * cos + k.roll(half, -1) * sin
-            vc[:, :, s] = F.linear(h, *ly.v).view(B, G, Dh)
-            a = torch.matmul(q.view(B, G, r, Dh), kc[:, :, :s + 1].transpose(-1, -2)) * self.scale + bias
-            o = torch.matmul(a.softmax(-1), vc[:, :, :s + 1])  # (B, G, r, Dh)
+            fused = self.fused[i] if self.fused else (None, None)
+            if fused[0] is not None:  # one matmul, RoPE on q|k at once
+                qkv = F.linear(h, *fused[0])
+                qk = qkv[:, :(H + G) * Dh].view(B, H + G, Dh)
+                qk = qk * cos + qk.roll(half, -1) * sin
+                q, kc[:, :, s] = qk[:, :H], qk[:, H:]
+                vc[:, :, s] = qkv[:, (H + G) * Dh:].view(B, G, Dh)
+            else:
+                q = F.linear(h, *ly.q).view(B, H, Dh)
+                k = F.linear(h, *ly.k).view(B, G, Dh)
+                q = q * cos + q.roll(half, -1) * sin
+                kc[:, :, s] = k * cos + k.roll(half, -1) * sin
+                vc[:, :, s] = F.linear(h, *ly.v).view(B, G, Dh)
+            a = torch.matmul(q.reshape(B, G, r, Dh), kc[:, :, :s + 1].transpose(-1, -2)) * self.scale + bias
+            p = a.softmax(-1) if a.dtype == torch.float32 else a.softmax(-1, dtype=torch.float32).to(a.dtype)
+            o = torch.matmul(p, vc[:, :, :s + 1])  # (B, G, r, Dh)
             x = x + F.linear(o.view(B, H * Dh), *ly.o)
-            x = x + _swiglu(_rms(x, ly.n2), ly.mlp)
+            h = _rms(x, ly.n2)
+            if fused[1] is not None:
+                gate, up = F.linear(h, *fused[1]).chunk(2, dim=-1)
+                x = x + F.linear(F.silu(gate) * up, *ly.mlp[2])
+            else:
+                x = x + _swiglu(h, ly.mlp)
         self.slot = s + 1
         return F.linear(_rms(x, self.final), *self.head)
+
+    def called_modules(self) -> list[nn.Module]:
+        """Submodules this decoder calls as modules (the rest is applied weight by weight)."""
+        return [self.rotary] + [ly.mlp for ly in self.layers if not isinstance(ly.mlp, tuple)]
 
 
 class _GenericDecoder:
@@ -459,10 +497,18 @@ def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature:
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample: every prompt needs at least one token")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    dec = lean_decoder(model) if lean else None
+    # eval mode: the whole model on the generic path; on the lean path only the few modules it
+    # calls as modules (the rest is plain weights), which saves two walks over every module
+    was_training, generic = model.training, dec is None
+    modes = [] if generic else [(m, m.training) for top in dec.called_modules() for m in top.modules()]
+    for m, _ in modes:
+        m.training = False
+    if generic:
+        model.eval()
     try:
-        dec = (lean_decoder(model) if lean else None) or _GenericDecoder(model)
+        if generic:
+            dec = _GenericDecoder(model)
         # --- prefill each unique prompt once, then one row per requested completion
         keys = [tuple(p) for p in prompt_ids]
         uniq: dict[tuple, int] = {}
@@ -496,7 +542,10 @@ def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature:
             logits_BV = dec.step(tok_B.masked_fill(done_B, pad_id), next_pos_B)
             next_pos_B = next_pos_B + 1
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
+        if generic:
+            model.train(was_training)
     out_NT = torch.full((n, len(steps)), pad_id, dtype=torch.long)
     for t, (rows, tok) in enumerate(steps):
         if rows is None:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from r1zero.generate import lean_decoder, left_pad
-from r1zero.grpo.losses import entropy, policy_loss, token_logprobs
+from r1zero.grpo.losses import policy_loss, token_logprobs
 from r1zero.grpo.ppo import value_loss
 
 
@@ -69,12 +69,8 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
         src.append(uniq[k])
     p_BL, pm_BL = left_pad(prompt_ids, pad_id)
     T = max(1, max((len(c) for c in completion_ids), default=1))
-    c_BT = torch.full((len(completion_ids), T), pad_id, dtype=torch.long)
-    cm_BT = torch.zeros((len(completion_ids), T), dtype=torch.long)
-    for i, c in enumerate(completion_ids):
-        if c:
-            c_BT[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-            cm_BT[i, :len(c)] = 1
+    c_BT = torch.tensor([list(c) + [pad_id] * (T - len(c)) for c in completion_ids], dtype=torch.long)
+    cm_BT = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completion_ids], dtype=torch.long)
     ids = torch.cat([p_BL, c_BT], 1)
     att = torch.cat([pm_BL, cm_BT], 1)
     pos = (att.cumsum(-1) - 1).clamp(min=0)
@@ -203,7 +199,9 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
     for it in range(gcfg.mu):
         optimizer.zero_grad(set_to_none=False)
         logits_BTV, out = forward_completion(model, batch)
-        logp_BT = token_logprobs(logits_BTV, batch.targets_BT)
+        # token_logprobs and entropy (r1zero.grpo.losses) from one log-softmax
+        logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
+        logp_BT = logp_BTV.gather(-1, batch.targets_BT.unsqueeze(-1)).squeeze(-1)
         old = logp_BT.detach() if old_logp_BT is None else old_logp_BT
         num, _, st = policy_loss(logp_BT, old, adv, mask_BT, eps_low=gcfg.eps_low, eps_high=gcfg.eps_high,
                                  beta=gcfg.beta, ref_logp_BT=ref_logp_BT, agg=gcfg.loss_agg,
@@ -230,7 +228,8 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
             stats["skipped"] += 1
         if it == 0:
             with torch.no_grad():
-                ent = float((entropy(logits_BTV.detach()) * mask_BT).sum())
+                lp_BTV = logp_BTV.detach()
+                ent = float((-(lp_BTV.exp() * lp_BTV).sum(-1) * mask_BT).sum())
             stats["entropy_sum"] = ent
         stats["loss"] += loss_sum / gcfg.mu
         stats["grad_norm"] += gnorm / gcfg.mu
