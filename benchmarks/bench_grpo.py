@@ -5,11 +5,14 @@
 
 Both sides get the same tiny ``LlamaForCausalLM`` (same seed), the same ``PreTrainedTokenizerFast``
 (an HF ``tokenizers`` BPE trained here), the same prompts, G, completion length, temperature 1,
-top-p 1, beta 0 (no reference model), mu 1, token-level loss, and the same reward function, on CPU.
+top-p 1, beta 0 (no reference model), mu 1, token-level loss, and the same reward function, on CPU,
+in fp32 without gradient checkpointing (TRL's own defaults, bf16 autocast and gradient
+checkpointing, are switched off so that both sides do the same arithmetic).
 
 - step: one full GRPO step (sample G completions per prompt, reward, group advantages, one
   optimizer update). r1zero: :func:`r1zero.grpo.rollout.generate_groups`-equivalent sampling with
-  :func:`r1zero.generate.sample` + :func:`r1zero.grpo.update.policy_update`. TRL: ``trainer.train``
+  :func:`r1zero.generate.sample` + :func:`r1zero.grpo.update.policy_update` (both take their lean
+  paths for a Llama policy: static-KV-cache decoding, shared-prompt training forward). TRL: ``trainer.train``
   for ``steps`` steps, timed per step by a callback (the first steps are warm-up and dropped).
   Figure: completion tokens per second of step wall time.
 - generate: :func:`r1zero.generate.sample` vs ``model.generate(do_sample=True)`` on the same
@@ -215,10 +218,11 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {a.clock} clock, {a.repeats} repeats")
     print(f"GRPO step   r1zero {res['r1zero_tokens_per_s']:8.1f} tok/s   TRL {res['trl_tokens_per_s']:8.1f} tok/s   "
           f"ratio {res_ratio['step_ratio']:.2f}x   (per repeat: {[round(x, 1) for x in ours_step]} vs "
-          f"{[round(x, 1) for x in trl_step]})")
+          f"{[round(x, 1) for x in trl_step]}, ratios {[round(x / y, 2) for x, y in zip(ours_step, trl_step)]})")
     print(f"generation  r1zero {res['r1zero_generate_tokens_per_s']:8.1f} tok/s   HF generate "
           f"{res['hf_generate_tokens_per_s']:8.1f} tok/s   ratio {res_ratio['generate_ratio']:.2f}x   (per repeat: "
-          f"{[round(x, 1) for x in ours_gen]} vs {[round(x, 1) for x in hf_gen]})")
+          f"{[round(x, 1) for x in ours_gen]} vs {[round(x, 1) for x in hf_gen]}, "
+          f"ratios {[round(x / y, 2) for x, y in zip(ours_gen, hf_gen)]})")
     if a.json:
         print(json.dumps(res))
 
