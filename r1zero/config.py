@@ -94,6 +94,10 @@ class DataConfig(_Section):
     # plain "Question: ... Answer: ..." formats): the base model sees the tags without being
     # reliably formatted, leaving GRPO room to improve format (r1zero.data.documents).
     template_fraction: float = Field(0.5, ge=0, le=1)
+    # fraction of those template documents whose <think> holds the worked solution; the rest
+    # answer at once (empty think). Below 1, the base sometimes reasons and sometimes guesses,
+    # and GRPO can learn which pays (r1zero.data.documents).
+    reasoning_fraction: float = Field(1.0, ge=0, le=1)
     # train rows (rendered as pretraining documents) the BPE tokenizer is trained on; BPE merges
     # converge long before 1M rows and training cost grows with the sample.
     tokenizer_rows: int = Field(20_000, ge=1)

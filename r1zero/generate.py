@@ -351,8 +351,17 @@ class _LeanDecoder:
                 v2 = torch.cat([v.index_select(0, src_B), v2], 2)
                 oc = sdpa(q2, k2, v2, allow_c)
                 xc = xc + F.linear(oc.transpose(1, 2).reshape(B, S, H * Dh), *ly.o)
-                xc = xc + _swiglu(_rms(xc, ly.n2), ly.mlp)
             xp = xp + F.linear(op.transpose(1, 2).reshape(U, P, H * Dh), *ly.o)
+            if S and not isinstance(ly.mlp, tuple):
+                # a module feed-forward (r1zero MoE) runs once over prompt and completion tokens, so
+                # its routing statistics and aux loss see each unique prompt token once
+                D = xp.shape[-1]
+                y = ly.mlp(torch.cat([_rms(xp, ly.n2).reshape(1, U * P, D), _rms(xc, ly.n2).reshape(1, B * S, D)], 1))
+                xp = xp + y[0, :U * P].view(U, P, D)
+                xc = xc + y[0, U * P:].view(B, S, D)
+                continue
+            if S:
+                xc = xc + _swiglu(_rms(xc, ly.n2), ly.mlp)
             xp = xp + _swiglu(_rms(xp, ly.n2), ly.mlp)
         x = xp[:, -1:].index_select(0, src_B)
         if S:
@@ -462,9 +471,11 @@ class _GenericDecoder:
 def lean_decoder(model, training: bool = False):
     """The lean decoder for ``model``, or None when its architecture is not supported.
 
-    ``training=True`` (the shared-prompt training forward) additionally needs a transformers
-    model without dropout or gradient checkpointing: r1zero's MoE layers keep per-token routing
-    statistics and aux losses that prompt sharing would change, so they take the generic path.
+    ``training=True`` (the shared-prompt training forward) additionally needs a model without
+    dropout or gradient checkpointing; for r1zero's MoE models, dropless experts (no capacity
+    factor: otherwise the batch's composition decides which tokens are dropped) without expert
+    parallelism. Their routing statistics and aux loss then count each unique prompt token once
+    instead of G times (the logits and the policy-gradient part are the same).
     """
     try:
         dec = _LeanDecoder(model)
@@ -474,12 +485,30 @@ def lean_decoder(model, training: bool = False):
         cfg = model.config
         ckpt = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
             else "is_gradient_checkpointing"
-        if not type(model).__module__.startswith("transformers.") or getattr(model, ckpt, False):
+        if getattr(model, ckpt, False) or not _lean_trainable(model):
             return None
         if model.training and any(float(getattr(cfg, a, 0.0) or 0.0) > 0 for a in ("attention_dropout", "hidden_dropout",
                                                                                    "dropout", "mlp_dropout")):
             return None
     return dec
+
+
+def _lean_trainable(model) -> bool:
+    if type(model).__module__.startswith("transformers."):
+        return True
+    if not type(model).__module__.startswith("r1zero.model"):
+        return False
+    return all(m.capacity_factor is None and m.ep_dispatch is None for m in model.moe_layers())
+
+
+def lean_aux_loss(model) -> torch.Tensor | None:
+    """The aux loss of the last lean training forward, as ``model.forward`` would add it."""
+    moes = model.moe_layers() if hasattr(model, "moe_layers") else []
+    if not moes or any(m.aux_loss is None for m in moes):
+        return None
+    cfg = model.config
+    return cfg.aux_loss_coef * torch.stack([m.aux_loss for m in moes]).sum() + \
+        cfg.z_loss_coef * torch.stack([m.z_loss for m in moes]).sum()
 
 
 @torch.inference_mode()

@@ -27,7 +27,7 @@ def test_default_mix_is_the_articles():
 
 def test_override_applies_typed_values():
     cfg = load_config(REPO / "configs/tiny.yaml",
-                      ["data.mix.math=0.35", "data.mix.general=0.25", "pretrain.steps=7", "model.moe.router=soft"])
+                      ["data.mix.math=0.35", "data.mix.general=0.15", "pretrain.steps=7", "model.moe.router=soft"])
     assert cfg.data.mix.math == 0.35 and cfg.pretrain.steps == 7 and cfg.model.moe.router == "soft"
 
 
@@ -77,7 +77,7 @@ def _cli(*args):
 
 def test_cli_config_show_and_bad_config_exit_2():
     ok = _cli("config", "show", "--config", "configs/tiny.yaml", "--set", "data.mix.math=0.35",
-              "--set", "data.mix.general=0.25")
+              "--set", "data.mix.general=0.15")
     assert ok.returncode == 0, ok.stderr
     assert "math: 0.35" in ok.stdout
     bad = _cli("config", "show", "--config", "configs/tiny.yaml", "--set", "data.mix.math=0.5")

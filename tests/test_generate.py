@@ -252,3 +252,39 @@ def test_shared_prompt_training_forward_matches_generic_update(model, monkeypatc
         assert res[True][1][k] == pytest.approx(res[False][1][k], rel=1e-5, abs=1e-6), k
     for a, b in zip(res[True][2], res[False][2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_training_forward_for_r1zero_moe(monkeypatch):
+    """r1zero's dropless MoE: the shared-prompt forward gives the generic forward's logits and
+    policy-gradient gradients; only the aux loss differs (unique prompt tokens counted once)."""
+    import copy
+
+    import r1zero.grpo.update as U
+    from r1zero.generate import lean_decoder
+
+    m0 = _r1zero_moe().train()
+    assert lean_decoder(m0, training=True) is not None
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    rows = [p for p in prompts for _ in range(3)]
+    comps = [[4, 6, 6, EOS], [7, 8], [9], [3, 3, 2, 2, 5], [6, EOS], [2, 2, 2], [8, 9, 10], [3], [EOS]]
+    batch = U.build_batch(rows, comps, PAD)
+    real = batch.mask_BT.bool()
+    adv_B1 = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5, 1.0, 0.0, -1.0])[:, None]
+    res = {}
+    for lean in (True, False):
+        monkeypatch.setattr(U, "LEAN_FORWARD", lean)
+        m = copy.deepcopy(m0)
+        logits_BTV, out = U.forward_completion(m, batch)
+        logp_BT = torch.log_softmax(logits_BTV, -1).gather(-1, batch.targets_BT[..., None])[..., 0]
+        (-(logp_BT * adv_B1)[real].sum()).backward()
+        res[lean] = (logp_BT.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                        for p in m.parameters()], out.aux_loss)
+    torch.testing.assert_close(res[True][0][real], res[False][0][real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(res[True][1], res[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert res[True][2] is not None and res[True][2].requires_grad  # the balance loss still trains the router
+    # a capacity factor makes dropping depend on the batch: generic path
+    m_cap = copy.deepcopy(m0)
+    for moe in m_cap.moe_layers():
+        moe.capacity_factor = 1.0
+    assert lean_decoder(m_cap, training=True) is None

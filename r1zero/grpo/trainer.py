@@ -429,12 +429,12 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
         batch = build_batch(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
         old_logp = ref_logp = old_v = ret = None
         if g.mu > 1 or g.algorithm == "ppo":
-            old_logp = sequence_logprobs(model, batch)
+            old_logp = sequence_logprobs(model, batch, g.temperature)
             if value_head is not None:
                 with torch.no_grad():
                     old_v = value_head.values()[:, -(batch.mask_BT.shape[1] + 1):-1].detach()
         if ref is not None:
-            ref_logp = sequence_logprobs(ref, batch)
+            ref_logp = sequence_logprobs(ref, batch, g.temperature)
         if g.algorithm == "ppo":
             adv, ret = ppo_advantages(cfg, roll, batch, old_v)
         else:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from r1zero.generate import lean_decoder, left_pad
+from r1zero.generate import lean_aux_loss, lean_decoder, left_pad
 from r1zero.grpo.losses import policy_loss, token_logprobs
 from r1zero.grpo.ppo import value_loss
 
@@ -87,14 +87,15 @@ LEAN_FORWARD = True
 @dataclass
 class _LeanOutput:
     logits: torch.Tensor
-    aux_loss: None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def forward_completion(model, batch: Batch):
     """(logits_BTV over completion positions, model output).
 
-    For transformers Llama-family policies (see :func:`r1zero.generate.lean_decoder`) each unique
-    prompt is run once and shared by its G completions (same logits up to float rounding; the
+    For transformers Llama-family policies and r1zero's dropless MoE models (see
+    :func:`r1zero.generate.lean_decoder`) each unique prompt is run once and shared by its G
+    completions (same logits up to float rounding; the
     gradient is the same sum over rows); otherwise one ``model(...)`` over the whole batch.
     """
     T = batch.targets_BT.shape[1]
@@ -107,7 +108,7 @@ def forward_completion(model, batch: Batch):
         pos_UP = batch.position_BL.index_select(0, first_U)[:, :P]
         logits_BTV = dec.shared_prompt_logits(ids_UP, att_UP, pos_UP, batch.prompt_src_B.to(dev),
                                               batch.input_ids_BL[:, P:P + T - 1], batch.position_BL[:, P:P + T - 1])
-        return logits_BTV, _LeanOutput(logits_BTV)
+        return logits_BTV, _LeanOutput(logits_BTV, lean_aux_loss(model) if model.training else None)
     kw = {"use_cache": False}
     if _accepts_keep(model):
         kw["logits_to_keep"] = T + 1
@@ -130,14 +131,21 @@ _KEEP: dict[type, bool] = {}
 
 
 @torch.no_grad()
-def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
+def sequence_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs of the completions under ``model`` at the sampling ``temperature``."""
     was = model.training
     model.eval()
     try:
         logits_BTV, _ = forward_completion(model, batch)
-        return token_logprobs(logits_BTV, batch.targets_BT)
+        return token_logprobs(_tempered(logits_BTV, temperature), batch.targets_BT)
     finally:
         model.train(was)
+
+
+def _tempered(logits_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
+    # why: completions were drawn from softmax(logits / T); the ratio, KL and entropy must use the
+    # same distribution, or T != 1 trains a different policy than the one sampled (TRL does the same)
+    return logits_BTV if temperature == 1.0 else logits_BTV / temperature
 
 
 def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
@@ -200,7 +208,7 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
         optimizer.zero_grad(set_to_none=False)
         logits_BTV, out = forward_completion(model, batch)
         # token_logprobs and entropy (r1zero.grpo.losses) from one log-softmax
-        logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
+        logp_BTV = torch.log_softmax(_tempered(logits_BTV.float(), gcfg.temperature), dim=-1)
         logp_BT = logp_BTV.gather(-1, batch.targets_BT.unsqueeze(-1)).squeeze(-1)
         old = logp_BT.detach() if old_logp_BT is None else old_logp_BT
         num, _, st = policy_loss(logp_BT, old, adv, mask_BT, eps_low=gcfg.eps_low, eps_high=gcfg.eps_high,

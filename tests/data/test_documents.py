@@ -32,3 +32,21 @@ def test_default_fraction_mixes_about_half():
     rng = random.Random(1)
     n = sum("<think>" in pretrain_text(ROW, rng) for _ in range(2000))
     assert 900 < n < 1100
+
+
+def test_reasoning_fraction_splits_template_documents_into_worked_and_direct():
+    rng = random.Random(2)
+    texts = [pretrain_text(ROW, rng, template_fraction=1.0, reasoning_fraction=0.3) for _ in range(2000)]
+    worked = sum(ROW["solution"] in t for t in texts)
+    assert 500 < worked < 700  # ~30%
+    direct = [t for t in texts if ROW["solution"] not in t]
+    assert direct[0] == render_prompt(ROW["prompt"]) + " </think> <answer> 42 </answer>"
+    assert all(format_ok(t) and extract_answer(t) == "42" for t in direct)
+
+
+def test_reasoning_fraction_one_draws_nothing_extra():
+    """At the default 1.0 the RNG stream (and so every existing preset's documents) is unchanged."""
+    a, b = random.Random(5), random.Random(5)
+    for _ in range(50):
+        assert pretrain_text(ROW, a) == pretrain_text(ROW, b, reasoning_fraction=1.0)
+    assert a.random() == b.random()
