@@ -83,3 +83,39 @@ def test_grpo_lifts_heldout_pass_at_1(tmp_path):
     assert base["n"] >= 500, f"held-out split too small: {base['n']}"
     assert summary["elapsed_s"] <= MAX_TRAIN_S
     assert diff.mean >= MIN_GAIN, f"greedy pass@1 gain {diff.mean:.3f} < {MIN_GAIN} (report: {report})"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_grpo_fits_a_fixed_prompt_set(tmp_path):
+    """Sanity check of the RL machinery: repeated GRPO updates on one fixed set of 16 training
+    prompts raise their sampled accuracy (measured: 16% -> 51%, first vs last 4 of 40 updates at lr 1e-4, from
+    the tiny base). Needs R1ZERO_ACCEPT_DATA and R1ZERO_ACCEPT_POLICY."""
+    import torch
+
+    from r1zero.config import load_config
+    from r1zero.grpo.advantages import advantages
+    from r1zero.grpo.rewards import RewardScorer
+    from r1zero.grpo.rollout import generate_groups
+    from r1zero.grpo.trainer import load_policy, load_rows, prepare_entries
+    from r1zero.grpo.update import NanGuard, build_batch, policy_update
+
+    data, policy = os.environ.get("R1ZERO_ACCEPT_DATA"), os.environ.get("R1ZERO_ACCEPT_POLICY")
+    if not (data and policy):
+        pytest.fail("set R1ZERO_ACCEPT_DATA and R1ZERO_ACCEPT_POLICY (a data artifact and the tiny base)")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["telemetry.enabled=false"])
+    model, tok = load_policy(policy)
+    entries, _ = prepare_entries(load_rows(Path(data), "train")[:200], tok, 200)
+    idx = list(range(16))
+    scorer = RewardScorer(cfg.grpo.reward, cfg.grpo.max_new_tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.grpo.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    accs = []
+    for step in range(40):
+        roll = generate_groups(model, tok, entries, idx, [8] * 16, cfg.grpo, scorer, torch.Generator().manual_seed(step))
+        accs.append(sum(roll.reward.correct) / len(roll.reward.correct))
+        batch = build_batch(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
+        adv = advantages(torch.tensor(roll.reward.total), roll.group_B, "group")
+        policy_update(model, opt, batch, adv, cfg.grpo, params=list(model.parameters()), guard=NanGuard(5))
+    first, last = sum(accs[:4]) / 4, sum(accs[-4:]) / 4
+    print(json.dumps({"sampled_accuracy_first4": first, "sampled_accuracy_last4": last, "curve": accs}))
+    assert last >= first + 0.15, f"fixed-prompt sampled accuracy {first:.3f} -> {last:.3f}"
