@@ -20,9 +20,9 @@ def test_mix_and_show(tmp_path, capsys):
     assert main(["data", "mix", "--config", str(ROOT / "configs" / "tiny.yaml"), *SMALL, "--out", str(out),
                  "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("data mix: ") and "train ratios: math 30.0%" in lines[1]
+    assert lines[0].startswith("data mix: ") and "train ratios: math 40.0%" in lines[1]
     summary = json.loads(lines[-1])
-    assert summary["counts"]["train"]["general"] == 90
+    assert summary["counts"]["train"]["general"] == 30
     assert main(["data", "show", str(out)]) == 0
     assert capsys.readouterr().out.startswith("data mix: ")
     assert main(["data", "show", str(out), "--json"]) == 0
