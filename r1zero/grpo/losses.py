@@ -27,16 +27,29 @@ import torch
 LOG_RATIO_CLAMP = 20.0  # verl core_algos
 
 
+def log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the vocabulary in float32 (shared by the log-prob and entropy below)."""
+    return torch.log_softmax(logits_BTV.float(), dim=-1)
+
+
+def pick(logp_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position from :func:`log_probs` output."""
+    return logp_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logp_BTV: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) per position from :func:`log_probs` output."""
+    return -(logp_BTV.exp() * logp_BTV).sum(-1)
+
+
 def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """log p(target) per position, computed in float32 for stability."""
-    logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
-    return logp_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
+    return pick(log_probs(logits_BTV), targets_BT)
 
 
 def entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of the predictive distribution per position."""
-    logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
-    return -(logp_BTV.exp() * logp_BTV).sum(-1)
+    return entropy_of(log_probs(logits_BTV))
 
 
 def k3_kl(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from r1zero.generate import lean_aux_loss, lean_decoder, left_pad
-from r1zero.grpo.losses import policy_loss, token_logprobs
+from r1zero.grpo.losses import entropy_of, log_probs, pick, policy_loss, token_logprobs
 from r1zero.grpo.ppo import value_loss
 
 
@@ -90,13 +90,16 @@ class _LeanOutput:
     aux_loss: torch.Tensor | None = None
 
 
-def forward_completion(model, batch: Batch):
-    """(logits_BTV over completion positions, model output).
+def forward_completion(model, batch: Batch, temperature: float = 1.0):
+    """(logits_BTV over completion positions, divided by the sampling ``temperature``; model output).
+
+    Completions were drawn from ``softmax(logits / T)``, so the ratio, KL and entropy must use the
+    same distribution, or T != 1 trains a different policy than the one sampled (TRL does the same).
 
     For transformers Llama-family policies and r1zero's dropless MoE models (see
     :func:`r1zero.generate.lean_decoder`) each unique prompt is run once and shared by its G
-    completions (same logits up to float rounding; the
-    gradient is the same sum over rows); otherwise one ``model(...)`` over the whole batch.
+    completions (same logits up to float rounding; the gradient is the same sum over rows);
+    otherwise one ``model(...)`` over the whole batch.
     """
     T = batch.targets_BT.shape[1]
     dec = lean_decoder(model, training=True) if LEAN_FORWARD and batch.prompt_src_B is not None else None
@@ -108,14 +111,13 @@ def forward_completion(model, batch: Batch):
         pos_UP = batch.position_BL.index_select(0, first_U)[:, :P]
         logits_BTV = dec.shared_prompt_logits(ids_UP, att_UP, pos_UP, batch.prompt_src_B.to(dev),
                                               batch.input_ids_BL[:, P:P + T - 1], batch.position_BL[:, P:P + T - 1])
-        return logits_BTV, _LeanOutput(logits_BTV, lean_aux_loss(model) if model.training else None)
+        return _tempered(logits_BTV, temperature), _LeanOutput(logits_BTV, lean_aux_loss(model) if model.training else None)
     kw = {"use_cache": False}
     if _accepts_keep(model):
         kw["logits_to_keep"] = T + 1
     out = model(input_ids=batch.input_ids_BL, attention_mask=batch.attention_BL, position_ids=batch.position_BL, **kw)
     logits = out.logits
-    logits_BTV = logits[:, -(T + 1):-1, :]
-    return logits_BTV, out
+    return _tempered(logits[:, -(T + 1):-1, :], temperature), out
 
 
 def _accepts_keep(model) -> bool:
@@ -136,15 +138,13 @@ def sequence_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Te
     was = model.training
     model.eval()
     try:
-        logits_BTV, _ = forward_completion(model, batch)
-        return token_logprobs(_tempered(logits_BTV, temperature), batch.targets_BT)
+        logits_BTV, _ = forward_completion(model, batch, temperature)
+        return token_logprobs(logits_BTV, batch.targets_BT)
     finally:
         model.train(was)
 
 
 def _tempered(logits_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
-    # why: completions were drawn from softmax(logits / T); the ratio, KL and entropy must use the
-    # same distribution, or T != 1 trains a different policy than the one sampled (TRL does the same)
     return logits_BTV if temperature == 1.0 else logits_BTV / temperature
 
 
@@ -206,10 +206,9 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
     n_tok_global = all_sum([float(mask_BT.sum())])[0]
     for it in range(gcfg.mu):
         optimizer.zero_grad(set_to_none=False)
-        logits_BTV, out = forward_completion(model, batch)
-        # token_logprobs and entropy (r1zero.grpo.losses) from one log-softmax
-        logp_BTV = torch.log_softmax(_tempered(logits_BTV.float(), gcfg.temperature), dim=-1)
-        logp_BT = logp_BTV.gather(-1, batch.targets_BT.unsqueeze(-1)).squeeze(-1)
+        logits_BTV, out = forward_completion(model, batch, gcfg.temperature)
+        logp_BTV = log_probs(logits_BTV)  # one log-softmax for the log-probs and the entropy
+        logp_BT = pick(logp_BTV, batch.targets_BT)
         old = logp_BT.detach() if old_logp_BT is None else old_logp_BT
         num, _, st = policy_loss(logp_BT, old, adv, mask_BT, eps_low=gcfg.eps_low, eps_high=gcfg.eps_high,
                                  beta=gcfg.beta, ref_logp_BT=ref_logp_BT, agg=gcfg.loss_agg,
@@ -236,8 +235,7 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
             stats["skipped"] += 1
         if it == 0:
             with torch.no_grad():
-                lp_BTV = logp_BTV.detach()
-                ent = float((-(lp_BTV.exp() * lp_BTV).sum(-1) * mask_BT).sum())
+                ent = float((entropy_of(logp_BTV.detach()) * mask_BT).sum())
             stats["entropy_sum"] = ent
         stats["loss"] += loss_sum / gcfg.mu
         stats["grad_norm"] += gnorm / gcfg.mu
