@@ -256,6 +256,35 @@ class _LeanDecoder:
         if self.n_heads % self.n_kv:
             raise _NotLean("heads")
 
+    # -- pieces shared by prefill and the training forward -----------------------------------
+    def _rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions ``pos`` (..., S) -> (..., S, Dh), sin carrying rotate_half's
+        sign so that RoPE is ``x * cos + x.roll(Dh/2) * sin``."""
+        cos, sin = self._rope(pos)
+        half = self.head_dim // 2
+        return cos, torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+    def _qkv(self, ly: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q (n, H, s, Dh) and k, v (n, G, s, Dh) of ``h`` (n, s, D), RoPE applied to q and k."""
+        n, s = h.shape[:2]
+        H, G, Dh = self.n_heads, self.n_kv, self.head_dim
+        q = F.linear(h, *ly.q).view(n, s, H, Dh).transpose(1, 2)
+        k = F.linear(h, *ly.k).view(n, s, G, Dh).transpose(1, 2)
+        v = F.linear(h, *ly.v).view(n, s, G, Dh).transpose(1, 2)
+        half = Dh // 2
+        return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
+
+    def _sdpa(self, q, k, v, allow) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allow, scale=self.scale,
+                                              enable_gqa=self.n_kv != self.n_heads)
+
+    @staticmethod
+    def _prompt_allow(keys_UL: torch.Tensor) -> torch.Tensor:
+        """(U, 1, L, L) attention mask of left-padded prompts: causal over real keys (a padding
+        query attends to itself only, so no row is all -inf)."""
+        ar = torch.arange(keys_UL.shape[1], device=keys_UL.device)
+        return (((ar[None, :] <= ar[:, None]) & keys_UL[:, None, :]) | (ar[None, :] == ar[:, None]))[:, None]
+
     # -- prefill: U unique prompts, expanded to B rows --------------------------------------
     def prefill(self, ids_UL: torch.Tensor, mask_UL: torch.Tensor, pos_UL: torch.Tensor, src_B: torch.Tensor,
                 max_new_tokens: int) -> torch.Tensor:
@@ -263,32 +292,23 @@ class _LeanDecoder:
         H, G, Dh = self.n_heads, self.n_kv, self.head_dim
         B, T = src_B.shape[0], L + max_new_tokens
         dev = ids_UL.device
-        # RoPE tables over every position this call can reach: (P, Dh); sin with rotate_half's sign
-        cos_PD, sin_PD = self._rope(torch.arange(int(pos_UL.max()) + max_new_tokens + 1, device=dev)[None])
-        cos_PD, sin_PD = cos_PD[0], sin_PD[0]
-        half = Dh // 2
-        self.cos_PD, self.sin_PD = cos_PD, torch.cat([-sin_PD[:, :half], sin_PD[:, half:]], -1)
+        # RoPE tables over every position this call can reach: (P, Dh)
+        cos_PD, sin_PD = self._rope_tables(torch.arange(int(pos_UL.max()) + max_new_tokens + 1, device=dev)[None])
+        self.cos_PD, self.sin_PD = cos_PD[0], sin_PD[0]
         keys_UL = mask_UL.bool()
-        ar = torch.arange(L, device=dev)
-        allow_U1LL = ((ar[None, :] <= ar[:, None]) & keys_UL[:, None, :]) | (ar[None, :] == ar[:, None])
-        allow_U1LL = allow_U1LL[:, None]
+        allow_U1LL = self._prompt_allow(keys_UL)
         cos, sin = self.cos_PD[pos_UL][:, None], self.sin_PD[pos_UL][:, None]  # (U, 1, L, Dh)
         x = F.embedding(ids_UL, self.embed)
         self.k, self.v = [], []
         for ly in self.layers:
-            h = _rms(x, ly.n1)
-            q = F.linear(h, *ly.q).view(U, L, H, Dh).transpose(1, 2)
-            k = F.linear(h, *ly.k).view(U, L, G, Dh).transpose(1, 2)
-            v = F.linear(h, *ly.v).view(U, L, G, Dh).transpose(1, 2)
-            q = q * cos + q.roll(half, -1) * sin
-            k = k * cos + k.roll(half, -1) * sin
+            q, k, v = self._qkv(ly, _rms(x, ly.n1), cos, sin)
             kb = k.new_empty((B, G, T, Dh))
             vb = v.new_empty((B, G, T, Dh))
             kb[:, :, :L] = k.index_select(0, src_B)
             vb[:, :, :L] = v.index_select(0, src_B)
             self.k.append(kb)
             self.v.append(vb)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allow_U1LL, scale=self.scale, enable_gqa=G != H)
+            o = self._sdpa(q, k, v, allow_U1LL)
             x = x + F.linear(o.transpose(1, 2).reshape(U, L, H * Dh), *ly.o)
             x = x + _swiglu(_rms(x, ly.n2), ly.mlp)
         x = _rms(x[:, -1], self.final)
@@ -313,43 +333,27 @@ class _LeanDecoder:
         """
         U, P = ids_UP.shape
         B, S = ids_BS.shape
-        H, G, Dh = self.n_heads, self.n_kv, self.head_dim
-        half = Dh // 2
+        H, Dh = self.n_heads, self.head_dim
         dev = ids_UP.device
-
-        def rope(pos):
-            cos, sin = self._rope(pos)
-            return cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]
-
-        def attend(ly, h, n, s, cos, sin):
-            q = F.linear(h, *ly.q).view(n, s, H, Dh).transpose(1, 2)
-            k = F.linear(h, *ly.k).view(n, s, G, Dh).transpose(1, 2)
-            v = F.linear(h, *ly.v).view(n, s, G, Dh).transpose(1, 2)
-            return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
-
-        def sdpa(q, k, v, allow):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allow, scale=self.scale, enable_gqa=G != H)
-
-        cos_p, sin_p = rope(pos_UP)
+        cos_p, sin_p = (t[:, None] for t in self._rope_tables(pos_UP))
         keys_UP = att_UP.bool()
-        ar = torch.arange(P, device=dev)
-        allow_p = (((ar[None, :] <= ar[:, None]) & keys_UP[:, None, :]) | (ar[None, :] == ar[:, None]))[:, None]
+        allow_p = self._prompt_allow(keys_UP)
         xp = F.embedding(ids_UP, self.embed, self.padding_idx)
         if S:
-            cos_c, sin_c = rope(pos_BS)
+            cos_c, sin_c = (t[:, None] for t in self._rope_tables(pos_BS))
             ac = torch.arange(S, device=dev)
             # completions are right-padded: causal alone keeps real queries off the padding keys
             allow_c = torch.cat([keys_UP.index_select(0, src_B)[:, None, :].expand(B, S, P),
                                  (ac[None, :] <= ac[:, None]).expand(B, S, S)], -1)[:, None]
             xc = F.embedding(ids_BS, self.embed, self.padding_idx)
         for ly in self.layers:
-            q, k, v = attend(ly, _rms(xp, ly.n1), U, P, cos_p, sin_p)
-            op = sdpa(q, k, v, allow_p)
+            q, k, v = self._qkv(ly, _rms(xp, ly.n1), cos_p, sin_p)
+            op = self._sdpa(q, k, v, allow_p)
             if S:
-                q2, k2, v2 = attend(ly, _rms(xc, ly.n1), B, S, cos_c, sin_c)
+                q2, k2, v2 = self._qkv(ly, _rms(xc, ly.n1), cos_c, sin_c)
                 k2 = torch.cat([k.index_select(0, src_B), k2], 2)
                 v2 = torch.cat([v.index_select(0, src_B), v2], 2)
-                oc = sdpa(q2, k2, v2, allow_c)
+                oc = self._sdpa(q2, k2, v2, allow_c)
                 xc = xc + F.linear(oc.transpose(1, 2).reshape(B, S, H * Dh), *ly.o)
             xp = xp + F.linear(op.transpose(1, 2).reshape(U, P, H * Dh), *ly.o)
             if S and not isinstance(ly.mlp, tuple):
