@@ -27,7 +27,8 @@ MIN_GAIN = 0.15  # issue: +15 points absolute
 MAX_TRAIN_S = 8 * 60
 
 
-def _heldout(policy: str, data: str, cfg) -> dict:
+def heldout(policy: str, data: str, cfg) -> dict:
+    """Greedy pass@1 of ``policy`` on the whole eval split (also used by bench_rl_algorithms.py)."""
     from r1zero.eval.metrics import bootstrap_ci
     from r1zero.grpo.rewards import RewardScorer
     from r1zero.grpo.rollout import greedy_eval
@@ -71,8 +72,8 @@ def test_grpo_lifts_heldout_pass_at_1(tmp_path):
         run_pretrain(cfg, data, policy)
     out = tmp_path / "grpo"
     summary = run_grpo(cfg, policy, data, str(out))
-    base = _heldout(policy, data, cfg)
-    rl = _heldout(str(out), data, cfg)
+    base = heldout(policy, data, cfg)
+    rl = heldout(str(out), data, cfg)
     diff = paired_bootstrap_diff(rl["correct"], base["correct"], seed=0)
     report = {"train_seconds": summary["elapsed_s"], "steps": summary["steps"], "stop_reason": summary["stop_reason"],
               "base": {k: v for k, v in base.items() if k != "correct"},

@@ -27,6 +27,7 @@ with ``--json``, one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -83,23 +84,17 @@ def run_variant(name: str, args, out_root: Path) -> dict:
 
 
 def heldout(policy: str, data: str, config: str, threads: int) -> list[float]:
-    """Greedy correctness per eval-split problem (the acceptance test's measurement)."""
+    """Greedy correctness per eval-split problem: the acceptance test's own measurement."""
     import torch
+    from accept_grpo_learning import heldout as accept_heldout  # benchmarks/ is on sys.path as a script
 
     from r1zero.config import load_config
-    from r1zero.grpo.rewards import RewardScorer
-    from r1zero.grpo.rollout import greedy_eval
-    from r1zero.grpo.trainer import load_policy, load_rows, max_positions, prepare_entries
 
     torch.set_num_threads(threads)
-    cfg = load_config(config, ["telemetry.enabled=false"])
-    model, tok = load_policy(policy)
-    entries, _ = prepare_entries(load_rows(Path(data), "eval"), tok, max_positions(model) - cfg.grpo.max_new_tokens)
-    recs = greedy_eval(model, tok, entries, RewardScorer(cfg.grpo.reward, cfg.grpo.max_new_tokens),
-                       cfg.grpo.max_new_tokens)
-    return [float(r["correct"]) for r in recs]
+    return accept_heldout(policy, data, load_config(config, ["telemetry.enabled=false"]))["correct"]
 
 
+@functools.cache  # one policy load per algorithm, not per variant
 def n_trainable(policy: str, algorithm: str) -> int:
     from r1zero.grpo.trainer import load_policy
 
