@@ -99,7 +99,7 @@ def test_grpo_fits_a_fixed_prompt_set(tmp_path):
     from r1zero.grpo.rewards import RewardScorer
     from r1zero.grpo.rollout import generate_groups
     from r1zero.grpo.trainer import load_policy, load_rows, prepare_entries
-    from r1zero.grpo.update import NanGuard, build_batch, policy_update
+    from r1zero.grpo.update import NanGuard, build_batch, make_optimizer, policy_update
 
     data, policy = os.environ.get("R1ZERO_ACCEPT_DATA"), os.environ.get("R1ZERO_ACCEPT_POLICY")
     if not (data and policy):
@@ -109,7 +109,7 @@ def test_grpo_fits_a_fixed_prompt_set(tmp_path):
     entries, _ = prepare_entries(load_rows(Path(data), "train")[:200], tok, 200)
     idx = list(range(16))
     scorer = RewardScorer(cfg.grpo.reward, cfg.grpo.max_new_tokens)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.grpo.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = make_optimizer(list(model.parameters()), cfg.grpo.lr)
     accs = []
     for step in range(40):
         roll = generate_groups(model, tok, entries, idx, [8] * 16, cfg.grpo, scorer, torch.Generator().manual_seed(step))

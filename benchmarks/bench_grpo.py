@@ -7,7 +7,9 @@ Both sides get the same tiny ``LlamaForCausalLM`` (same seed), the same ``PreTra
 (an HF ``tokenizers`` BPE trained here), the same prompts, G, completion length, temperature 1,
 top-p 1, beta 0 (no reference model), mu 1, token-level loss, and the same reward function, on CPU,
 in fp32 without gradient checkpointing (TRL's own defaults, bf16 autocast and gradient
-checkpointing, are switched off so that both sides do the same arithmetic).
+checkpointing, are switched off so that both sides do the same arithmetic), with the fused
+AdamW kernel (transformers' default ``adamw_torch_fused`` on TRL's side,
+:func:`r1zero.grpo.update.make_optimizer` on r1zero's).
 
 - step: one full GRPO step (sample G completions per prompt, reward, group advantages, one
   optimizer update). r1zero: :func:`r1zero.grpo.rollout.generate_groups`-equivalent sampling with
@@ -84,12 +86,12 @@ def r1zero_steps(tok, steps: int) -> list[tuple[float, int]]:
     from r1zero.config import GRPOConfig
     from r1zero.generate import sample
     from r1zero.grpo.advantages import advantages
-    from r1zero.grpo.update import NanGuard, build_batch, policy_update
+    from r1zero.grpo.update import NanGuard, build_batch, make_optimizer, policy_update
 
     model = build_model(tok)
     cfg = GRPOConfig(group_size=G, max_new_tokens=MAX_NEW, beta=0.0, mu=1, loss_agg="token", lr=1e-6)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    opt = make_optimizer(params, cfg.lr)  # what `r1zero grpo` uses
     guard = NanGuard(5)
     gen = torch.Generator().manual_seed(0)
     out = []

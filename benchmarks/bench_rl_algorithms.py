@@ -19,8 +19,9 @@ Per variant it reports:
   head) and completion tokens generated.
 
 Variants (``--variants``, comma separated): ``grpo`` (the preset), ``grpo_grouping`` (spectral
-dynamic grouping on: curriculum sampling by cluster pass rate), ``rloo`` (leave-one-out group
-baseline), ``ppo`` (value head + GAE, the article's comparison). Prints a markdown table and,
+dynamic grouping on: curriculum sampling by cluster pass rate), ``grpo_adaptive`` (adaptive
+group sizes), ``rloo`` (leave-one-out group baseline), ``ppo`` (value head + GAE, the article's
+comparison). Prints a markdown table and,
 with ``--json``, one JSON object as the last line.
 """
 
@@ -43,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "grpo": [],
     "grpo_grouping": ["grpo.grouping.enabled=true"],
+    # adaptive group sizes (2..16 by the prompt's or its stratum's pass rate)
+    "grpo_adaptive": ["grpo.adaptive.enabled=true"],
     "rloo": ["grpo.algorithm=rloo"],
     # PPO has no group baseline, so dropping all-equal groups (dynamic sampling) would discard
     # batches its value head could still learn from: off for PPO.

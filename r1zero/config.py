@@ -98,6 +98,9 @@ class DataConfig(_Section):
     # answer at once (empty think). Below 1, the base sometimes reasons and sometimes guesses,
     # and GRPO can learn which pays (r1zero.data.documents).
     reasoning_fraction: float = Field(1.0, ge=0, le=1)
+    # how worked solutions show their arithmetic: "plain" as generated ("147 + 88 = 235"), or
+    # "digits", column by column with carries (r1zero.data.digits), which a tiny model can follow
+    solution_style: Literal["plain", "digits"] = "plain"
     # train rows (rendered as pretraining documents) the BPE tokenizer is trained on; BPE merges
     # converge long before 1M rows and training cost grows with the sample.
     tokenizer_rows: int = Field(20_000, ge=1)
@@ -231,6 +234,7 @@ class AdaptiveConfig(_Section):
     enabled: bool = False
     min_group: int = Field(2, ge=1)
     max_group: int = Field(16, ge=1)
+    stratum_prior: bool = True  # unseen prompts take their source/difficulty stratum's pass rate
 
 
 class GRPOConfig(_Section):

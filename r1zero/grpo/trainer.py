@@ -43,7 +43,16 @@ from r1zero.grpo.metrics import MetricsWriter, keyword_pattern, mean, reflection
 from r1zero.grpo.rewards import RewardScorer
 from r1zero.grpo.rollout import PromptEntry, Rollout, concat, generate_groups, greedy_eval
 from r1zero.grpo.sampling import PromptStream, keep_informative
-from r1zero.grpo.update import Batch, NanGuard, all_sum, build_batch, policy_update, sequence_logprobs, world
+from r1zero.grpo.update import (
+    Batch,
+    NanGuard,
+    all_sum,
+    build_batch,
+    make_optimizer,
+    policy_update,
+    sequence_logprobs,
+    world,
+)
 from r1zero.progress import print0, progress
 
 RL_DOMAINS = ("math", "code", "cross")
@@ -179,7 +188,7 @@ def _group_sizes(cfg, st: RunState, prompt_index: list[int]) -> list[int]:
     g = cfg.grpo
     if not g.adaptive.enabled:
         return [g.group_size] * len(prompt_index)
-    return [adaptive.group_size(st.tracker.get(p), g.group_size, g.adaptive.min_group, g.adaptive.max_group)
+    return [adaptive.group_size(st.tracker.estimate(p), g.group_size, g.adaptive.min_group, g.adaptive.max_group)
             for p in prompt_index]
 
 
@@ -375,9 +384,11 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
     params = [p for p in model.parameters() if p.requires_grad]
     if value_head is not None:
         params += list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=g.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = make_optimizer(params, g.lr)
 
     st = RunState(stream=PromptStream(len(entries), cfg.seed), guard=NanGuard(g.nan_abort_after))
+    if g.adaptive.enabled and g.adaptive.stratum_prior:
+        st.tracker = adaptive.PassRateTracker([adaptive.stratum_of(e.item) for e in entries])
     if g.grouping.enabled:
         from r1zero.grpo.grouping import DynamicGroups
 

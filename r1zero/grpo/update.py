@@ -148,6 +148,28 @@ def _tempered(logits_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits_BTV if temperature == 1.0 else logits_BTV / temperature
 
 
+# AdamW betas for the RL update: beta2 0.99 instead of torch's 0.999 so that the second-moment
+# estimate follows the fast-changing RL gradients within ~100 steps (the tiny preset runs a few
+# hundred updates); no weight decay, which would pull the policy toward zero rather than the base.
+RL_BETAS = (0.9, 0.99)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW for the policy update, fused (one kernel over all tensors) where the devices allow.
+
+    The fused kernel exists for CPU and CUDA parameters in torch >= 2.4; it is the same AdamW
+    update (equal to the loop implementation within float rounding: test) at about half the
+    optimizer time of the default per-tensor loop on the tiny CPU policy (BENCHMARKS.md). Other
+    devices or dtypes fall back to the default implementation.
+    """
+    # why a check here: torch validates devices at the first step(), not in the constructor
+    fused = all(p.device.type in _FUSED_ADAMW_DEVICES and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=RL_BETAS, weight_decay=0.0, fused=fused or None)
+
+
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # torch.optim.AdamW(fused=True) kernels (torch >= 2.4)
+
+
 def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
     """SUM gradients over ranks in one flat buffer (missing grads count as zero)."""
     if world()[1] == 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from r1zero.grpo.adaptive import PassRateTracker, group_size
+from r1zero.grpo.adaptive import STRATUM_ALPHA, PassRateTracker, group_size, stratum_of
 from r1zero.grpo.rewards import RewardResult
 from r1zero.grpo.rollout import Rollout, concat
 from r1zero.grpo.sampling import PromptStream, keep_informative
@@ -43,6 +43,25 @@ def test_adaptive_group_size():
     tr2 = PassRateTracker()
     tr2.load(tr.state())
     assert tr2.rate == tr.rate and tr2.visits == {3: 2}
+
+
+def test_unseen_prompts_take_their_stratum_pass_rate():
+    rows = [{"source": "gen:math/linear", "difficulty": 1}, {"source": "gen:math/linear", "difficulty": 1},
+            {"source": "gen:math/linear", "difficulty": 2}, {"domain": "math", "difficulty": 1}]
+    strata = [stratum_of(r) for r in rows]
+    assert strata == ["gen:math/linear/d1", "gen:math/linear/d1", "gen:math/linear/d2", "math/d1"]
+    tr = PassRateTracker(strata)
+    assert tr.estimate(1) is None
+    tr.update(0, 1.0)
+    tr.update(0, 0.0)
+    # prompt 0 has its own EMA; prompt 1 (never seen) its stratum's; prompt 2 (other stratum) none
+    assert tr.estimate(0) == 0.5 and tr.get(1) is None
+    assert tr.estimate(1) == (1 - STRATUM_ALPHA) * 1.0 and tr.estimate(2) is None
+    assert group_size(tr.estimate(1), 8, 2, 16) < group_size(tr.estimate(0), 8, 2, 16)
+    tr2 = PassRateTracker(strata)
+    tr2.load(tr.state())
+    assert tr2.estimate(1) == tr.estimate(1)
+    assert PassRateTracker().estimate(1) is None  # stratum prior off
 
 
 def _roll(prompts, rewards, sizes):

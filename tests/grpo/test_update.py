@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from r1zero.config import GRPOConfig
 from r1zero.grpo.advantages import advantages
-from r1zero.grpo.update import NanGuard, build_batch, policy_update
+from r1zero.grpo.update import RL_BETAS, NanGuard, build_batch, make_optimizer, policy_update
 
 
 def _model():
@@ -123,3 +123,26 @@ def test_nan_guard_skips_then_aborts():
         policy_update(model, opt, batch, adv, cfg, params=params, guard=guard)
     g2 = NanGuard(2)
     assert g2.ok(1.0) and not g2.ok(float("inf")) and g2.ok(0.5) and g2.in_a_row == 0 and g2.total == 1
+
+
+def test_make_optimizer_is_fused_adamw_matching_the_loop_implementation():
+    torch.manual_seed(0)
+    w = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in w]
+    init = [p.detach().clone() for p in w]
+    opt = make_optimizer(w, 1e-2)
+    loop = torch.optim.AdamW(ref, lr=1e-2, betas=RL_BETAS, weight_decay=0.0, foreach=False)
+    assert opt.defaults["fused"] and opt.defaults["betas"] == RL_BETAS and opt.defaults["weight_decay"] == 0.0
+    for step in range(5):
+        for ps, o in ((w, opt), (ref, loop)):
+            o.zero_grad()
+            ((ps[0] * (step + 1)).sin().sum() + ps[1].square().sum()).backward()
+            o.step()
+    for a, b, a0 in zip(w, ref, init):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert (a - a0).abs().max() > 1e-2  # it did train
+
+
+def test_make_optimizer_falls_back_off_fused_for_unsupported_dtypes():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64).to(torch.complex64))
+    assert not make_optimizer([p], 1e-3).defaults["fused"]
