@@ -13,6 +13,9 @@ once and answer directly, as much web text states answers without working. A bas
 on such a mix answers some prompts with reasoning and some without; whether reasoning pays is
 left for RL to discover (R1-Zero's growing response length, DeepSeek-R1 paper Fig. 3).
 
+``solution_style`` (config ``data.solution_style``): ``plain`` keeps the generated solutions;
+``digits`` writes their arithmetic column by column (:mod:`r1zero.data.digits`), in every format.
+
     import random
     from r1zero.data.documents import pretrain_text
     pretrain_text(row, random.Random(0), template_fraction=cfg.data.template_fraction)
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import random
 
+from r1zero.data.digits import expand_arithmetic
 from r1zero.template import render_completion, render_prompt
 
 _PLAIN_FORMATS = (
@@ -33,10 +37,12 @@ _PLAIN_FORMATS = (
 
 
 def pretrain_text(row: dict, rng: random.Random, template_fraction: float = 0.5,
-                  reasoning_fraction: float = 1.0) -> str:
+                  reasoning_fraction: float = 1.0, solution_style: str = "plain") -> str:
     """One pretraining document for ``row`` (no eos appended: the packer adds it)."""
     if row["domain"] == "general" or not str(row.get("answer", "")).strip():
         return row["prompt"]
+    if solution_style == "digits" and row.get("solution"):
+        row = {**row, "solution": expand_arithmetic(row["solution"])}
     if rng.random() < template_fraction:
         # why the guard: at 1.0 no extra draw, so existing presets render byte-identical documents
         worked = reasoning_fraction >= 1.0 or rng.random() < reasoning_fraction

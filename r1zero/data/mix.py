@@ -248,7 +248,7 @@ class _MixRun:
             for i, row in enumerate(iter_rows(self.out, "train")):
                 if i >= self.d.tokenizer_rows:
                     return
-                yield pretrain_text(row, rng, frac)
+                yield pretrain_text(row, rng, frac, solution_style=self.d.solution_style)
 
         tok = train_tokenizer(docs(), self.d.vocab_size, self.out / "tokenizer.json")
         return {"file": "tokenizer.json", "vocab_size": tok.get_vocab_size(), "trained_on_rows":

@@ -31,18 +31,18 @@ from r1zero.errors import UserError
 
 
 def build_documents(rows: list[dict], seed: int, template_fraction: float = 0.5,
-                    reasoning_fraction: float = 1.0) -> list[str]:
+                    reasoning_fraction: float = 1.0, solution_style: str = "plain") -> list[str]:
     """One pretraining document per row, rendered with a seeded RNG (deterministic).
 
     ``template_fraction`` (``data.template_fraction``) of the task rows use the R1-Zero template,
-    the rest plain formats; ``reasoning_fraction`` of the template ones show the worked solution
-    (:func:`r1zero.data.documents.pretrain_text`).
+    the rest plain formats; ``reasoning_fraction`` of the template ones show the worked solution,
+    written in ``solution_style`` (:func:`r1zero.data.documents.pretrain_text`).
     """
     from r1zero.data.documents import pretrain_text
 
     rng = random.Random(seed)
-    docs = [pretrain_text(row, rng, template_fraction=template_fraction,
-                          reasoning_fraction=reasoning_fraction) for row in rows]
+    docs = [pretrain_text(row, rng, template_fraction=template_fraction, reasoning_fraction=reasoning_fraction,
+                          solution_style=solution_style) for row in rows]
     return [d for d in docs if d]
 
 

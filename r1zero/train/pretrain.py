@@ -162,7 +162,8 @@ def train(cfg, data_uri: str, work: Path, ckpt_uri: str) -> dict:
         raise UserError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is {cfg.model.vocab_size}")
     rows = load_rows(Path(data_dir), "train")
     packed = PackedSequences.from_texts(build_documents(rows, cfg.seed, cfg.data.template_fraction,
-                                                            cfg.data.reasoning_fraction), tokenizer, pre.seq_len, cfg.seed)
+                                                        cfg.data.reasoning_fraction, cfg.data.solution_style),
+                                        tokenizer, pre.seq_len, cfg.seed)
 
     ctx = rdist.init(dims, env)
     torch.manual_seed(cfg.seed)

@@ -50,3 +50,15 @@ def test_reasoning_fraction_one_draws_nothing_extra():
     for _ in range(50):
         assert pretrain_text(ROW, a) == pretrain_text(ROW, b, reasoning_fraction=1.0)
     assert a.random() == b.random()
+
+
+def test_digits_style_writes_the_solution_arithmetic_in_columns_in_every_format():
+    worked = "12 + 30 = (2+0=2>2,1+3=4>42) 42."
+    a, b = random.Random(6), random.Random(6)
+    for _ in range(40):
+        plain, digits = pretrain_text(ROW, a), pretrain_text(ROW, b, solution_style="digits")
+        # same RNG draws; only the solution text differs (formats without a solution are equal)
+        assert digits == plain.replace(ROW["solution"], worked)
+    assert a.random() == b.random()
+    text = pretrain_text(ROW, random.Random(0), template_fraction=1.0, solution_style="digits")
+    assert worked in text and extract_answer(text) == "42"
