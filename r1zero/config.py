@@ -198,7 +198,8 @@ class PretrainConfig(_Section):
     # None = ``<out>/checkpoints``; any store URI (local path or s3://) otherwise.
     checkpoint_uri: str | None = None
     # Held-out greedy accuracy of the base model (summary.json): eval-split items per domain and
-    # the generation length (the tiny preset's answers fit in 48 tokens, as for GRPO).
+    # the generation length (plain solutions fit in 48 tokens; the tiny preset's column working
+    # needs 72, as for GRPO).
     heldout_per_domain: int = Field(64, ge=0)
     heldout_max_new_tokens: int = Field(48, ge=1)
 

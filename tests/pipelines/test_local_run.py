@@ -43,6 +43,9 @@ def test_run_completes_within_bound(run_dir):
     assert 0.0 <= summary["base_accuracy"] <= 1.0 and 0.0 <= summary["rl_accuracy"] <= 1.0
     lo, hi = summary["rl_ci"]
     assert lo <= summary["rl_accuracy"] <= hi
+    # issue 4's learning acceptance on the same preset and split: +15 points of greedy pass@1
+    assert summary["rl_accuracy"] - summary["base_accuracy"] >= 0.15, \
+        f"GRPO gain {summary['rl_accuracy'] - summary['base_accuracy']:+.3f} < +0.15"
     assert set(summary["stage_seconds"]) == {"data_mix", "pretrain", "grpo", "evaluate_base", "evaluate_rl",
                                              "detect_insight"}
     assert "greedy pass@1" in stdout and "stage durations" in stdout
