@@ -39,7 +39,8 @@ def _digits(n: int) -> list[int]:
 
 
 def _columns(steps: list[tuple[str, int]]) -> str:
-    """``steps``: (column text, column result digit(s) to prepend) right to left -> ``(...)``."""
+    """``steps``: (column text, column result) right to left -> ``(...)``; a column adds its
+    result's last digit to the suffix, the last column its whole result."""
     parts, suffix = [], ""
     for i, (text, value) in enumerate(steps):
         last = i == len(steps) - 1
@@ -52,17 +53,15 @@ def _columns(steps: list[tuple[str, int]]) -> str:
 
 def add_columns(a: int, b: int) -> str:
     da, db = _digits(a), _digits(b)
-    n = max(len(da), len(db))
-    da, db = da + [0] * (n - len(da)), db + [0] * (n - len(db))
+    nb, n = len(db), max(len(da), len(db))
+    da, db = da + [0] * (n - len(da)), db + [0] * (n - nb)
     steps, carry = [], 0
     for i in range(n):
-        if i >= len(_digits(b)) and not carry:  # the rest of a is copied: "1>155"
+        if i >= nb and not carry:  # the rest of a is copied: "1>155"
             steps.append((str(a // 10 ** i), a // 10 ** i))
             break
         s = da[i] + db[i] + carry
-        text = f"{da[i]}+{db[i]}" + ("+1" if carry else "") + f"={s}"
-        last = i == n - 1
-        steps.append((text, s if last else s % 10))
+        steps.append((f"{da[i]}+{db[i]}" + ("+1" if carry else "") + f"={s}", s))
         carry = s // 10
     return _columns(steps)
 
@@ -70,10 +69,11 @@ def add_columns(a: int, b: int) -> str:
 def sub_columns(a: int, b: int) -> str:
     """``a - b`` for a >= b >= 0."""
     da, db = _digits(a), _digits(b)
-    db = db + [0] * (len(da) - len(db))
+    nb = len(db)
+    db = db + [0] * (len(da) - nb)
     steps, borrow = [], 0
     for i in range(len(da)):
-        if i >= len(_digits(b)) and not borrow:  # the rest of a is copied
+        if i >= nb and not borrow:  # the rest of a is copied
             steps.append((str(a // 10 ** i), a // 10 ** i))
             break
         top = da[i]
@@ -90,11 +90,9 @@ def sub_columns(a: int, b: int) -> str:
 def mul_columns(a: int, k: int) -> str:
     """``a * k`` for a one-digit ``k``."""
     steps, carry = [], 0
-    da = _digits(a)
-    for i, x in enumerate(da):
+    for x in _digits(a):
         p = x * k + carry
-        text = f"{x}*{k}" + (f"+{carry}" if carry else "") + f"={p}"
-        steps.append((text, p if i == len(da) - 1 else p % 10))
+        steps.append((f"{x}*{k}" + (f"+{carry}" if carry else "") + f"={p}", p))
         carry = p // 10
     return _columns(steps)
 

@@ -386,9 +386,9 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
         params += list(value_head.parameters())
     optimizer = make_optimizer(params, g.lr)
 
-    st = RunState(stream=PromptStream(len(entries), cfg.seed), guard=NanGuard(g.nan_abort_after))
-    if g.adaptive.enabled and g.adaptive.stratum_prior:
-        st.tracker = adaptive.PassRateTracker([adaptive.stratum_of(e.item) for e in entries])
+    strata = [adaptive.stratum_of(e.item) for e in entries] if g.adaptive.enabled and g.adaptive.stratum_prior else None
+    st = RunState(stream=PromptStream(len(entries), cfg.seed), guard=NanGuard(g.nan_abort_after),
+                  tracker=adaptive.PassRateTracker(strata))
     if g.grouping.enabled:
         from r1zero.grpo.grouping import DynamicGroups
 
