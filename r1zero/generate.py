@@ -177,6 +177,65 @@ def _swiglu(x: torch.Tensor, mlp) -> torch.Tensor:
     return mlp(x)
 
 
+# Decode a MoE feed-forward densely (every expert on every token, weight 0 where not routed)
+# when that costs at most this many times the routed FLOPs: at decode sizes the router's sort /
+# gather / scatter bookkeeping costs more than the extra matmul work (BENCHMARKS.md, "GRPO on the
+# tiny preset"). The tiny preset routes 2 of 4 experts (2x); the 13B preset 2 of 8 (4x) keeps
+# the routed module.
+_MOE_DENSE_MAX_FLOPS = 2.0
+
+
+def _moe_dense_weights(moe) -> tuple | None:
+    """(gate weight, stacked gate|up (Eb*2F, D), stacked down (D, Eb*F), shared blocks) of an
+    r1zero MoE layer for :func:`_moe_dense`, or None where it does not apply.
+
+    Eb = routed experts + shared blocks: the shared SwiGLU of width n_shared*F is n_shared
+    always-on experts of width F (block-diagonal), appended with weight 1.
+    """
+    from r1zero.model.moe import MoELayer
+
+    if type(moe) is not MoELayer or moe.capacity_factor is not None or moe.ep_dispatch is not None:
+        return None  # capacity dropping depends on the batch; expert parallelism dispatches remotely
+    E, K = moe.n_experts, moe.top_k
+    if E > _MOE_DENSE_MAX_FLOPS * K:
+        return None
+    ex = moe.experts
+    Fd = ex.d_ff
+    gu = list(ex.w_gate_up)
+    dn = list(ex.w_down)
+    n_sh = 0
+    if moe.shared is not None:
+        sh = moe.shared
+        wg, wu, wd = sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight
+        if wg.shape[0] % Fd or any(m.bias is not None for m in (sh.gate_proj, sh.up_proj, sh.down_proj)):
+            return None
+        n_sh = wg.shape[0] // Fd
+        for j in range(n_sh):
+            gu.append(torch.cat([wg[j * Fd:(j + 1) * Fd], wu[j * Fd:(j + 1) * Fd]]))
+            dn.append(wd[:, j * Fd:(j + 1) * Fd])
+    return moe.gate.weight, torch.cat(gu), torch.cat(dn, 1), n_sh
+
+
+def _moe_dense(moe, weights: tuple, x_TD: torch.Tensor) -> torch.Tensor:
+    """``MoELayer.forward`` at inference (same routing, same expert math) as two dense matmuls
+    over all experts, unrouted ones weighted 0; no aux-loss or statistics bookkeeping."""
+    from r1zero.model import router as R
+
+    w_gate, gu_CD, dn_DC, n_sh = weights
+    T, E = x_TD.shape[0], moe.n_experts
+    bias_E = moe.expert_bias_E if moe.bias_update_rate > 0 or bool(moe.expert_bias_E.any()) else None
+    weights_TK, ids_TK, _ = R.route(F.linear(x_TD.float(), w_gate.float()), moe.top_k, moe.kind, bias_E,
+                                    moe.route_scale)
+    w_TB = x_TD.new_zeros((T, E + n_sh))
+    if n_sh:
+        w_TB[:, E:] = 1.0
+    w_TB.scatter_(1, ids_TK, weights_TK.to(x_TD.dtype))
+    h_TB2F = F.linear(x_TD, gu_CD).view(T, E + n_sh, -1)
+    Fd = h_TB2F.shape[-1] // 2
+    a_TBF = F.silu(h_TB2F[..., :Fd]) * h_TB2F[..., Fd:] * w_TB[..., None]
+    return F.linear(a_TBF.reshape(T, -1), dn_DC)
+
+
 class _LeanDecoder:
     """Decode with a preallocated KV cache, calling the model's weights directly.
 
@@ -299,8 +358,9 @@ class _LeanDecoder:
         allow_U1LL = self._prompt_allow(keys_UL)
         cos, sin = self.cos_PD[pos_UL][:, None], self.sin_PD[pos_UL][:, None]  # (U, 1, L, Dh)
         x = F.embedding(ids_UL, self.embed)
+        self._fuse()
         self.k, self.v = [], []
-        for ly in self.layers:
+        for i, ly in enumerate(self.layers):
             q, k, v = self._qkv(ly, _rms(x, ly.n1), cos, sin)
             kb = k.new_empty((B, G, T, Dh))
             vb = v.new_empty((B, G, T, Dh))
@@ -310,10 +370,9 @@ class _LeanDecoder:
             self.v.append(vb)
             o = self._sdpa(q, k, v, allow_U1LL)
             x = x + F.linear(o.transpose(1, 2).reshape(U, L, H * Dh), *ly.o)
-            x = x + _swiglu(_rms(x, ly.n2), ly.mlp)
+            x = x + self._ffn(i, _rms(x, ly.n2), decode=False)
         x = _rms(x[:, -1], self.final)
         self.slot = L
-        self._fuse()
         bias_BT = torch.zeros((B, T), dtype=x.dtype, device=dev)
         bias_BT[:, :L].masked_fill_(~keys_UL.index_select(0, src_B), float("-inf"))
         self.bias_B11T = bias_BT[:, None, None, :]
@@ -321,56 +380,83 @@ class _LeanDecoder:
 
     # -- training forward: completion logits with each unique prompt computed once -----------
     def shared_prompt_logits(self, ids_UP: torch.Tensor, att_UP: torch.Tensor, pos_UP: torch.Tensor,
-                             src_B: torch.Tensor, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1 + S, V) predicting completion tokens 0..S of each row (autograd-enabled).
+                             src_B: torch.Tensor, ids_BS: torch.Tensor, pos_BS: torch.Tensor,
+                             real_BT: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) of the N real completion positions of ``real_BT`` (row-major order).
 
         ``ids_UP``: the U unique prompts, left-padded (``att_UP`` = 1 on real tokens, last column
         real); row b continues prompt ``src_B[b]`` with the right-padded completion inputs
-        ``ids_BS`` (its first S tokens). The prompt part runs once per unique prompt and its keys
-        and values are gathered per row, so it costs U instead of B prompt rows in the forward and
-        the backward; the result equals the full left-padded-prompt + completion forward at the
-        real positions (masked keys contribute nothing), up to float rounding.
+        ``ids_BS`` (S = T - 1: input t predicts completion token t + 1; token 0 is predicted from
+        the prompt's last position). ``real_BT`` marks the real completion tokens. Autograd-enabled.
+
+        Work saved against ``model(...)`` over the padded batch, with the same logits up to float
+        rounding (tests):
+        - each unique prompt runs once and its keys/values are gathered per row (U instead of B
+          prompt rows, forward and backward);
+        - position-wise work (norms, projections, feed-forward, LM head) runs on one flat tensor
+          of the prompt tokens plus the *real* completion tokens only: right padding never reaches
+          a real query (causal), so its rows are skipped, and only attention sees the padded
+          (B, S) layout (padding rows zero there, their outputs discarded).
         """
         U, P = ids_UP.shape
         B, S = ids_BS.shape
-        H, Dh = self.n_heads, self.head_dim
+        H, G, Dh = self.n_heads, self.n_kv, self.head_dim
+        half, UP = Dh // 2, U * P
         dev = ids_UP.device
-        cos_p, sin_p = (t[:, None] for t in self._rope_tables(pos_UP))
         keys_UP = att_UP.bool()
         allow_p = self._prompt_allow(keys_UP)
-        xp = F.embedding(ids_UP, self.embed, self.padding_idx)
-        if S:
-            cos_c, sin_c = (t[:, None] for t in self._rope_tables(pos_BS))
+        keep_BS = real_BT[:, 1:]  # completion input t is needed iff token t + 1 is real
+        idx_n = keep_BS.reshape(-1).nonzero().squeeze(-1)  # packed row -> flat (b, s)
+        n = idx_n.shape[0]
+        packed = n < B * S  # padding to skip
+        ids_n = ids_BS.reshape(-1)
+        pos_n = pos_BS.reshape(-1)
+        if packed:
+            ids_n, pos_n = ids_n.index_select(0, idx_n), pos_n.index_select(0, idx_n)
+        if n:
             ac = torch.arange(S, device=dev)
             # completions are right-padded: causal alone keeps real queries off the padding keys
             allow_c = torch.cat([keys_UP.index_select(0, src_B)[:, None, :].expand(B, S, P),
                                  (ac[None, :] <= ac[:, None]).expand(B, S, S)], -1)[:, None]
-            xc = F.embedding(ids_BS, self.embed, self.padding_idx)
+        cos, sin = self._rope_tables(torch.cat([pos_UP.reshape(-1), pos_n])[None])
+        cos, sin = cos[0][:, None], sin[0][:, None]  # (UP + n, 1, Dh)
+        x = F.embedding(torch.cat([ids_UP.reshape(-1), ids_n]), self.embed, self.padding_idx)  # (UP + n, D)
+        D = x.shape[-1]
+
+        def to_BS(t_n: torch.Tensor) -> torch.Tensor:  # (n, h, Dh) -> (B, h, S, Dh)
+            if packed:
+                t_n = t_n.new_zeros((B * S,) + t_n.shape[1:]).index_copy(0, idx_n, t_n)
+            return t_n.view(B, S, -1, Dh).transpose(1, 2)
+
         for ly in self.layers:
-            q, k, v = self._qkv(ly, _rms(xp, ly.n1), cos_p, sin_p)
-            op = self._sdpa(q, k, v, allow_p)
-            if S:
-                q2, k2, v2 = self._qkv(ly, _rms(xc, ly.n1), cos_c, sin_c)
-                k2 = torch.cat([k.index_select(0, src_B), k2], 2)
-                v2 = torch.cat([v.index_select(0, src_B), v2], 2)
-                oc = self._sdpa(q2, k2, v2, allow_c)
-                xc = xc + F.linear(oc.transpose(1, 2).reshape(B, S, H * Dh), *ly.o)
-            xp = xp + F.linear(op.transpose(1, 2).reshape(U, P, H * Dh), *ly.o)
-            if S and not isinstance(ly.mlp, tuple):
-                # a module feed-forward (r1zero MoE) runs once over prompt and completion tokens, so
-                # its routing statistics and aux loss see each unique prompt token once
-                D = xp.shape[-1]
-                y = ly.mlp(torch.cat([_rms(xp, ly.n2).reshape(1, U * P, D), _rms(xc, ly.n2).reshape(1, B * S, D)], 1))
-                xp = xp + y[0, :U * P].view(U, P, D)
-                xc = xc + y[0, U * P:].view(B, S, D)
-                continue
-            if S:
-                xc = xc + _swiglu(_rms(xc, ly.n2), ly.mlp)
-            xp = xp + _swiglu(_rms(xp, ly.n2), ly.mlp)
-        x = xp[:, -1:].index_select(0, src_B)
+            h = _rms(x, ly.n1)
+            q = F.linear(h, *ly.q).view(-1, H, Dh)
+            k = F.linear(h, *ly.k).view(-1, G, Dh)
+            v = F.linear(h, *ly.v).view(-1, G, Dh)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            qp, kp, vp = (t[:UP].view(U, P, -1, Dh).transpose(1, 2) for t in (q, k, v))
+            o = self._sdpa(qp, kp, vp, allow_p).transpose(1, 2).reshape(UP, H * Dh)
+            if n:
+                kc = torch.cat([kp.index_select(0, src_B), to_BS(k[UP:])], 2)
+                vc = torch.cat([vp.index_select(0, src_B), to_BS(v[UP:])], 2)
+                oc = self._sdpa(to_BS(q[UP:]), kc, vc, allow_c).transpose(1, 2).reshape(B * S, H * Dh)
+                o = torch.cat([o, oc.index_select(0, idx_n) if packed else oc])
+            x = x + F.linear(o, *ly.o)
+            h = _rms(x, ly.n2)
+            # a module feed-forward (r1zero MoE) sees each unique prompt token and each real
+            # completion token once, so its routing statistics and aux loss skip padding
+            x = x + (_swiglu(h, ly.mlp) if isinstance(ly.mlp, tuple) else ly.mlp(h[None])[0])
+        # hidden state predicting each real token: (b, 0) <- prompt's last position, (b, t) <- packed row
+        map_BT = torch.empty(real_BT.shape, dtype=torch.long, device=dev)
+        map_BT[:, 0] = UP + n + torch.arange(B, device=dev)
         if S:
-            x = torch.cat([x, xc], 1)
-        return F.linear(_rms(x, self.final), *self.head)
+            map_BS = torch.zeros(B * S, dtype=torch.long, device=dev)
+            map_BS[idx_n] = UP + torch.arange(n, device=dev)
+            map_BT[:, 1:] = map_BS.view(B, S)
+        last_B = x[:UP].view(U, P, D)[:, -1].index_select(0, src_B)
+        h_N = torch.cat([x, last_B]).index_select(0, map_BT[real_BT])
+        return F.linear(_rms(h_N, self.final), *self.head)
 
     def select(self, idx_B: torch.Tensor) -> None:
         self.k = [t.index_select(0, idx_B) for t in self.k]
@@ -379,21 +465,37 @@ class _LeanDecoder:
 
     # -- one token per row -------------------------------------------------------------------
     def _fuse(self) -> None:
-        """Concatenated q|k|v and gate|up weights for the decode step (one matmul instead of 3 / 2).
+        """Concatenated q|k|v and gate|up weights for decoding (one matmul instead of 3 / 2), and
+        for a small r1zero MoE feed-forward its experts stacked for :func:`_moe_dense`.
 
         A copy of those weights, made once per :func:`sample` call, so only for small models
         (``_FUSE_MAX_BYTES``), where per-op overhead dominates; large models keep separate matmuls.
         """
         self.fused = []
-        nbytes = sum(w.numel() * w.element_size() for ly in self.layers for w, _ in (ly.q, ly.k, ly.v))
-        nbytes += sum(w.numel() * w.element_size() for ly in self.layers if isinstance(ly.mlp, tuple)
-                      for w, _ in ly.mlp[:2])
+        nbytes = 0
+        for ly in self.layers:
+            ws = [w for w, _ in (ly.q, ly.k, ly.v)]
+            ws += [w for w, _ in ly.mlp[:2]] if isinstance(ly.mlp, tuple) else list(ly.mlp.parameters())
+            nbytes += sum(w.numel() * w.element_size() for w in ws)
         if nbytes > _FUSE_MAX_BYTES:
             return
         for ly in self.layers:
             qkv = _cat_linear([ly.q, ly.k, ly.v])
             gu = _cat_linear(list(ly.mlp[:2])) if isinstance(ly.mlp, tuple) else None
-            self.fused.append((qkv, gu))
+            self.fused.append((qkv, gu, None if isinstance(ly.mlp, tuple) else _moe_dense_weights(ly.mlp)))
+
+    def _ffn(self, i: int, h: torch.Tensor, decode: bool = True) -> torch.Tensor:
+        """Feed-forward of layer ``i`` at inference (fused / dense-MoE forms where built; the
+        dense MoE only for ``decode``: over a prefill's many tokens the extra FLOPs cost more
+        than the routing bookkeeping saved)."""
+        ly = self.layers[i]
+        fused = self.fused[i] if self.fused else (None, None, None)
+        if fused[1] is not None:
+            gate, up = F.linear(h, *fused[1]).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, *ly.mlp[2])
+        if fused[2] is not None and decode:
+            return _moe_dense(ly.mlp, fused[2], h.reshape(-1, h.shape[-1])).view(h.shape)
+        return _swiglu(h, ly.mlp)
 
     def step(self, tok_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         B = tok_B.shape[0]
@@ -404,7 +506,7 @@ class _LeanDecoder:
         x = F.embedding(tok_B, self.embed)
         for i, (ly, kc, vc) in enumerate(zip(self.layers, self.k, self.v)):
             h = _rms(x, ly.n1)
-            fused = self.fused[i] if self.fused else (None, None)
+            fused = self.fused[i] if self.fused else (None, None, None)
             if fused[0] is not None:  # one matmul, RoPE on q|k at once
                 qkv = F.linear(h, *fused[0])
                 qk = qkv[:, :(H + G) * Dh].view(B, H + G, Dh)
@@ -421,12 +523,7 @@ class _LeanDecoder:
             p = a.softmax(-1) if a.dtype == torch.float32 else a.softmax(-1, dtype=torch.float32).to(a.dtype)
             o = torch.matmul(p, vc[:, :, :s + 1])  # (B, G, r, Dh)
             x = x + F.linear(o.view(B, H * Dh), *ly.o)
-            h = _rms(x, ly.n2)
-            if fused[1] is not None:
-                gate, up = F.linear(h, *fused[1]).chunk(2, dim=-1)
-                x = x + F.linear(F.silu(gate) * up, *ly.mlp[2])
-            else:
-                x = x + _swiglu(h, ly.mlp)
+            x = x + self._ffn(i, _rms(x, ly.n2))
         self.slot = s + 1
         return F.linear(_rms(x, self.final), *self.head)
 

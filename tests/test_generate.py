@@ -274,12 +274,13 @@ def test_shared_prompt_training_forward_for_r1zero_moe(monkeypatch):
     for lean in (True, False):
         monkeypatch.setattr(U, "LEAN_FORWARD", lean)
         m = copy.deepcopy(m0)
-        logits_BTV, out = U.forward_completion(m, batch)
-        logp_BT = torch.log_softmax(logits_BTV, -1).gather(-1, batch.targets_BT[..., None])[..., 0]
-        (-(logp_BT * adv_B1)[real].sum()).backward()
-        res[lean] = (logp_BT.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                                        for p in m.parameters()], out.aux_loss)
-    torch.testing.assert_close(res[True][0][real], res[False][0][real], atol=1e-5, rtol=1e-5)
+        logits_NV, out = U.forward_completion(m, batch)
+        assert logits_NV.shape[0] == int(real.sum())  # real positions only, row-major
+        logp_N = torch.log_softmax(logits_NV, -1).gather(-1, batch.targets_BT[real][:, None])[:, 0]
+        (-(logp_N * adv_B1.expand_as(real)[real]).sum()).backward()
+        res[lean] = (logp_N.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                       for p in m.parameters()], out.aux_loss)
+    torch.testing.assert_close(res[True][0], res[False][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(res[True][1], res[False][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert res[True][2] is not None and res[True][2].requires_grad  # the balance loss still trains the router
@@ -288,3 +289,76 @@ def test_shared_prompt_training_forward_for_r1zero_moe(monkeypatch):
     for moe in m_cap.moe_layers():
         moe.capacity_factor = 1.0
     assert lean_decoder(m_cap, training=True) is None
+
+
+def test_lean_training_forward_skips_padding_and_handles_short_completions(monkeypatch):
+    """The lean forward runs position-wise work on unique prompt tokens + real completion inputs
+    only (the MoE feed-forward sees exactly those rows), and matches the generic path when
+    completions are empty, one token long, or all of one length (no padding to skip)."""
+    import copy
+
+    import r1zero.grpo.update as U
+    from r1zero.model.moe import MoELayer
+
+    m0 = _r1zero_moe().train()
+    seen: list[int] = []
+    fwd = MoELayer.forward
+
+    def counting(self, x):
+        seen.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return fwd(self, x)
+
+    monkeypatch.setattr(MoELayer, "forward", counting)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    rows = [p for p in prompts for _ in range(3)]
+    cases = {
+        "ragged": [[4, 6, 6, EOS], [7, 8], [9], [3, 3, 2, 2, 5], [], [2]],
+        "short": [[4], [7], [9], [], [6], [EOS]],
+        "equal": [[4, 6, 6], [7, 8, 1], [9, 9, 9], [3, 3, 2], [6, 1, 1], [2, 2, 2]],
+    }
+    for name, comps in cases.items():
+        batch = U.build_batch(rows, comps, PAD)
+        real = batch.mask_BT.bool()
+        out = {}
+        for lean in (True, False):
+            monkeypatch.setattr(U, "LEAN_FORWARD", lean)
+            seen.clear()
+            logits_NV, _ = U.forward_completion(copy.deepcopy(m0), batch)
+            assert logits_NV.shape[0] == int(real.sum()), name
+            out[lean] = (logits_NV, list(seen))
+        torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
+        # unique prompt tokens (padded to the longest prompt) + completion inputs that predict a real token
+        want = len(prompts) * batch.prompt_len + sum(max(len(c) - 1, 0) for c in comps)
+        assert set(out[True][1]) == {want}, (name, out[True][1], want)
+        assert set(out[False][1]) == {len(rows) * batch.input_ids_BL.shape[1]}  # generic: every padded position
+
+
+@pytest.mark.parametrize("router,e,k,n_shared,biased", [("softmax", 4, 2, 1, False), ("sigmoid", 4, 2, 2, True),
+                                                         ("soft", 4, 4, 0, False), ("softmax", 2, 1, 0, True)])
+def test_dense_moe_decode_matches_the_routed_layer(router, e, k, n_shared, biased):
+    """The decode-time dense MoE (every expert on every token, unrouted ones weighted 0, shared
+    experts as weight-1 blocks) gives ``MoELayer.forward``'s output; it is only built where it
+    costs at most ``_MOE_DENSE_MAX_FLOPS`` x the routed FLOPs and nothing depends on the batch."""
+    from r1zero.generate import _MOE_DENSE_MAX_FLOPS, _moe_dense, _moe_dense_weights
+    from r1zero.model import R1ZeroConfig
+    from r1zero.model.moe import MoELayer
+
+    torch.manual_seed(0)
+    cfg = R1ZeroConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, n_experts=e,
+                       num_experts_per_tok=k, n_shared=n_shared, d_expert=16, router=router, route_scale=1.5)
+    moe = MoELayer(cfg, 0).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    if biased:
+        moe.expert_bias_E.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1])[:e])
+    x_TD = torch.randn(37, 32)
+    w = _moe_dense_weights(moe)
+    assert w is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(_moe_dense(moe, w, x_TD), moe(x_TD[None])[0], atol=1e-5, rtol=1e-5)
+    moe.capacity_factor = 1.0  # dropping depends on the batch: routed module
+    assert _moe_dense_weights(moe) is None
+    moe.capacity_factor = None
+    moe.top_k = 1
+    moe.n_experts = int(_MOE_DENSE_MAX_FLOPS) + 1  # E > limit * K: more than the allowed extra work
+    assert _moe_dense_weights(moe) is None

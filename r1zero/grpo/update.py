@@ -12,7 +12,8 @@ float summation order). ``mu`` inner iterations reuse the rollout log-probs as p
 :class:`NanGuard` skips an update whose loss or gradient norm is not finite, counts it, and aborts
 after ``grpo.nan_abort_after`` in a row.
 
-Legend: B = completions, L = prompt+completion length, T = completion length, V = vocab.
+Legend: B = completions, L = prompt+completion length, T = completion length, V = vocab,
+N = real (unpadded) completion tokens.
 """
 
 from __future__ import annotations
@@ -91,17 +92,20 @@ class _LeanOutput:
 
 
 def forward_completion(model, batch: Batch, temperature: float = 1.0):
-    """(logits_BTV over completion positions, divided by the sampling ``temperature``; model output).
+    """(logits_NV of the N real completion tokens, row-major over ``batch.mask_BT``, divided by
+    the sampling ``temperature``; model output).
 
     Completions were drawn from ``softmax(logits / T)``, so the ratio, KL and entropy must use the
     same distribution, or T != 1 trains a different policy than the one sampled (TRL does the same).
+    Only real positions are returned: padding carries no loss, and the lean path never computes it.
 
     For transformers Llama-family policies and r1zero's dropless MoE models (see
     :func:`r1zero.generate.lean_decoder`) each unique prompt is run once and shared by its G
-    completions (same logits up to float rounding; the gradient is the same sum over rows);
-    otherwise one ``model(...)`` over the whole batch.
+    completions, and padding positions are skipped (same logits up to float rounding; the
+    gradient is the same sum over rows); otherwise one ``model(...)`` over the whole batch.
     """
     T = batch.targets_BT.shape[1]
+    real_BT = batch.mask_BT.bool()
     dec = lean_decoder(model, training=True) if LEAN_FORWARD and batch.prompt_src_B is not None else None
     if dec is not None:
         P, dev = batch.prompt_len, batch.input_ids_BL.device
@@ -109,15 +113,20 @@ def forward_completion(model, batch: Batch, temperature: float = 1.0):
         ids_UP = batch.input_ids_BL.index_select(0, first_U)[:, :P]
         att_UP = batch.attention_BL.index_select(0, first_U)[:, :P]
         pos_UP = batch.position_BL.index_select(0, first_U)[:, :P]
-        logits_BTV = dec.shared_prompt_logits(ids_UP, att_UP, pos_UP, batch.prompt_src_B.to(dev),
-                                              batch.input_ids_BL[:, P:P + T - 1], batch.position_BL[:, P:P + T - 1])
-        return _tempered(logits_BTV, temperature), _LeanOutput(logits_BTV, lean_aux_loss(model) if model.training else None)
+        logits_NV = dec.shared_prompt_logits(ids_UP, att_UP, pos_UP, batch.prompt_src_B.to(dev),
+                                             batch.input_ids_BL[:, P:P + T - 1], batch.position_BL[:, P:P + T - 1],
+                                             real_BT.to(dev))
+        return _tempered(logits_NV, temperature), _LeanOutput(logits_NV, lean_aux_loss(model) if model.training else None)
     kw = {"use_cache": False}
     if _accepts_keep(model):
         kw["logits_to_keep"] = T + 1
     out = model(input_ids=batch.input_ids_BL, attention_mask=batch.attention_BL, position_ids=batch.position_BL, **kw)
-    logits = out.logits
-    return _tempered(logits[:, -(T + 1):-1, :], temperature), out
+    return _tempered(out.logits[:, -(T + 1):-1][real_BT], temperature), out
+
+
+def unpack(values_N: torch.Tensor, real_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) tensor with ``values_N`` at the real positions (row-major) and 0 at padding."""
+    return values_N.new_zeros(real_BT.shape).masked_scatter(real_BT, values_N)
 
 
 def _accepts_keep(model) -> bool:
@@ -134,18 +143,20 @@ _KEEP: dict[type, bool] = {}
 
 @torch.no_grad()
 def sequence_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs of the completions under ``model`` at the sampling ``temperature``."""
+    """Per-token log-probs (B, T) of the completions under ``model`` at the sampling ``temperature``
+    (0 at padding)."""
     was = model.training
     model.eval()
     try:
-        logits_BTV, _ = forward_completion(model, batch, temperature)
-        return token_logprobs(logits_BTV, batch.targets_BT)
+        logits_NV, _ = forward_completion(model, batch, temperature)
+        real_BT = batch.mask_BT.bool()
+        return unpack(token_logprobs(logits_NV, batch.targets_BT[real_BT]), real_BT)
     finally:
         model.train(was)
 
 
-def _tempered(logits_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits_BTV if temperature == 1.0 else logits_BTV / temperature
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
 
 
 # AdamW betas for the RL update: beta2 0.99 instead of torch's 0.999 so that the second-moment
@@ -221,6 +232,8 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
     """
     model.train()
     mask_BT = batch.mask_BT
+    real_BT = mask_BT.bool()
+    targets_N = batch.targets_BT[real_BT]
     stats = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0,
              "grad_norm": 0.0, "skipped": 0, "value_loss": 0.0}
     _, den_local = _denominator(mask_BT, gcfg)
@@ -228,9 +241,9 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
     n_tok_global = all_sum([float(mask_BT.sum())])[0]
     for it in range(gcfg.mu):
         optimizer.zero_grad(set_to_none=False)
-        logits_BTV, out = forward_completion(model, batch, gcfg.temperature)
-        logp_BTV = log_probs(logits_BTV)  # one log-softmax for the log-probs and the entropy
-        logp_BT = pick(logp_BTV, batch.targets_BT)
+        logits_NV, out = forward_completion(model, batch, gcfg.temperature)
+        logp_NV = log_probs(logits_NV)  # one log-softmax for the log-probs and the entropy
+        logp_BT = unpack(pick(logp_NV, targets_N), real_BT)
         old = logp_BT.detach() if old_logp_BT is None else old_logp_BT
         num, _, st = policy_loss(logp_BT, old, adv, mask_BT, eps_low=gcfg.eps_low, eps_high=gcfg.eps_high,
                                  beta=gcfg.beta, ref_logp_BT=ref_logp_BT, agg=gcfg.loss_agg,
@@ -257,7 +270,7 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
             stats["skipped"] += 1
         if it == 0:
             with torch.no_grad():
-                ent = float((entropy_of(logp_BTV.detach()) * mask_BT).sum())
+                ent = float(entropy_of(logp_NV.detach()).sum())
             stats["entropy_sum"] = ent
         stats["loss"] += loss_sum / gcfg.mu
         stats["grad_norm"] += gnorm / gcfg.mu

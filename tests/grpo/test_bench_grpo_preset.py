@@ -1,0 +1,28 @@
+"""Smoke run of benchmarks/bench_grpo_preset.py on the test MoE policy: every piece runs and the
+lean update really skips padding (the sampled batch is ragged)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_grpo_preset_smoke_json(grpo_env):
+    data, _, moe_dir = grpo_env
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_grpo_preset.py"), "--policy", str(moe_dir),
+           "--data", str(data), "--repeats", "1", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert set(result) == {"sample_lean_tokens_per_s", "sample_routed_tokens_per_s", "sample_generic_tokens_per_s",
+                           "update_lean_ms", "update_generic_ms"}
+    assert all(v > 0 for v in result.values())
+    setup = lines[0]
+    assert "padding)" in setup and "(0% padding)" not in setup, setup  # a ragged batch was measured
