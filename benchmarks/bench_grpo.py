@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/bench_grpo.py                    # table
     .venv/bin/python benchmarks/bench_grpo.py --json --repeats 3 # last line: JSON figures
+    .venv/bin/python benchmarks/bench_grpo.py --policy runs/tiny/pretrain --data runs/tiny/data \
+        --prompts 16 --max-new-tokens 72                          # the tiny preset's policy and step
+
+Default setup (the issue's comparison):
 
 Both sides get the same tiny ``LlamaForCausalLM`` (same seed), the same ``PreTrainedTokenizerFast``
 (an HF ``tokenizers`` BPE trained here), the same prompts, G, completion length, temperature 1,
@@ -20,6 +24,12 @@ AdamW kernel (transformers' default ``adamw_torch_fused`` on TRL's side,
 - generate: :func:`r1zero.generate.sample` vs ``model.generate(do_sample=True)`` on the same
   P*G rows (G copies of each prompt, as TRL passes them). Figure: generated tokens per second.
 
+With ``--policy DIR --data DIR`` both sides instead get a copy of that policy (the preset's
+pretrained r1zero MoE base, which TRL trains as any transformers causal LM) and its tokenizer,
+and the R1-Zero-template prompts of the data artifact's train split (RL domains, in order).
+Unlike the random toy model, whose completions nearly all run to the length limit, a pretrained
+base stops at EOS, so completion lengths vary as in a real run.
+
 The machine is shared, so wall-clock numbers are noisy: the two sides are interleaved in one
 process and repeated (``--repeats``), and the primary figure uses *process CPU time*
 (``--clock cpu``, default) with one intra-op thread on both sides (``--threads 1``): on an
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -42,8 +53,9 @@ import warnings
 
 import torch
 
-P, G, MAX_NEW = 4, 8, 16  # 4 prompts x 8 = 32 completions of up to 16 tokens per step
+P, G, MAX_NEW = 4, 8, 16  # 4 prompts x 8 = 32 completions of up to 16 tokens per step (--prompts ...)
 CLOCK = time.process_time  # set from --clock
+POLICY = None  # (model, tokenizer) loaded from --policy; None: the toy Llama below
 
 
 def build_tokenizer():
@@ -61,6 +73,8 @@ def build_tokenizer():
 
 
 def build_model(tok, seed: int = 0):
+    if POLICY is not None:
+        return copy.deepcopy(POLICY[0]).train()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -97,7 +111,7 @@ def r1zero_steps(tok, steps: int) -> list[tuple[float, int]]:
     out = []
     for s in range(steps):
         t0 = CLOCK()
-        prompts = [tok(PROMPTS[(s * P + i) % len(PROMPTS)])["input_ids"] for i in range(P)]
+        prompts = [tok(PROMPTS[(s * P + i) % len(PROMPTS)], add_special_tokens=False)["input_ids"] for i in range(P)]
         rows = [p for p in prompts for _ in range(G)]
         res = sample(model, rows, MAX_NEW, 1.0, 1.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen)
         texts = tok.batch_decode(res.completion_ids, skip_special_tokens=True)
@@ -162,7 +176,7 @@ def gen_compare(tok, repeats: int) -> tuple[list[float], list[float]]:
     from r1zero.generate import left_pad, sample
 
     model = build_model(tok).eval()
-    rows = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(P) for _ in range(G)]
+    rows = [tok(PROMPTS[i % len(PROMPTS)], add_special_tokens=False)["input_ids"] for i in range(P) for _ in range(G)]
     ours, hf = [], []
     gen = torch.Generator().manual_seed(0)
     for _ in range(repeats + 1):
@@ -188,19 +202,35 @@ def gen_compare(tok, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def main() -> None:
+    global CLOCK, POLICY, PROMPTS, P, G, MAX_NEW
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="GRPO steps per side per repeat (first 2 dropped)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    ap.add_argument("--policy", help="a transformers causal LM dir (with tokenizer) instead of the toy Llama")
+    ap.add_argument("--data", help="with --policy: a data artifact whose train-split prompts to use")
+    ap.add_argument("--prompts", type=int, default=P, help="prompts per step")
+    ap.add_argument("--group-size", type=int, default=G)
+    ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
     a = ap.parse_args()
-    global CLOCK
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    P, G, MAX_NEW = a.prompts, a.group_size, a.max_new_tokens
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = build_tokenizer()
+    if bool(a.policy) != bool(a.data):
+        ap.error("--policy and --data go together")
+    if a.policy:
+        from r1zero.grpo.trainer import RL_DOMAINS, load_policy, load_rows
+        from r1zero.template import render_prompt
+
+        POLICY = load_policy(a.policy)
+        PROMPTS = [render_prompt(r["prompt"]) for r in load_rows(a.data, "train") if r.get("domain") in RL_DOMAINS]
+        tok = POLICY[1]
+    else:
+        tok = build_tokenizer()
     ours_step, trl_step = [], []
     for _ in range(a.repeats):
         r = r1zero_steps(tok, a.steps)[2:]
@@ -216,7 +246,8 @@ def main() -> None:
     }
     res_ratio = {"step_ratio": res["r1zero_tokens_per_s"] / res["trl_tokens_per_s"],
                  "generate_ratio": res["r1zero_generate_tokens_per_s"] / res["hf_generate_tokens_per_s"]}
-    print(f"setup: {P} prompts x G={G}, <= {MAX_NEW} new tokens, tiny Llama (2 layers, d=64), CPU, "
+    print(f"setup: {P} prompts x G={G}, <= {MAX_NEW} new tokens, "
+          f"{'policy ' + a.policy if a.policy else 'tiny Llama (2 layers, d=64)'}, CPU, "
           f"{torch.get_num_threads()} threads, {a.clock} clock, {a.repeats} repeats")
     print(f"GRPO step   r1zero {res['r1zero_tokens_per_s']:8.1f} tok/s   TRL {res['trl_tokens_per_s']:8.1f} tok/s   "
           f"ratio {res_ratio['step_ratio']:.2f}x   (per repeat: {[round(x, 1) for x in ours_step]} vs "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from r1zero.model.config import R1ZeroConfig
 from r1zero.model.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask_4d
@@ -95,7 +95,10 @@ class R1ZeroModel(R1ZeroPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None):
+                use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
+        """Final hidden states (``last_hidden_state``) and the cache, as transformers' backbones
+        return them (TRL's fused-LM-head log-prob path calls the backbone directly)."""
+        cache = cache if cache is not None else past_key_values
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x_BSD.shape[:2]
         if use_cache and cache is None:
@@ -112,7 +115,7 @@ class R1ZeroModel(R1ZeroPreTrainedModel):
         cos_sin = self.rotary(position_ids, x_BSD.dtype)
         for layer in self.layers:
             x_BSD = layer(x_BSD, cos_sin, mask, cache)
-        return self.norm(x_BSD), cache
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD), cache=cache)
 
 
 class R1ZeroForCausalLM(R1ZeroPreTrainedModel, GenerationMixin):
@@ -147,7 +150,8 @@ class R1ZeroForCausalLM(R1ZeroPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training:
             use_cache = False
-        hidden_BSD, cache = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
+        base = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
+        hidden_BSD, cache = base.last_hidden_state, base.cache
         if logits_to_keep:
             hidden_BSD = hidden_BSD[:, -logits_to_keep:]
         logits_BSV = self.lm_head(hidden_BSD)

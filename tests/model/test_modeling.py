@@ -93,6 +93,20 @@ def test_kv_cache_matches_full_forward():
     assert torch.allclose(again.logits[:, -1], full[:, -1], atol=1e-5)
 
 
+def test_backbone_returns_a_transformers_output():
+    """``model.model(...)`` returns ``last_hidden_state`` and the cache like transformers'
+    backbones (TRL's fused-LM-head path reads it); the LM head over it gives the logits."""
+    m = tiny_model()
+    ids = torch.randint(2, 64, (2, 7))
+    out = m.model(input_ids=ids, use_cache=True)
+    assert out.last_hidden_state.shape == (2, 7, 32)
+    assert out.cache is not None and out.cache.get_seq_length() == 7
+    torch.testing.assert_close(m.lm_head(out.last_hidden_state), m(ids, use_cache=False).logits)
+    step = m.model(input_ids=ids[:, -1:], past_key_values=m.model(input_ids=ids[:, :6], use_cache=True).cache,
+                   use_cache=True)
+    torch.testing.assert_close(step.last_hidden_state[:, -1], out.last_hidden_state[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_generate_greedy_cache_equals_recompute():
     m = tiny_model()
     prompt = torch.randint(2, 64, (3, 6))
