@@ -236,6 +236,68 @@ def _moe_dense(moe, weights: tuple, x_TD: torch.Tensor) -> torch.Tensor:
     return F.linear(a_TBF.reshape(T, -1), dn_DC)
 
 
+@dataclass
+class _Bucket:
+    """Completion rows whose attention runs together, padded to the longest (``width``)."""
+    src: torch.Tensor  # (Bk,) unique prompt of each row
+    width: int  # Sk
+    allow: torch.Tensor  # (Bk, 1, Sk, P + Sk) attention mask
+    gather: torch.Tensor | None  # (Bk*Sk,) packed completion row of each padded slot (None: identity)
+    real: torch.Tensor | None  # slots holding real rows, in bucket order (None: all)
+
+
+# Split the completion attention of a ragged batch into up to this many buckets of rows sorted by
+# length, when that cuts the padded attention work (queries x keys) to at most _BUCKET_GAIN of one
+# padded block: each bucket costs a few gathers per layer, so small gains are not worth it.
+_MAX_BUCKETS = 4
+_BUCKET_GAIN = 0.75
+
+
+def _attention_buckets(keep_BS: torch.Tensor, src_B: torch.Tensor, keys_UP: torch.Tensor,
+                       packed: bool) -> tuple[list[_Bucket], torch.Tensor | None]:
+    """Buckets for :meth:`_LeanDecoder.shared_prompt_logits` and the permutation from their
+    concatenated real slots back to packed (row-major) order (None when already in order).
+
+    Right padding makes every padded slot a key no real query reaches (causal) and a query whose
+    output is dropped, so padded slots may hold any row's values (index 0): they get no gradient.
+    """
+    B, S = keep_BS.shape
+    P = keys_UP.shape[1]
+    dev = keep_BS.device
+    len_B = keep_BS.sum(1)
+    buckets: list[tuple[torch.Tensor, int]] = [(torch.arange(B, device=dev), S)]
+    if packed and B > 1:
+        order = torch.sort(len_B, stable=True).indices
+        chunks = [c for c in order.tensor_split(min(_MAX_BUCKETS, B)) if c.numel()]
+        split = [(c, int(len_B[c].max())) for c in chunks]
+        split = [(c, w) for c, w in split if w > 0]
+        if sum(c.numel() * w * (P + w) for c, w in split) <= _BUCKET_GAIN * B * S * (P + S):
+            buckets = split
+    n = int(len_B.sum())
+    packed_BS = torch.zeros(B * S, dtype=torch.long, device=dev)
+    packed_BS[keep_BS.reshape(-1)] = torch.arange(n, device=dev)
+    packed_BS = packed_BS.view(B, S)
+    out, order_n = [], []
+    for rows, w in buckets:
+        ac = torch.arange(w, device=dev)
+        src = src_B.index_select(0, rows)
+        allow = torch.cat([keys_UP.index_select(0, src)[:, None, :].expand(rows.numel(), w, P),
+                           (ac[None, :] <= ac[:, None]).expand(rows.numel(), w, w)], -1)[:, None]
+        if not packed:
+            out.append(_Bucket(src, w, allow, None, None))
+            continue
+        keep = keep_BS.index_select(0, rows)[:, :w].reshape(-1)
+        slots = packed_BS.index_select(0, rows)[:, :w].reshape(-1)
+        out.append(_Bucket(src, w, allow, slots * keep, keep.nonzero().squeeze(-1)))
+        order_n.append(slots[keep])
+    inv = None
+    if len(out) > 1:
+        order = torch.cat(order_n)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=dev)
+    return out, inv
+
+
 class _LeanDecoder:
     """Decode with a preallocated KV cache, calling the model's weights directly.
 
@@ -413,20 +475,11 @@ class _LeanDecoder:
         pos_n = pos_BS.reshape(-1)
         if packed:
             ids_n, pos_n = ids_n.index_select(0, idx_n), pos_n.index_select(0, idx_n)
-        if n:
-            ac = torch.arange(S, device=dev)
-            # completions are right-padded: causal alone keeps real queries off the padding keys
-            allow_c = torch.cat([keys_UP.index_select(0, src_B)[:, None, :].expand(B, S, P),
-                                 (ac[None, :] <= ac[:, None]).expand(B, S, S)], -1)[:, None]
+        buckets, inv_n = _attention_buckets(keep_BS, src_B, keys_UP, packed) if n else ([], None)
         cos, sin = self._rope_tables(torch.cat([pos_UP.reshape(-1), pos_n])[None])
         cos, sin = cos[0][:, None], sin[0][:, None]  # (UP + n, 1, Dh)
         x = F.embedding(torch.cat([ids_UP.reshape(-1), ids_n]), self.embed, self.padding_idx)  # (UP + n, D)
         D = x.shape[-1]
-
-        def to_BS(t_n: torch.Tensor) -> torch.Tensor:  # (n, h, Dh) -> (B, h, S, Dh)
-            if packed:
-                t_n = t_n.new_zeros((B * S,) + t_n.shape[1:]).index_copy(0, idx_n, t_n)
-            return t_n.view(B, S, -1, Dh).transpose(1, 2)
 
         for ly in self.layers:
             h = _rms(x, ly.n1)
@@ -437,11 +490,20 @@ class _LeanDecoder:
             k = k * cos + k.roll(half, -1) * sin
             qp, kp, vp = (t[:UP].view(U, P, -1, Dh).transpose(1, 2) for t in (q, k, v))
             o = self._sdpa(qp, kp, vp, allow_p).transpose(1, 2).reshape(UP, H * Dh)
-            if n:
-                kc = torch.cat([kp.index_select(0, src_B), to_BS(k[UP:])], 2)
-                vc = torch.cat([vp.index_select(0, src_B), to_BS(v[UP:])], 2)
-                oc = self._sdpa(to_BS(q[UP:]), kc, vc, allow_c).transpose(1, 2).reshape(B * S, H * Dh)
-                o = torch.cat([o, oc.index_select(0, idx_n) if packed else oc])
+            parts = [o]
+            for bk in buckets:  # completion queries, a bucket of rows at a time (padded to its longest)
+                Bk, Sk = bk.src.shape[0], bk.width
+
+                def lay(t_n: torch.Tensor, bk=bk, Bk=Bk, Sk=Sk) -> torch.Tensor:  # (n, h, Dh) -> (Bk, h, Sk, Dh)
+                    return (t_n if bk.gather is None else t_n.index_select(0, bk.gather)).view(Bk, Sk, -1, Dh).transpose(1, 2)
+
+                kc = torch.cat([kp.index_select(0, bk.src), lay(k[UP:])], 2)
+                vc = torch.cat([vp.index_select(0, bk.src), lay(v[UP:])], 2)
+                oc = self._sdpa(lay(q[UP:]), kc, vc, bk.allow).transpose(1, 2).reshape(Bk * Sk, H * Dh)
+                parts.append(oc if bk.real is None else oc.index_select(0, bk.real))
+            if inv_n is not None:  # bucket order -> packed order
+                parts = [o, torch.cat(parts[1:]).index_select(0, inv_n)]
+            o = torch.cat(parts) if len(parts) > 1 else o
             x = x + F.linear(o, *ly.o)
             h = _rms(x, ly.n2)
             # a module feed-forward (r1zero MoE) sees each unique prompt token and each real

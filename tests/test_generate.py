@@ -362,3 +362,33 @@ def test_dense_moe_decode_matches_the_routed_layer(router, e, k, n_shared, biase
     moe.top_k = 1
     moe.n_experts = int(_MOE_DENSE_MAX_FLOPS) + 1  # E > limit * K: more than the allowed extra work
     assert _moe_dense_weights(moe) is None
+
+
+def test_attention_buckets_cover_each_real_completion_slot_once():
+    """Ragged batches split into length-sorted buckets (less padded attention work); every real
+    (row, position) lands in exactly one bucket slot and the permutation restores packed order."""
+    from r1zero.generate import _BUCKET_GAIN, _attention_buckets
+
+    lens = torch.tensor([1, 9, 2, 0, 9, 3, 8, 1])
+    B, S, P = lens.numel(), 9, 5
+    keep_BS = torch.arange(S)[None, :] < lens[:, None]
+    src_B = torch.arange(B) // 2
+    keys_UP = torch.ones(4, P, dtype=torch.bool)
+    buckets, inv = _attention_buckets(keep_BS, src_B, keys_UP, packed=True)
+    assert 1 < len(buckets) <= 4 and inv is not None
+    work = sum(b.src.numel() * b.width * (P + b.width) for b in buckets)
+    assert work <= _BUCKET_GAIN * B * S * (P + S)
+    n = int(lens.sum())
+    got = torch.cat([b.gather.index_select(0, b.real) for b in buckets])  # packed row of each real slot
+    assert sorted(got.tolist()) == list(range(n))
+    assert torch.equal(got.index_select(0, inv), torch.arange(n))  # inv puts bucket order back in packed order
+    for b in buckets:
+        assert b.allow.shape == (b.src.numel(), 1, b.width, P + b.width)
+    # no padding: one bucket, no gathers
+    full = torch.ones(B, S, dtype=torch.bool)
+    buckets, inv = _attention_buckets(full, src_B, keys_UP, packed=False)
+    assert len(buckets) == 1 and buckets[0].gather is None and inv is None
+    # nearly uniform lengths: splitting would not pay, one padded block
+    near = torch.arange(S)[None, :] < torch.tensor([9, 9, 9, 9, 9, 9, 9, 8])[:, None]
+    buckets, inv = _attention_buckets(near, src_B, keys_UP, packed=True)
+    assert len(buckets) == 1 and inv is None and buckets[0].gather is not None
