@@ -10,7 +10,7 @@ update on 8 of those groups (dynamic sampling keeps about half). Pieces, interle
 in one process, process CPU time, one intra-op thread:
 
 - sampling: :func:`r1zero.generate.sample` on its lean path (static KV cache; the MoE decoded
-  densely, :func:`r1zero.generate._moe_dense`) vs the lean path with the routed MoE module
+  densely, :func:`r1zero.lean._moe_dense`) vs the lean path with the routed MoE module
   (``moe=routed``) vs ``sample(lean=False)`` (the model's own forward with a transformers cache);
 - update: :func:`r1zero.grpo.update.policy_update` with the lean training forward (each unique
   prompt once, padding rows skipped) vs ``LEAN_FORWARD = False`` (``model(...)`` over the padded
@@ -46,6 +46,7 @@ def main() -> None:
 
     import r1zero.generate as gen_mod
     import r1zero.grpo.update as upd_mod
+    import r1zero.lean as lean_mod
     from r1zero.config import GRPOConfig
     from r1zero.grpo.advantages import advantages
     from r1zero.grpo.trainer import load_policy, load_rows, prepare_entries
@@ -56,15 +57,15 @@ def main() -> None:
     rows = [p for p in prompts for _ in range(G)]
     eos, pad = tok.eos_token_id, tok.pad_token_id
 
-    dense_limit = gen_mod._MOE_DENSE_MAX_FLOPS
+    dense_limit = lean_mod._MOE_DENSE_MAX_FLOPS
 
     def sample(kind: str, seed: int):
-        gen_mod._MOE_DENSE_MAX_FLOPS = 0.0 if kind == "routed" else dense_limit
+        lean_mod._MOE_DENSE_MAX_FLOPS = 0.0 if kind == "routed" else dense_limit
         try:
             return gen_mod.sample(model, rows, MAX_NEW, 1.0, 1.0, eos_id=eos, pad_id=pad,
                                   generator=torch.Generator().manual_seed(seed), lean=kind != "generic")
         finally:
-            gen_mod._MOE_DENSE_MAX_FLOPS = dense_limit
+            lean_mod._MOE_DENSE_MAX_FLOPS = dense_limit
 
     samp = {k: [] for k in ("lean", "routed", "generic")}
     for rep in range(a.repeats + 1):

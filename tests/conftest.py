@@ -93,3 +93,54 @@ def s3_bucket(s3_server, request):
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     s3_server.client().create_bucket(Bucket=name)
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny causal LMs for tests/test_generate.py and tests/test_lean.py (EOS likely enough that some
+# rows stop early). Fixtures, because --import-mode=importlib cannot import a helper module.
+
+LM_EOS, LM_PAD = 1, 0
+
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=LM_EOS, pad_token_id=LM_PAD, bos_token_id=None, tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight[LM_EOS] *= 0  # tied: also the EOS embedding
+        m.model.norm.weight.fill_(1.0)
+    return m
+
+
+def _tiny_qwen2():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                      eos_token_id=LM_EOS, pad_token_id=LM_PAD, bos_token_id=None)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _tiny_r1zero_moe():
+    import torch
+
+    from r1zero.model import R1ZeroConfig, R1ZeroForCausalLM
+
+    torch.manual_seed(2)
+    cfg = R1ZeroConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, n_experts=4, num_experts_per_tok=2, n_shared=1, d_expert=16,
+                       n_dense_layers=1, d_dense=48, eos_token_id=LM_EOS, pad_token_id=LM_PAD)
+    return R1ZeroForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_lms():
+    """Fresh-model builders: ``tiny_lms["qwen2"]()``, ``tiny_lms["r1zero_moe"]()``, ``tiny_lms["llama"]()``."""
+    return {"llama": _tiny_llama, "qwen2": _tiny_qwen2, "r1zero_moe": _tiny_r1zero_moe}

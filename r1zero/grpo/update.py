@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from r1zero.generate import lean_aux_loss, lean_decoder, left_pad
+from r1zero.generate import left_pad
 from r1zero.grpo.losses import entropy_of, log_probs, pick, policy_loss, token_logprobs
 from r1zero.grpo.ppo import value_loss
+from r1zero.lean import lean_aux_loss, lean_decoder
 
 
 def world() -> tuple[int, int]:
@@ -81,7 +82,7 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
                  torch.tensor(src, dtype=torch.long) if shared else None)
 
 
-# Use the lean shared-prompt forward (r1zero.generate._LeanDecoder) where the model supports it.
+# Use the lean shared-prompt forward (r1zero.lean._LeanDecoder) where the model supports it.
 LEAN_FORWARD = True
 
 
@@ -100,7 +101,7 @@ def forward_completion(model, batch: Batch, temperature: float = 1.0):
     Only real positions are returned: padding carries no loss, and the lean path never computes it.
 
     For transformers Llama-family policies and r1zero's dropless MoE models (see
-    :func:`r1zero.generate.lean_decoder`) each unique prompt is run once and shared by its G
+    :func:`r1zero.lean.lean_decoder`) each unique prompt is run once and shared by its G
     completions, and padding positions are skipped (same logits up to float rounding; the
     gradient is the same sum over rows); otherwise one ``model(...)`` over the whole batch.
     """
