@@ -107,7 +107,10 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
         logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
     # inverse-CDF draw: one uniform per row (torch.multinomial costs ~5x more per call here)
     cdf_BV = logits_BV.softmax(dim=-1).cumsum(dim=-1)
-    u_B1 = torch.rand((cdf_BV.shape[0], 1), generator=generator, device=cdf_BV.device) * cdf_BV[:, -1:]
+    # drawn on the generator's device (a CPU generator also drives a GPU model: same draws anywhere)
+    u_B1 = torch.rand((cdf_BV.shape[0], 1), generator=generator,
+                      device=cdf_BV.device if generator is None else generator.device)
+    u_B1 = u_B1.to(cdf_BV.device) * cdf_BV[:, -1:]
     return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
 
 

@@ -41,15 +41,16 @@ def prompt_embeddings(model, prompt_ids: list[list[int]], pad_id: int, batch: in
     handle = head.register_forward_hook(lambda m, i, o: captured.__setitem__("h", i[0]))
     was = model.training
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     try:
         for s in range(0, len(prompt_ids), batch):
-            ids_BL, mask_BL = left_pad(prompt_ids[s:s + batch], pad_id)
+            ids_BL, mask_BL = (t.to(dev) for t in left_pad(prompt_ids[s:s + batch], pad_id))
             pos_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
             model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL, use_cache=False)
             h_BLD = captured["h"].float()
             m = mask_BL[..., None].float()
-            out.append(((h_BLD * m).sum(1) / m.sum(1).clamp(min=1)).numpy())
+            out.append(((h_BLD * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy())
     finally:
         handle.remove()
         model.train(was)

@@ -48,6 +48,7 @@ from r1zero.grpo.update import (
     NanGuard,
     all_sum,
     build_batch,
+    collective_device,
     make_optimizer,
     policy_update,
     sequence_logprobs,
@@ -351,8 +352,14 @@ def run_eval(model, tok, subset, scorer, max_new_tokens) -> dict[str, float]:
 # the loop
 
 
-def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dict | None:
-    """The RL loop; rank 0 writes the outputs into ``work``. Collective."""
+def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
+          device: torch.device | None = None) -> dict | None:
+    """The RL loop; rank 0 writes the outputs into ``work``. Collective.
+
+    ``device``: where the policy (and reference / value head) run; rollouts, rewards and batches
+    are built on CPU and moved at the update. Default CPU.
+    """
+    device = torch.device("cpu") if device is None else device
     from r1zero.train.checkpoint import Checkpointer
 
     g = cfg.grpo
@@ -362,7 +369,8 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, tok = load_policy(policy_uri)
-    ref = load_policy(policy_uri)[0].eval().requires_grad_(False) if g.beta > 0 else None
+    model.to(device)
+    ref = load_policy(policy_uri)[0].eval().requires_grad_(False).to(device) if g.beta > 0 else None
     data_dir = store.materialize(data_uri)
     budget = max_positions(model) - g.max_new_tokens
     if budget < 8:
@@ -380,7 +388,7 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
     if g.algorithm == "ppo":
         from r1zero.grpo.ppo import ValueHead
 
-        value_head = ValueHead(model)
+        value_head = ValueHead(model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if value_head is not None:
         params += list(value_head.parameters())
@@ -402,7 +410,7 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
     ckpt = Checkpointer(ckpt_uri, keep_last=2)
     loaded = ckpt.load_latest()
     if loaded is not None:
-        sd = torch.load(loaded.path / "grpo_state.pt", weights_only=False)
+        sd = torch.load(loaded.path / "grpo_state.pt", weights_only=False, map_location="cpu")
         model.load_state_dict(sd["model"])
         optimizer.load_state_dict(sd["optimizer"])
         if value_head is not None:
@@ -443,7 +451,7 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str) -> dic
             old_logp = sequence_logprobs(model, batch, g.temperature)
             if value_head is not None:
                 with torch.no_grad():
-                    old_v = value_head.values()[:, -(batch.mask_BT.shape[1] + 1):-1].detach()
+                    old_v = value_head.values()[:, -(batch.mask_BT.shape[1] + 1):-1].detach().cpu()
         if ref is not None:
             ref_logp = sequence_logprobs(ref, batch, g.temperature)
         if g.algorithm == "ppo":
@@ -505,7 +513,7 @@ def _flag(local: bool) -> bool:
     """Rank 0 decides (time budgets must end every rank on the same step)."""
     if world()[1] == 1:
         return local
-    t = torch.tensor([1 if local else 0])
+    t = torch.tensor([1 if local else 0], device=collective_device())
     dist.broadcast(t, src=0)
     return bool(t.item())
 
@@ -591,14 +599,15 @@ def run_grpo(cfg, policy_uri: str, data_uri: str, out_uri: str) -> dict | None:
 
     store.configure(cfg.store)
     env = rdist.read_env()
+    device = rdist.device_for(env)  # cuda:LOCAL_RANK on a GPU node, else CPU
     if env.world_size > 1 and not dist.is_initialized():
-        rdist.init_default_group(env, rdist.device_for(env))
+        rdist.init_default_group(env, device)
     ckpt_uri = store.join(out_uri, "checkpoints")
     remote = store.is_s3(out_uri)
     work = Path(tempfile.mkdtemp(prefix="r1zero-grpo-")) if remote else store.local_path(out_uri)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        summary = train(cfg, policy_uri, data_uri, work, ckpt_uri)
+        summary = train(cfg, policy_uri, data_uri, work, ckpt_uri, device)
         if remote and summary is not None:
             store.publish(work, out_uri)
         return summary

@@ -18,6 +18,7 @@ N = real (unpadded) completion tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -36,11 +37,18 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def collective_device() -> torch.device:
+    """Where small collective tensors live: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_sum(values: list[float]) -> list[float]:
     """Sum a list of floats over ranks (float64)."""
     if world()[1] == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -57,6 +65,13 @@ class Batch:
     # lets :func:`forward_completion` run a prompt shared by G completions once
     prompt_first_U: torch.Tensor | None = None
     prompt_src_B: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        """This batch on ``device`` (itself when already there): built on CPU, used by the model."""
+        if self.input_ids_BL.device == torch.device(device):
+            return self
+        mv = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in mv.items()})
 
 
 def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> Batch:
@@ -105,6 +120,7 @@ def forward_completion(model, batch: Batch, temperature: float = 1.0):
     completions, and padding positions are skipped (same logits up to float rounding; the
     gradient is the same sum over rows); otherwise one ``model(...)`` over the whole batch.
     """
+    batch = batch.to(_device(model))
     T = batch.targets_BT.shape[1]
     real_BT = batch.mask_BT.bool()
     dec = lean_decoder(model, training=True) if LEAN_FORWARD and batch.prompt_src_B is not None else None
@@ -149,11 +165,16 @@ def sequence_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Te
     was = model.training
     model.eval()
     try:
+        batch = batch.to(_device(model))
         logits_NV, _ = forward_completion(model, batch, temperature)
         real_BT = batch.mask_BT.bool()
         return unpack(token_logprobs(logits_NV, batch.targets_BT[real_BT]), real_BT)
     finally:
         model.train(was)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -232,6 +253,10 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
     global completions, used to weight the MoE auxiliary loss so that its ranks' sum is the mean.
     """
     model.train()
+    dev = _device(model)
+    batch = batch.to(dev)
+    adv, old_logp_BT, ref_logp_BT, old_values_BT, returns_BT = (
+        None if t is None else t.to(dev) for t in (adv, old_logp_BT, ref_logp_BT, old_values_BT, returns_BT))
     mask_BT = batch.mask_BT
     real_BT = mask_BT.bool()
     targets_N = batch.targets_BT[real_BT]

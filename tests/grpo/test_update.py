@@ -146,3 +146,22 @@ def test_make_optimizer_is_fused_adamw_matching_the_loop_implementation():
 def test_make_optimizer_falls_back_off_fused_for_unsupported_dtypes():
     p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64).to(torch.complex64))
     assert not make_optimizer([p], 1e-3).defaults["fused"]
+
+
+def test_batch_moves_every_tensor_to_the_model_device_and_collectives_stay_on_cpu_with_gloo():
+    """Batches are built on CPU and moved once, whole, to the policy's device (a GPU node); the
+    small collective tensors follow the backend (CPU for gloo, CUDA for NCCL)."""
+    import dataclasses
+
+    from r1zero.grpo.update import Batch, collective_device
+
+    batch = build_batch([[5, 6, 7], [5, 6, 7], [8, 9]], [[1, 2], [3], [4, 4, 4]], 0)
+    assert batch.to(torch.device("cpu")) is batch  # already there: no copy
+    moved = batch.to(torch.device("meta"))
+    for f in dataclasses.fields(Batch):
+        v = getattr(moved, f.name)
+        if torch.is_tensor(getattr(batch, f.name)):
+            assert v.device.type == "meta", f.name
+        else:
+            assert v == getattr(batch, f.name), f.name
+    assert collective_device().type == "cpu"  # no process group (and gloo in the world-2 test)
