@@ -204,9 +204,11 @@ def evaluate_model(cfg, model_uri: str, items: list[dict], label: str) -> list[d
 
     from r1zero.model import load_causal_lm
     from r1zero.template import render_prompt
+    from r1zero.train.dist import device_for, read_env
 
     torch.manual_seed(cfg.seed)
     model, tok = load_causal_lm(model_uri)
+    model.to(device_for(read_env()))  # cuda:LOCAL_RANK on a GPU node (untested here), else CPU
     prompts = [render_prompt(r["prompt"]) for r in items]
     e = cfg.eval
     greedy = [g[0] for g in generate(model, tok, prompts, 1, 0.0, e.max_new_tokens, cfg.seed, f"{label} greedy")]
