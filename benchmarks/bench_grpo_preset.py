@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/bench_grpo_preset.py --policy runs/tiny/pretrain --data runs/tiny/data
 
-(``make run`` writes both). ``bench_grpo.py`` compares against TRL on a toy Llama whose
+(``r1zero data mix --out runs/tiny/data`` and ``r1zero pretrain --data runs/tiny/data --out
+runs/tiny/pretrain`` with ``configs/tiny.yaml`` write both; ``make run`` keeps them as
+``runs/tiny/kfp/<run>/data-mix/data`` and ``.../pretrain/model``). ``bench_grpo.py`` compares against TRL on a toy Llama whose
 completions nearly all run to the length limit; this benchmark measures what a real `r1zero grpo`
 step on the preset does: 16 prompts x G=8 from the train split, up to 72 new tokens sampled from
 the pretrained MoE base (most completions stop early, so the batch is ragged), then one policy
@@ -35,8 +37,8 @@ N_PROMPTS, G, MAX_NEW, UPDATE_GROUPS = 16, 8, 72, 8  # configs/tiny.yaml grpo: 1
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default="runs/tiny/pretrain", help="pretrained base (make run writes it)")
-    ap.add_argument("--data", default="runs/tiny/data", help="data artifact (make run writes it)")
+    ap.add_argument("--policy", default="runs/tiny/pretrain", help="pretrained base dir (r1zero pretrain --out)")
+    ap.add_argument("--data", default="runs/tiny/data", help="data artifact dir (r1zero data mix --out)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
