@@ -77,9 +77,11 @@ def main() -> None:
             dt = time.process_time() - t0
             if rep:  # the first round warms up
                 samp[kind].append(sum(len(c) for c in out.completion_ids) / dt)
+            elif kind == "lean":
+                first = out
 
-    # one update batch: the first UPDATE_GROUPS groups of a sampled step
-    out = sample("lean", 0)
+    # one update batch: the first UPDATE_GROUPS groups of the warm-up round's lean step
+    out = first
     n = UPDATE_GROUPS * G
     comps = out.completion_ids[:n]
     batch = upd_mod.build_batch(rows[:n], comps, pad)

@@ -97,8 +97,9 @@ _MOE_DENSE_MAX_FLOPS = 2.0
 
 
 def _moe_dense_weights(moe) -> tuple | None:
-    """(gate weight, stacked gate|up (Eb*2F, D), stacked down (D, Eb*F), shared blocks) of an
-    r1zero MoE layer for :func:`_moe_dense`, or None where it does not apply.
+    """(gate weight, selection bias, stacked gate|up (Eb*2F, D), stacked down (D, Eb*F), shared
+    blocks) of an r1zero MoE layer for :func:`_moe_dense`, or None where it does not apply. Built
+    once per :func:`r1zero.generate.sample` call: weights and bias do not change while sampling.
 
     Eb = routed experts + shared blocks: the shared SwiGLU of width n_shared*F is n_shared
     always-on experts of width F (block-diagonal), appended with weight 1.
@@ -124,7 +125,7 @@ def _moe_dense_weights(moe) -> tuple | None:
         for j in range(n_sh):
             gu.append(torch.cat([wg[j * Fd:(j + 1) * Fd], wu[j * Fd:(j + 1) * Fd]]))
             dn.append(wd[:, j * Fd:(j + 1) * Fd])
-    return moe.gate.weight, torch.cat(gu), torch.cat(dn, 1), n_sh
+    return moe.gate.weight.float(), moe.selection_bias(), torch.cat(gu), torch.cat(dn, 1), n_sh
 
 
 def _moe_dense(moe, weights: tuple, x_TD: torch.Tensor) -> torch.Tensor:
@@ -132,11 +133,9 @@ def _moe_dense(moe, weights: tuple, x_TD: torch.Tensor) -> torch.Tensor:
     over all experts, unrouted ones weighted 0; no aux-loss or statistics bookkeeping."""
     from r1zero.model import router as R
 
-    w_gate, gu_CD, dn_DC, n_sh = weights
+    w_gate, bias_E, gu_CD, dn_DC, n_sh = weights
     T, E = x_TD.shape[0], moe.n_experts
-    bias_E = moe.expert_bias_E if moe.bias_update_rate > 0 or bool(moe.expert_bias_E.any()) else None
-    weights_TK, ids_TK, _ = R.route(F.linear(x_TD.float(), w_gate.float()), moe.top_k, moe.kind, bias_E,
-                                    moe.route_scale)
+    weights_TK, ids_TK, _ = R.route(F.linear(x_TD.float(), w_gate), moe.top_k, moe.kind, bias_E, moe.route_scale)
     w_TB = x_TD.new_zeros((T, E + n_sh))
     if n_sh:
         w_TB[:, E:] = 1.0
@@ -164,10 +163,17 @@ _MAX_BUCKETS = 4
 _BUCKET_GAIN = 0.75
 
 
+def _packed_index(keep_BS: torch.Tensor) -> torch.Tensor:
+    """(B, S) packed row (row-major rank among the kept slots) of each kept slot; at a dropped
+    slot the value is that of the kept slot before it (-1 before the first): never read there."""
+    return (keep_BS.reshape(-1).long().cumsum(0) - 1).view(keep_BS.shape)
+
+
 def _attention_buckets(keep_BS: torch.Tensor, src_B: torch.Tensor, keys_UP: torch.Tensor,
-                       packed: bool) -> tuple[list[_Bucket], torch.Tensor | None]:
+                       packed_BS: torch.Tensor | None) -> tuple[list[_Bucket], torch.Tensor | None]:
     """Buckets for :meth:`_LeanDecoder.shared_prompt_logits` and the permutation from their
     concatenated real slots back to packed (row-major) order (None when already in order).
+    ``packed_BS``: :func:`_packed_index` of ``keep_BS``, or None when nothing is dropped.
 
     Right padding makes every padded slot a key no real query reaches (causal) and a query whose
     output is dropped, so padded slots may hold any row's values (index 0): they get no gradient.
@@ -176,6 +182,7 @@ def _attention_buckets(keep_BS: torch.Tensor, src_B: torch.Tensor, keys_UP: torc
     P = keys_UP.shape[1]
     dev = keep_BS.device
     len_B = keep_BS.sum(1)
+    packed = packed_BS is not None
     buckets: list[tuple[torch.Tensor, int]] = [(torch.arange(B, device=dev), S)]
     if packed and B > 1:
         order = torch.sort(len_B, stable=True).indices
@@ -184,10 +191,6 @@ def _attention_buckets(keep_BS: torch.Tensor, src_B: torch.Tensor, keys_UP: torc
         split = [(c, w) for c, w in split if w > 0]
         if sum(c.numel() * w * (P + w) for c, w in split) <= _BUCKET_GAIN * B * S * (P + S):
             buckets = split
-    n = int(len_B.sum())
-    packed_BS = torch.zeros(B * S, dtype=torch.long, device=dev)
-    packed_BS[keep_BS.reshape(-1)] = torch.arange(n, device=dev)
-    packed_BS = packed_BS.view(B, S)
     out, order_n = [], []
     for rows, w in buckets:
         ac = torch.arange(w, device=dev)
@@ -379,14 +382,11 @@ class _LeanDecoder:
         keys_UP = att_UP.bool()
         allow_p = self._prompt_allow(keys_UP)
         keep_BS = real_BT[:, 1:]  # completion input t is needed iff token t + 1 is real
-        idx_n = keep_BS.reshape(-1).nonzero().squeeze(-1)  # packed row -> flat (b, s)
-        n = idx_n.shape[0]
-        packed = n < B * S  # padding to skip
-        ids_n = ids_BS.reshape(-1)
-        pos_n = pos_BS.reshape(-1)
-        if packed:
-            ids_n, pos_n = ids_n.index_select(0, idx_n), pos_n.index_select(0, idx_n)
-        buckets, inv_n = _attention_buckets(keep_BS, src_B, keys_UP, packed) if n else ([], None)
+        n = int(keep_BS.sum())
+        packed_BS = _packed_index(keep_BS) if n < B * S else None  # None: no padding to skip
+        ids_n, pos_n = (ids_BS[keep_BS], pos_BS[keep_BS]) if packed_BS is not None else \
+            (ids_BS.reshape(-1), pos_BS.reshape(-1))
+        buckets, inv_n = _attention_buckets(keep_BS, src_B, keys_UP, packed_BS) if n else ([], None)
         cos, sin = self._rope_tables(torch.cat([pos_UP.reshape(-1), pos_n])[None])
         cos, sin = cos[0][:, None], sin[0][:, None]  # (UP + n, 1, Dh)
         x = F.embedding(torch.cat([ids_UP.reshape(-1), ids_n]), self.embed, self.padding_idx)  # (UP + n, D)
@@ -424,9 +424,7 @@ class _LeanDecoder:
         map_BT = torch.empty(real_BT.shape, dtype=torch.long, device=dev)
         map_BT[:, 0] = UP + n + torch.arange(B, device=dev)
         if S:
-            map_BS = torch.zeros(B * S, dtype=torch.long, device=dev)
-            map_BS[idx_n] = UP + torch.arange(n, device=dev)
-            map_BT[:, 1:] = map_BS.view(B, S)
+            map_BT[:, 1:] = UP + (packed_BS if packed_BS is not None else torch.arange(n, device=dev).view(B, S))
         last_B = x[:UP].view(U, P, D)[:, -1].index_select(0, src_B)
         h_N = torch.cat([x, last_B]).index_select(0, map_BT[real_BT])
         return F.linear(_rms(h_N, self.final), *self.head)

@@ -239,14 +239,14 @@ def test_dense_moe_decode_matches_the_routed_layer(router, e, k, n_shared, biase
 def test_attention_buckets_cover_each_real_completion_slot_once():
     """Ragged batches split into length-sorted buckets (less padded attention work); every real
     (row, position) lands in exactly one bucket slot and the permutation restores packed order."""
-    from r1zero.lean import _BUCKET_GAIN, _attention_buckets
+    from r1zero.lean import _BUCKET_GAIN, _attention_buckets, _packed_index
 
     lens = torch.tensor([1, 9, 2, 0, 9, 3, 8, 1])
     B, S, P = lens.numel(), 9, 5
     keep_BS = torch.arange(S)[None, :] < lens[:, None]
     src_B = torch.arange(B) // 2
     keys_UP = torch.ones(4, P, dtype=torch.bool)
-    buckets, inv = _attention_buckets(keep_BS, src_B, keys_UP, packed=True)
+    buckets, inv = _attention_buckets(keep_BS, src_B, keys_UP, _packed_index(keep_BS))
     assert 1 < len(buckets) <= 4 and inv is not None
     work = sum(b.src.numel() * b.width * (P + b.width) for b in buckets)
     assert work <= _BUCKET_GAIN * B * S * (P + S)
@@ -258,9 +258,9 @@ def test_attention_buckets_cover_each_real_completion_slot_once():
         assert b.allow.shape == (b.src.numel(), 1, b.width, P + b.width)
     # no padding: one bucket, no gathers
     full = torch.ones(B, S, dtype=torch.bool)
-    buckets, inv = _attention_buckets(full, src_B, keys_UP, packed=False)
+    buckets, inv = _attention_buckets(full, src_B, keys_UP, None)
     assert len(buckets) == 1 and buckets[0].gather is None and inv is None
     # nearly uniform lengths: splitting would not pay, one padded block
     near = torch.arange(S)[None, :] < torch.tensor([9, 9, 9, 9, 9, 9, 9, 8])[:, None]
-    buckets, inv = _attention_buckets(near, src_B, keys_UP, packed=True)
+    buckets, inv = _attention_buckets(near, src_B, keys_UP, _packed_index(near))
     assert len(buckets) == 1 and inv is None and buckets[0].gather is not None

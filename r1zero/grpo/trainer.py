@@ -353,13 +353,12 @@ def run_eval(model, tok, subset, scorer, max_new_tokens) -> dict[str, float]:
 
 
 def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
-          device: torch.device | None = None) -> dict | None:
+          device: torch.device = torch.device("cpu")) -> dict | None:
     """The RL loop; rank 0 writes the outputs into ``work``. Collective.
 
     ``device``: where the policy (and reference / value head) run; rollouts, rewards and batches
-    are built on CPU and moved at the update. Default CPU.
+    are built on CPU and moved at the update.
     """
-    device = torch.device("cpu") if device is None else device
     from r1zero.train.checkpoint import Checkpointer
 
     g = cfg.grpo

@@ -125,14 +125,13 @@ def forward_completion(model, batch: Batch, temperature: float = 1.0):
     real_BT = batch.mask_BT.bool()
     dec = lean_decoder(model, training=True) if LEAN_FORWARD and batch.prompt_src_B is not None else None
     if dec is not None:
-        P, dev = batch.prompt_len, batch.input_ids_BL.device
-        first_U = batch.prompt_first_U.to(dev)
+        P, first_U = batch.prompt_len, batch.prompt_first_U
         ids_UP = batch.input_ids_BL.index_select(0, first_U)[:, :P]
         att_UP = batch.attention_BL.index_select(0, first_U)[:, :P]
         pos_UP = batch.position_BL.index_select(0, first_U)[:, :P]
-        logits_NV = dec.shared_prompt_logits(ids_UP, att_UP, pos_UP, batch.prompt_src_B.to(dev),
+        logits_NV = dec.shared_prompt_logits(ids_UP, att_UP, pos_UP, batch.prompt_src_B,
                                              batch.input_ids_BL[:, P:P + T - 1], batch.position_BL[:, P:P + T - 1],
-                                             real_BT.to(dev))
+                                             real_BT)
         return _tempered(logits_NV, temperature), _LeanOutput(logits_NV, lean_aux_loss(model) if model.training else None)
     kw = {"use_cache": False}
     if _accepts_keep(model):

@@ -57,8 +57,7 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(-1, shape[-1])
         T, K, E = x_TD.shape[0], self.top_k, self.n_experts
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        bias_E = self.expert_bias_E if self.bias_update_rate > 0 or bool(self.expert_bias_E.any()) else None
-        weights_TK, ids_TK, probs_TE = R.route(logits_TE, K, self.kind, bias_E, self.route_scale)
+        weights_TK, ids_TK, probs_TE = R.route(logits_TE, K, self.kind, self.selection_bias(), self.route_scale)
         self.aux_loss = R.switch_aux_loss(probs_TE, ids_TK)
         self.z_loss = R.router_z_loss(logits_TE)
 
@@ -90,6 +89,11 @@ class MoELayer(nn.Module):
                 "z_loss": self.z_loss.detach(),
             }
         return out_TD.view(shape)
+
+    def selection_bias(self) -> torch.Tensor | None:
+        """The aux-loss-free selection bias for :func:`r1zero.model.router.route`, or None while
+        balancing is off and the bias is all zero (routing then skips the add)."""
+        return self.expert_bias_E if self.bias_update_rate > 0 or bool(self.expert_bias_E.any()) else None
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> float:
