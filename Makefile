@@ -13,7 +13,7 @@ system-deps:
 	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "make test needs Prometheus on PATH (Debian package 'prometheus')" >&2; exit 2; fi; }
 
-.PHONY: setup system-deps run test test-fast lint images manifests audit clean
+.PHONY: setup system-deps run test test-fast lint images manifests audit clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,3 +58,34 @@ audit: $(AUDIT_VENV)/bin/pip-audit
 
 clean:
 	rm -rf runs out .pytest_cache
+
+# ---------------------------------------------------------------------------------------------
+# GPU check (r1zero/gpu_check.py): one script that proves the CUDA paths on one GPU, JSON last.
+# A GPU node with the project installed runs `make gpu-check` as is. A machine that has its own
+# torch + CUDA but lacks r1zero's other dependencies (no network) gets them as wheels built here:
+# `make gpu-wheels` downloads them for that machine's Python (GPU_PY_VERSION) into $(GPU_WHEELS)
+# and refuses a folder over GPU_WHEELS_MAX_MB (what one transfer to such a machine may carry).
+GPU_WHEELS ?= .gpu-wheels
+GPU_PY_VERSION ?= 3.12
+GPU_WHEELS_MAX_MB ?= 40
+GPU_OUT ?= gpu-check-out
+# pins as in pyproject.toml (torchao from the `gpu` extra), plus the dependencies they pull in
+GPU_WHEEL_PINS := pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+  math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 torchao==0.18.0 \
+  datasketch==2.0.0 ruptures==1.1.10 boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+GPU_SITE ?= /tmp/r1zero-gpu-site
+GPU_PYTHON := $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY_VERSION) --implementation cp \
+	  $(GPU_PLATFORMS) -d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+	@mb=$$(du -sm $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$(ls $(GPU_WHEELS) | wc -l) wheels, $$mb MiB"; \
+	  if [ $$mb -gt $(GPU_WHEELS_MAX_MB) ]; then echo "$(GPU_WHEELS) is $$mb MiB, over $(GPU_WHEELS_MAX_MB)" >&2; exit 2; fi
+
+gpu-check:
+	@if [ -d $(GPU_WHEELS) ] && ! $(GPU_PYTHON) -c "import pydantic, math_verify" 2>/dev/null; then \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	    --target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 2; fi
+	PYTHONPATH=$(CURDIR):$(GPU_SITE) $(GPU_PYTHON) -m r1zero.gpu_check --out $(GPU_OUT)
