@@ -168,6 +168,9 @@ class RoutedExperts(nn.Module):
         self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
         self.w_gate_up = nn.ParameterList([nn.Parameter(torch.empty(2 * d_ff, d_model)) for _ in range(n_experts)])
         self.w_down = nn.ParameterList([nn.Parameter(torch.empty(d_model, d_ff)) for _ in range(n_experts)])
+        # the experts this module holds: all of them, or under expert parallelism this rank's
+        # slice (the others' entries are None, so FQNs keep their global expert index)
+        self.local = range(n_experts)
 
     def forward_grouped(self, x_TD: torch.Tensor, tok_N: torch.Tensor, counts: list[int],
                         w_N: torch.Tensor, mode: str = "loop") -> torch.Tensor:
@@ -184,7 +187,7 @@ class RoutedExperts(nn.Module):
         return fn.apply(x_TD.contiguous(), w_N.contiguous(), tok_N, counts, *self.w_gate_up, *self.w_down)
 
     def forward(self, x_ND: torch.Tensor, counts: list[int], scale_N: torch.Tensor | None = None) -> torch.Tensor:
-        """Autograd path over gathered rows; expert e takes rows ``[sum(counts[:e]), +counts[e])``.
+        """Autograd path over gathered rows; local expert j takes rows ``[sum(counts[:j]), +counts[j])``.
 
         ``scale_N`` multiplies the hidden activation (same result as scaling the output, on F
         instead of D values). Experts with no rows still run on an empty slice so every
@@ -193,7 +196,9 @@ class RoutedExperts(nn.Module):
         xs = torch.split(x_ND, counts)
         ss = torch.split(scale_N, counts) if scale_N is not None else [None] * len(counts)
         ys = []
-        for x_nD, s_n, w_gu, w_d in zip(xs, ss, self.w_gate_up, self.w_down, strict=True):
+        w_gus = [self.w_gate_up[e] for e in self.local]
+        w_ds = [self.w_down[e] for e in self.local]
+        for x_nD, s_n, w_gu, w_d in zip(xs, ss, w_gus, w_ds, strict=True):
             gate_nF, up_nF = F.linear(x_nD, w_gu).chunk(2, dim=-1)
             h_nF = F.silu(gate_nF) * up_nF
             if s_n is not None:

@@ -2,8 +2,9 @@
 
 Pre-norm blocks of GQA attention (RoPE, KV cache) and an MoE feed-forward (the first
 ``n_dense_layers`` use a dense SwiGLU instead), tied embeddings by default. ``save_pretrained``
-writes safetensors + config; ``AutoModelForCausalLM.from_pretrained`` loads it once
-``r1zero.model`` is imported; ``generate()`` works through ``GenerationMixin``::
+writes a checkpoint of the equal stock architecture (``hf_export.py``: Llama, Mixtral, Qwen2-MoE or
+Glm4Moe) that stock transformers and vLLM load; ``r1zero.model.load_causal_lm`` maps it back into
+this class; ``generate()`` works through ``GenerationMixin``::
 
     from r1zero.model import R1ZeroConfig, R1ZeroForCausalLM
     model = R1ZeroForCausalLM(R1ZeroConfig(vocab_size=512))
@@ -100,7 +101,8 @@ class R1ZeroModel(R1ZeroPreTrainedModel):
         return them (TRL's fused-LM-head log-prob path calls the backbone directly)."""
         cache = cache if cache is not None else past_key_values
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, S = x_BSD.shape[:2]
+        # from the ids: under sequence parallelism the embedding output is this rank's slice
+        B, S = input_ids.shape[:2] if inputs_embeds is None else x_BSD.shape[:2]
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
@@ -141,6 +143,15 @@ class R1ZeroForCausalLM(R1ZeroPreTrainedModel, GenerationMixin):
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Write the model as a checkpoint of the stock transformers architecture that equals it
+        (Llama / Mixtral / Qwen2-MoE / Glm4Moe, :mod:`r1zero.model.hf_export`), in the weights' dtype:
+        ``AutoModelForCausalLM.from_pretrained`` and vLLM load it without importing r1zero.
+        Other ``save_pretrained`` arguments (``safe_serialization``, ...) are accepted and ignored."""
+        from r1zero.model.hf_export import export_hf
+
+        export_hf(self.state_dict().items(), self.config, save_directory, dtype=self.lm_head.weight.dtype)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep: int = 0, past_key_values=None, return_dict=None,
