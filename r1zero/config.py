@@ -348,6 +348,18 @@ class TelemetryConfig(_Section):
     scrape_interval: str = "15s"  # PodMonitor interval (kube-prometheus-stack's default 30s)
 
 
+class SandboxConfig(_Section):
+    """Where code rewards run (docs/sandbox.md). ``url`` unset: in this process's sandbox (the local
+    default); set (e.g. http://r1zero-sandbox:8080): through ``r1zero sandbox serve``."""
+
+    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    batch_size: int = Field(32, ge=1, le=256)  # programs per request (the service's max_batch is 64)
+    retries: int = Field(4, ge=0, le=10)  # per batch, exponential backoff from backoff_s
+    backoff_s: float = Field(0.25, gt=0, le=30)
+    breaker_failures: int = Field(3, ge=1)  # consecutive failed batches that open the circuit
+    breaker_reset_s: float = Field(15.0, gt=0)  # open circuit: sandbox_error verdicts for this long
+
+
 class StoreConfig(_Section):
     endpoint_url: str | None = None  # e.g. http://minio:9000; env R1ZERO_S3_ENDPOINT
     region: str = "us-east-1"
@@ -367,6 +379,7 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     store: StoreConfig = StoreConfig()
+    sandbox: SandboxConfig = SandboxConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -271,6 +271,8 @@ def _result_of(res: SandboxResult) -> tuple[str | None, Verdict | None]:
     if res.status == "error":
         last = res.stderr.strip().splitlines()[-1:] or [""]
         return None, Verdict(False, "runtime_error", last[0][:200])
+    if res.status == "unavailable":  # the sandbox service could not be reached (r1zero.sandbox.client)
+        return None, Verdict(False, "sandbox_error", res.stderr[:200])
     if res.status != "ok":
         return None, Verdict(False, "sandbox_error", f"sandbox status {res.status}")
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
@@ -286,7 +288,7 @@ def _meta(item: dict) -> dict:
 
 class _RunCache:
     """Bounded LRU of sandbox results keyed by (program, timeout); timeouts are not cached (a busy
-    machine may cause them, and a rerun can succeed)."""
+    machine may cause them, and a rerun can succeed), nor results of an unreachable service."""
 
     def __init__(self, size: int = _CACHE_SIZE):
         self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
@@ -298,12 +300,27 @@ class _RunCache:
                 self.data.move_to_end(key)
                 return self.data[key]
         res = run_code(program, timeout_s=timeout_s, memory_mb=SANDBOX_MEMORY_MB)
-        if res.status not in ("timeout", "killed"):
+        self._put(key, res)
+        return res
+
+    def _put(self, key: tuple, res: SandboxResult) -> None:
+        if res.status not in ("timeout", "killed", "unavailable"):
             with self.lock:
                 self.data[key] = res
                 while len(self.data) > self.size:
                     self.data.popitem(last=False)
-        return res
+
+    def run_batch(self, programs: list[str], timeout_s: float, run_many) -> list[SandboxResult]:
+        """Like :meth:`run` for many programs; the uncached ones go to ``run_many`` in one call
+        (``run_many(programs, timeout_s=, memory_mb=) -> [SandboxResult]``, e.g. the service client)."""
+        with self.lock:
+            cached = {p: self.data[(p, timeout_s)] for p in programs if (p, timeout_s) in self.data}
+        todo = [p for p in programs if p not in cached]
+        if todo:
+            for p, res in zip(todo, run_many(todo, timeout_s=timeout_s, memory_mb=SANDBOX_MEMORY_MB)):
+                self._put((p, timeout_s), res)
+                cached[p] = res
+        return [cached[p] for p in programs]
 
 
 _RUNS = _RunCache()
@@ -412,14 +429,22 @@ def verify(item: dict, predicted: str | None, timeout_s: float = 2.0) -> Verdict
 
 
 def verify_many(items: list[dict], predictions: list[str | None], timeout_s: float = 2.0,
-                max_workers: int = MAX_WORKERS) -> list[Verdict]:
-    """:func:`verify` for a batch: identical sandbox programs run once, the rest concurrently."""
+                max_workers: int = MAX_WORKERS, run_many=None) -> list[Verdict]:
+    """:func:`verify` for a batch: identical sandbox programs run once, the rest concurrently.
+
+    ``run_many`` (e.g. :meth:`r1zero.sandbox.client.SandboxClient.run_many`) runs the batch's
+    programs elsewhere in one call instead of in this process's sandbox."""
     if len(items) != len(predictions):
         raise ValueError(f"verify_many: {len(items)} items but {len(predictions)} predictions")
     prepared = [_safe(_prepare, it, pr, timeout_s) for it, pr in zip(items, predictions)]
     programs = sorted({p for v, p, _ in prepared if v is None and p is not None})
     results: dict[str, SandboxResult | Exception] = {}
-    if programs:
+    if programs and run_many is not None:
+        try:
+            results = dict(zip(programs, _RUNS.run_batch(programs, timeout_s, run_many)))
+        except Exception as err:  # noqa: BLE001 - the contract: verification never raises
+            results = dict.fromkeys(programs, err)
+    elif programs:
         def run_one(program: str):
             try:
                 return _RUNS.run(program, timeout_s)

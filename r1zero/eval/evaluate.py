@@ -214,8 +214,10 @@ def evaluate_model(cfg, model_uri: str, items: list[dict], label: str) -> list[d
     greedy = [g[0] for g in generate(model, tok, prompts, 1, 0.0, e.max_new_tokens, cfg.seed, f"{label} greedy")]
     sampled = generate(model, tok, prompts, e.n_samples, e.temperature, e.max_new_tokens, cfg.seed + 1,
                        f"{label} sampled")
+    from r1zero.sandbox.client import verify_many_for
+
     return score_problems(items, greedy, sampled, e.k, cfg.grpo.reward.format_mode == "strict",
-                          cfg.grpo.reflection_keywords)
+                          cfg.grpo.reflection_keywords, verify_many=verify_many_for(cfg.sandbox))
 
 
 def _load_baseline(cfg, baseline_uri: str, items: list[dict]) -> tuple[list[dict], str]:

@@ -16,12 +16,17 @@ Every term is a number per completion; the total is
 The response given to the checks is ``"<think>" + completion`` because the R1-Zero prompt ends with
 ``Assistant: <think>``: the opening tag belongs to the prompt, the model writes the rest.
 
-Verdicts are memoised per (item id, extracted answer): G samples of one prompt often agree, and a
-code verdict costs a sandbox process.
+Verdicts are memoised per (item id, extracted answer) in a bounded LRU: G samples of one prompt
+often agree, and a code verdict costs a sandbox process. ``sandbox_error`` verdicts (e.g. the
+sandbox service was unreachable) are not memoised: they say nothing about the answer.
+
+Code runs in this process's sandbox, or through the sandbox service when ``sandbox`` (the config's
+:class:`r1zero.config.SandboxConfig`) has a ``url`` (:mod:`r1zero.sandbox.client`).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,11 +57,13 @@ class RewardScorer:
 
     def __init__(self, cfg, max_new_tokens: int, verify_many_fn: Callable | None = None,
                  extract_fn: Callable | None = None, format_fn: Callable | None = None,
-                 timeout_s: float = 2.0, cache_size: int = 200_000):
+                 timeout_s: float = 2.0, cache_size: int = 200_000, sandbox=None):
         self.cfg = cfg  # r1zero.config.RewardConfig
         self.max_new_tokens = max_new_tokens
         if verify_many_fn is None:
-            from r1zero.verify import verify_many as verify_many_fn
+            from r1zero.sandbox.client import verify_many_for
+
+            verify_many_fn = verify_many_for(sandbox)
         if extract_fn is None or format_fn is None:
             from r1zero import template
 
@@ -64,7 +71,7 @@ class RewardScorer:
             format_fn = format_fn or template.format_ok
         self.verify_many_fn, self.extract_fn, self.format_fn = verify_many_fn, extract_fn, format_fn
         self.timeout_s = timeout_s
-        self._cache: dict[tuple[str, str], bool] = {}
+        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()  # LRU: oldest first
         self._cache_size = cache_size
         self.verify_calls = 0
 
@@ -74,22 +81,28 @@ class RewardScorer:
 
     def correct_many(self, items: Sequence[dict], answers: Sequence[str | None]) -> list[bool]:
         """Verdicts for (item, answer) pairs; uncached pairs go to ``verify_many`` in one batch."""
+        known: dict[tuple[str, str], bool] = {}  # this call's verdicts: eviction cannot lose them
         todo: dict[tuple[str, str], tuple[dict, str]] = {}
         for item, ans in zip(items, answers):
             if ans is not None:
                 k = self._key(item, ans)
-                if k not in self._cache:
+                if k in self._cache:
+                    self._cache.move_to_end(k)
+                    known[k] = self._cache[k]
+                elif k not in known:
                     todo[k] = (item, ans)
         if todo:
             keys = list(todo)
             verdicts = self.verify_many_fn([todo[k][0] for k in keys], [todo[k][1] for k in keys],
                                            timeout_s=self.timeout_s)
             self.verify_calls += len(keys)
-            if len(self._cache) + len(keys) > self._cache_size:
-                self._cache.clear()
             for k, v in zip(keys, verdicts):
-                self._cache[k] = bool(v.correct)
-        return [False if a is None else self._cache[self._key(it, a)] for it, a in zip(items, answers)]
+                known[k] = bool(v.correct)
+                if getattr(v, "status", "") != "sandbox_error":
+                    self._cache[k] = known[k]
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return [False if a is None else known[self._key(it, a)] for it, a in zip(items, answers)]
 
     def score(self, items: Sequence[dict], texts: Sequence[str], lengths: Sequence[int],
               truncated: Sequence[bool]) -> RewardResult:

@@ -66,3 +66,35 @@ def test_real_verifier_math_and_code():
                                                       " </think> <answer> 2 </answer>",
                                                       " </think> <answer> -10 </answer>"], [5, 5, 5], [False] * 3)
     assert res.correct == [True, False, True]
+
+
+def test_cache_is_a_bounded_lru_that_never_raises_on_overflow():
+    v = CountingVerifier()
+    sc = RewardScorer(RewardConfig(), 16, verify_many_fn=v, cache_size=3)
+    items = [{"id": f"i{i}", "answer": str(i)} for i in range(10)]
+    texts = [f" x </think> <answer> {i} </answer>" for i in range(10)]
+    # one batch bigger than the whole cache: every verdict comes back (the old cache raised KeyError)
+    res = sc.score(items, texts, [8] * 10, [False] * 10)
+    assert res.correct == [True] * 10 and len(sc._cache) == 3 and v.calls == 10
+    # least recently used goes first: touch i7, add i0 -> i8 is evicted, i7 and i9 stay
+    sc.score([items[7]], [texts[7]], [8], [False])
+    assert v.calls == 10
+    sc.score([items[0]], [texts[0]], [8], [False])
+    assert list(sc._cache) == [sc._key(items[k], str(k)) for k in (9, 7, 0)]
+    sc.score([items[9], items[8]], [texts[9], texts[8]], [8, 8], [False, False])
+    assert v.calls == 12  # i0 rescored, i8 re-verified, i9 cached
+
+
+def test_sandbox_error_verdicts_are_not_memoised():
+    calls = []
+
+    def flaky(items, preds, timeout_s=2.0):
+        calls.append(len(items))
+        status = "sandbox_error" if len(calls) == 1 else "correct"
+        return [Verdict(status == "correct", status, "") for _ in items]
+
+    sc = RewardScorer(RewardConfig(), 16, verify_many_fn=flaky)
+    item, text = {"id": "s", "answer": "1"}, " x </think> <answer> 1 </answer>"
+    assert sc.score([item], [text], [8], [False]).correct == [False]
+    assert sc.score([item], [text], [8], [False]).correct == [True]
+    assert sc.score([item], [text], [8], [False]).correct == [True] and calls == [1, 1]
