@@ -358,6 +358,14 @@ class SandboxConfig(_Section):
     backoff_s: float = Field(0.25, gt=0, le=30)
     breaker_failures: int = Field(3, ge=1)  # consecutive failed batches that open the circuit
     breaker_reset_s: float = Field(15.0, gt=0)  # open circuit: sandbox_error verdicts for this long
+    # the service's Deployment (r1zero/cluster/sandbox_manifests.py); its URL in the cluster is
+    # http://r1zero-sandbox.<cluster.namespace>.svc:<port>
+    port: int = Field(8080, ge=1024, le=65535)  # non-root: no privileged port
+    replicas: int = Field(2, ge=1)  # two, so a restarting pod costs retries, not a circuit-open window
+    workers: int = Field(2, ge=1, le=64)  # programs run at once per pod (= its CPU limit)
+    queue: int = Field(8, ge=0, le=1024)  # programs waiting per pod before "overloaded"
+    memory: str = "3Gi"  # pod limit: workers x up to 1 GiB per program + the server + the /tmp tmpfs
+    tmp_size: str = "256Mi"  # the writable tmpfs (programs' fresh directories); counts against memory
 
 
 class StoreConfig(_Section):

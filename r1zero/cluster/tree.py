@@ -34,6 +34,7 @@ from r1zero.cluster.render import (
     dump_yaml,
     render_stage,
 )
+from r1zero.cluster.sandbox_manifests import sandbox_objects
 from r1zero.images import REGISTRY, TAG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -194,6 +195,7 @@ def base_files(cfg) -> dict[str, list[dict]]:
         "networkpolicy.yaml": [network_policy(cfg)],
         "config.yaml": [config_configmap(cfg)],
         "cronjob.yaml": [retrain_cronjob(cfg)],
+        "sandbox.yaml": sandbox_objects(cfg),  # the code-reward sandbox service (its own module)
     }
     mon = monitoring(cfg)
     if mon:
