@@ -71,9 +71,19 @@ class RewardScorer:
             format_fn = format_fn or template.format_ok
         self.verify_many_fn, self.extract_fn, self.format_fn = verify_many_fn, extract_fn, format_fn
         self.timeout_s = timeout_s
+        self.sandbox_url = getattr(sandbox, "url", None)
         self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()  # LRU: oldest first
         self._cache_size = cache_size
         self.verify_calls = 0
+
+    def attach_metrics(self, tel) -> None:
+        """Serve the sandbox client's latency and error series (:mod:`r1zero.sandbox.client`) on the
+        rank's telemetry endpoint; no-op without a service or without telemetry."""
+        registry = getattr(getattr(tel, "metrics", None), "registry", None)
+        if self.sandbox_url and registry is not None:
+            from r1zero.sandbox.client import REGISTRY
+
+            registry.register(REGISTRY)
 
     @staticmethod
     def _key(item: dict, answer: str) -> tuple[str, str]:

@@ -380,7 +380,7 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
     if not entries:
         raise UserError(f"data artifact {data_uri}: no usable RL prompts in the train split (dropped: {dropped})")
     subset = eval_subset(eval_entries, g.eval_problems, cfg.seed) if g.eval_problems else []
-    scorer = RewardScorer(g.reward, g.max_new_tokens)
+    scorer = RewardScorer(g.reward, g.max_new_tokens, sandbox=cfg.sandbox)
     pattern = keyword_pattern(g.reflection_keywords)
 
     value_head = None
@@ -429,6 +429,7 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
             (work / name).unlink(missing_ok=True)
 
     tel = _telemetry(cfg, rank)
+    scorer.attach_metrics(tel)
     detector = _streaming_detector(cfg, work / "insight_stream.jsonl", tel)
     if st.step == 0 and subset:
         ev = run_eval(model, tok, subset, scorer, g.max_new_tokens)

@@ -183,3 +183,23 @@ def test_cli_run_through_the_server(service, tmp_path):
                        cwd=ROOT, timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("r1zero: error: sandbox run: no verdict from")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_reward_latency_and_errors_reach_the_ranks_metrics_endpoint(service):
+    import urllib.request
+
+    from r1zero import telemetry
+    from r1zero.config import TelemetryConfig
+
+    tel = telemetry.start(TelemetryConfig(port=0, bind="127.0.0.1"), job="sbx", rank=0, stage="grpo")
+    try:
+        cfg = SandboxConfig(url=f"http://127.0.0.1:{service.port}")
+        sc = RewardScorer(RewardConfig(), 16, sandbox=cfg)
+        sc.attach_metrics(tel)
+        client_mod.from_config(cfg).run_many(["print(1)"], timeout_s=1.0)
+        text = urllib.request.urlopen(f"{tel.url}", timeout=10).read().decode()
+        assert "r1zero_sandbox_request_duration_seconds_count" in text
+        assert "r1zero_sandbox_circuit_open" in text and 'r1zero_sandbox_client_results_total{status="ok"}' in text
+        RewardScorer(RewardConfig(), 16).attach_metrics(tel)  # no service: nothing registered, no error
+    finally:
+        tel.close()
