@@ -37,7 +37,7 @@ ZeRO memory figures are exact formulas.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from r1zero.errors import UserError
 
@@ -94,6 +94,11 @@ _SCORE_BYTES_PER_AS = 20.0
 _OVERLAP_INTERFERENCE = 0.2
 DEFAULT_HEADROOM = 0.10
 _CONTEXT_GB = 1.0
+
+
+def usable_bytes(gpu: GPU, headroom: float = DEFAULT_HEADROOM) -> float:
+    """Device bytes a rank may fill: HBM less the headroom fraction and the CUDA context reserve."""
+    return (gpu.hbm_gb * (1 - headroom) - _CONTEXT_GB) * GB
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,43 @@ def spec_from_params(params: float, seq: int = 2048, vocab: int = 51200) -> Mode
     return ModelSpec(layers=layers, hidden=hidden, heads=max(1, hidden // 128), vocab=vocab, seq=seq)
 
 
+def spec_from_hf_config(doc: dict, seq: int) -> ModelSpec:
+    """The planner's shape of a transformers ``config.json`` (a ``model.base``), dense or MoE.
+
+    Keys as transformers names them: ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size``; experts as ``num_local_experts`` (Mixtral),
+    ``num_experts`` (Qwen2-MoE, OLMoE), ``n_routed_experts`` (DeepSeek-V2/V3, GLM-4-MoE) or
+    ``n_experts`` (r1zero_moe), their width ``moe_intermediate_size`` (else ``intermediate_size``,
+    as in Mixtral) or ``d_expert``, shared experts ``n_shared_experts`` (or one of
+    ``shared_expert_intermediate_size``, Qwen2-MoE). Gated (SwiGLU) MLPs and RoPE, as all of those.
+    """
+    def get(*names, default=None):
+        for n in names:
+            v = doc.get(n)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return default
+
+    hidden, layers, heads = get("hidden_size", "n_embd", "d_model"), get("num_hidden_layers", "n_layer"), \
+        get("num_attention_heads", "n_head")
+    if not (hidden and layers and heads):
+        raise UserError("config.json lacks hidden_size / num_hidden_layers / num_attention_heads")
+    experts = get("num_local_experts", "num_experts", "n_routed_experts", "n_experts", default=1)
+    ffn = get("intermediate_size", default=4 * hidden)
+    expert_ffn = get("moe_intermediate_size", "d_expert", default=ffn)
+    shared = get("n_shared_experts", "n_shared", default=0)
+    if not shared and get("shared_expert_intermediate_size"):  # Qwen2-MoE: one wide shared expert
+        shared = max(1, round(get("shared_expert_intermediate_size") / expert_ffn))
+    top_k = get("num_experts_per_tok", "top_k", default=1) if experts > 1 else 1
+    return ModelSpec(layers=layers, hidden=hidden, heads=heads, kv_heads=get("num_key_value_heads"),
+                     vocab=get("vocab_size", default=32000), seq=seq,
+                     ffn=ffn if experts == 1 else expert_ffn * (top_k + shared),  # as spec_from_config
+                     experts=experts, top_k=top_k,
+                     shared_experts=shared if experts > 1 else 0, expert_ffn=expert_ffn if experts > 1 else None,
+                     gated=True, tied_embeddings=bool(doc.get("tie_word_embeddings", False)),
+                     learned_positions=False, flash_attention=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # memory
 
@@ -221,13 +263,22 @@ def model_state_bytes_per_param(zero_stage: int, n_d: int, precision: str = "bf1
 
 
 def activation_bytes_per_layer(spec: ModelSpec, micro_batch: int, tp: int, recompute: str,
-                               sequence_parallel: bool) -> float:
+                               sequence_parallel: bool, experts_split_tp: bool = True) -> float:
     """Stored activation bytes of one layer for one micro-batch ([Korthikanti] eq. 2-5, Table 2).
 
     Dense GPT block: attention 11sbh + 5as²b, MLP 19sbh, two layer norms 4sbh -> sbh(34 + 5as/h).
     The MLP's 16sbh of 4h-wide tensors is rescaled for other widths, gated MLPs and top-k experts.
     ``recompute``: none | selective (drop the 5as²b attention scores) | full (keep the 2sbh input).
+    ``experts_split_tp=False`` (r1zero's engine): routed experts run on the tp-gathered sequence,
+    so their wide tensors and their 2sbh gathered input are held whole on every tp rank.
     """
+    if spec.moe and not experts_split_tp and tp > 1 and recompute != "full":
+        moe_only = replace(spec, shared_experts=0)
+        dense_part = activation_bytes_per_layer(replace(spec, experts=1, ffn=spec.shared_experts * spec.expert_width
+                                                        or 1), micro_batch, tp, recompute, sequence_parallel)
+        wide = 3 if spec.gated else 2
+        return dense_part + spec.seq * micro_batch * spec.hidden * (2 + 2 * wide * moe_only.top_k
+                                                                   * spec.expert_width / spec.hidden)
     s, b, h, a, t = spec.seq, micro_batch, spec.hidden, spec.heads, tp
     wide = 3 if spec.gated else 2  # 4h-wide tensors kept per MLP: GeLU in/out; SwiGLU gate/up/act
     width = (spec.top_k + spec.shared_experts) * spec.expert_width if spec.moe else spec.ffn_width
@@ -260,6 +311,79 @@ class Layout:
     micro_batch: int = 1
     recompute: str = "none"  # none | selective | full
     sequence_parallel: bool = True  # Megatron SP when tp > 1 (Korthikanti 2022)
+    # "fsdp2": r1zero's engine (r1zero.train.parallelize: FSDP2 + DTensor TP/SP + EP + pipelining);
+    # "megatron": Megatron-LM/DeepSpeed ZeRO-style replicas, used only for the published comparisons.
+    engine: str = "fsdp2"
+    interleave: int = 1  # virtual pipeline stages per rank (interleaved 1F1B); 1 = plain 1F1B
+
+
+def fsdp2_state_bytes_per_param(n_shard: int) -> dict[str, float]:
+    """Bytes per parameter of FSDP2 (``fully_shard``) on one rank, for any training precision.
+
+    FSDP2 keeps the sharded parameter in its original dtype (fp32) and casts the all-gathered copy
+    to ``MixedPrecisionPolicy.param_dtype`` for compute; the sharded gradient is reduced in
+    ``reduce_dtype`` (fp32) and stored in the parameter's dtype; AdamW keeps m and v (fp32) per
+    sharded element (torch.distributed.fsdp docs, "fully_shard"; torchtitan docs/fsdp.md). All three
+    divide by the shard group size: 4/n + 4/n + 8/n = 16/n.
+    """
+    n = max(1, n_shard)
+    return {"weights": 4.0 / n, "gradients": 4.0 / n, "optimizer": 8.0 / n}
+
+
+def stage_memory(spec: ModelSpec, layout: Layout, micro_batches: int, precision: str = "bf16", first: bool = True,
+                 last: bool = True) -> dict[str, float]:
+    """Bytes one rank of a pipeline stage holds: model states, FSDP buffers, stored activations.
+
+    ``engine="fsdp2"`` (r1zero.train.parallelize): dense weights split over tp, experts over ep
+    (and tp), every parameter FSDP2-sharded over the data ranks that hold the same slice (dp for
+    dense weights, dp/ep for experts); the unsharded compute-dtype copy of the current and the
+    prefetched block (ZeRO-3: ``reshard_after_forward``), or of every block of the stage when the
+    layout keeps them between forward and backward (zero_stage < 3). The first stage holds the
+    embedding, the last the output projection and the logits. ``engine="megatron"``: replicas
+    with [ZeRO] stage-z sharding, the whole embedding on the worst stage (the published runs).
+    """
+    L = layout
+    t, p, d, e, b = L.tp, L.pp, L.dp, L.ep, L.micro_batch
+    sp = L.sequence_parallel and t > 1
+    layers = math.ceil(spec.layers / p)
+    in_flight = min(p, micro_batches) if first else 1  # 1F1B: stage i holds p - i micro-batches
+    if L.interleave > 1 and first and p > 1:  # interleaved 1F1B: (1 + (p-1)/(p·v)) x ([Korthikanti] sec. 4.2.3)
+        in_flight *= 1 + (p - 1) / (p * L.interleave)
+    split = L.engine != "fsdp2"
+    act_layer = activation_bytes_per_layer(spec, b, t, L.recompute, sp, split)
+    act = act_layer * layers * in_flight
+    if L.recompute == "full":  # the layer being recomputed materialises its full activations once
+        act += activation_bytes_per_layer(spec, b, t, "none", sp, split)
+    if L.engine == "megatron":
+        dense = layers * spec.dense_params_per_layer() / t + spec.embedding_params() / t
+        experts = layers * spec.expert_params_per_layer() / (t * e)
+        dense_bpp = model_state_bytes_per_param(L.zero_stage, d, precision)
+        expert_bpp = model_state_bytes_per_param(L.zero_stage, max(1, d // e), precision)
+        mem = {k: dense * dense_bpp[k] + experts * expert_bpp[k] for k in dense_bpp}
+        logits = spec.seq * b * spec.vocab / t * 4 if p == 1 else 0.0  # fp32 logits for the loss
+        mem["activations"] = act + logits
+        return mem
+    if L.engine != "fsdp2":
+        raise ValueError(f"unknown engine {L.engine!r}")
+    table = spec.vocab * spec.hidden
+    pos = spec.seq * spec.hidden if spec.learned_positions else 0
+    embed = (table + pos if first else 0) + (table if last and not (spec.tied_embeddings and first) else 0)
+    # Routed experts are replicated over tp (they run on the all-gathered sequence) and split over
+    # ep; the router gate and the norms are replicated over tp too (small: counted with the tp split).
+    dense = layers * spec.dense_params_per_layer() / t + embed / t
+    experts = layers * spec.expert_params_per_layer() / e
+    fsdp = d > 1 or precision != "fp32"  # the engine skips FSDP2 only for an fp32 world without dp
+    dense_bpp = fsdp2_state_bytes_per_param(d) if fsdp else model_state_bytes_per_param(0, 1, "fp32")
+    expert_bpp = fsdp2_state_bytes_per_param(d // e) if fsdp else dense_bpp
+    mem = {k: dense * dense_bpp[k] + experts * expert_bpp[k] for k in dense_bpp}
+    compute_bytes = 4 if precision == "fp32" else 2
+    block = (spec.dense_params_per_layer() / t + spec.expert_params_per_layer() / e) * compute_bytes
+    root = embed / t * compute_bytes  # the root unit stays gathered from its forward to its backward
+    mem["fsdp_buffers"] = 0.0 if not fsdp else (root + 2 * block) if L.zero_stage == 3 else (root + layers * block)
+    # Logits: the compute-dtype output, its fp32 copy and the fp32 log-softmax cross_entropy saves.
+    logits = spec.seq * b * spec.vocab / t * (compute_bytes + 8) if last else 0.0
+    mem["activations"] = act + logits
+    return mem
 
 
 @dataclass
@@ -296,6 +420,11 @@ def flops_per_step(spec: ModelSpec, global_batch: int, recompute: str) -> float:
     return per_token * s * global_batch
 
 
+def passes_of(recompute: str) -> float:
+    """Forward-equivalent passes per micro-batch: forward + backward (2x), + a forward under full recompute."""
+    return 4.0 if recompute == "full" else 3.0
+
+
 def ring_allreduce_bytes(n: int, size_bytes: float) -> float:
     """Bytes each rank sends in a ring all-reduce ([Ring]): 2(n-1)/n · size."""
     return 0.0 if n <= 1 else 2 * (n - 1) / n * size_bytes
@@ -321,21 +450,15 @@ def estimate(spec: ModelSpec, hw: Hardware, layout: Layout, global_batch: int, p
     m = per_replica // b
     layers_per_stage = math.ceil(spec.layers / p)
 
-    # -- memory (worst pipeline stage: the first, which also holds the embedding)
+    # -- memory: the worst pipeline stage (the first holds the embedding and the most micro-batches
+    # in flight, the last the output projection and the logits)
+    mem = max((stage_memory(spec, L, m, precision, first=i == 0, last=i == p - 1) for i in {0, p - 1}),
+              key=lambda x: sum(x.values()))
+    mem = {k: v / GB for k, v in mem.items()}
     dense_params = layers_per_stage * spec.dense_params_per_layer() / t + spec.embedding_params() / t
-    expert_params = layers_per_stage * spec.expert_params_per_layer() / (t * e)
-    dense_bpp = model_state_bytes_per_param(L.zero_stage, d, precision)
-    expert_bpp = model_state_bytes_per_param(L.zero_stage, max(1, d // e), precision)
-    mem = {k: (dense_params * dense_bpp[k] + expert_params * expert_bpp[k]) / GB for k in dense_bpp}
-    act_layer = activation_bytes_per_layer(spec, b, t, L.recompute, sp)
-    in_flight = min(p, m)  # 1F1B: the first stage holds p micro-batches ([Korthikanti] sec. 4.2.3)
-    act = act_layer * layers_per_stage * in_flight
-    if L.recompute == "full":  # the layer being recomputed materialises its full activations once
-        act += activation_bytes_per_layer(spec, b, t, "none", sp)
-    logits = spec.seq * b * spec.vocab / t * 4  # fp32 logits for the loss on the last stage
-    mem["activations"] = (act + (logits if p == 1 else 0.0)) / GB
+    expert_params = layers_per_stage * spec.expert_params_per_layer() / (e if L.engine == "fsdp2" else t * e)
     total_mem = sum(mem.values())
-    usable = hw.gpu.hbm_gb * (1 - headroom) - _CONTEXT_GB
+    usable = usable_bytes(hw.gpu, headroom) / GB
 
     # -- time of one micro-batch on one stage
     tokens_mb = spec.seq * b
@@ -345,6 +468,12 @@ def estimate(spec: ModelSpec, hw: Hardware, layout: Layout, global_batch: int, p
     layer_flops = (flops_per_step(spec, 1, L.recompute) * b - logit_flops) / spec.layers
     f_mb_stage = layer_flops * layers_per_stage + logit_flops
     gemm_s = f_mb_stage / t / (peak * 1e12 * _GEMM_EFF)
+    if L.engine == "fsdp2" and spec.moe and t > 1:
+        # r1zero's engine runs the routed experts on the all-gathered sequence, replicated over
+        # tp: their FLOPs are not divided by t.
+        expert_flops = (passes_of(L.recompute) * 2 * spec.top_k * spec.mlp_params(spec.expert_width)
+                        * tokens_mb * layers_per_stage)
+        gemm_s += expert_flops * (1 - 1 / t) / (peak * 1e12 * _GEMM_EFF)
     passes = 4 if L.recompute == "full" else 3
     per_token_bytes = spec.hidden * _ELEMWISE_BYTES_PER_H
     if not spec.flash_attention:
@@ -360,31 +489,48 @@ def estimate(spec: ModelSpec, hw: Hardware, layout: Layout, global_batch: int, p
     # MoE all-to-all ([MoE a2a]): 4 per layer (+2 recomputed), k·s·b·h 16-bit values, (e-1)/e leave.
     a2a_s = 0.0
     if spec.moe and e > 1:
-        span = e * t  # experts shard over data ranks, which sit outside the tp group
+        span = e * t  # ep groups join ranks of equal tp index: ep x tp consecutive ranks
         a2a_bw = nvlink if span <= hw.gpus_per_node else ib
-        vol = spec.top_k * tokens_mb / t * spec.hidden * 2 * (e - 1) / e
+        # r1zero's engine dispatches the whole (tp-gathered) sequence from every tp rank
+        vol = spec.top_k * tokens_mb / (1 if L.engine == "fsdp2" else t) * spec.hidden * 2 * (e - 1) / e
         a2a_s = layers_per_stage * n_ar * vol / a2a_bw
     # PP: send activations s·b·h/t (SP) forward and gradients back, once per micro-batch per stage.
     pp_s = 0.0 if p == 1 else 2 * tokens_mb * spec.hidden * 2 / (t if sp else 1) / (ib if t * p > hw.gpus_per_node else nvlink)
     mb_s = gemm_s + elem_s + tp_s + a2a_s + pp_s
-    pipe_s = (m + p - 1) * mb_s
-    bubble = bubble_fraction(p, m)
+    v = max(1, L.interleave)
+    # Interleaved 1F1B: each rank runs v chunks of 1/v of its layers; the bubble is (p-1)/v
+    # chunk-times ([Narayanan] sec. 2.2.2), i.e. (p-1)/v micro-batch times.
+    pipe_s = (m + (p - 1) / v) * mb_s
+    bubble = bubble_fraction(p, m * v)
 
-    # DP gradient sync once per step (reduce-scatter + all-gather for ZeRO = same volume as
-    # all-reduce; ZeRO-3 adds a parameter all-gather in forward and backward: 1.5x, [ZeRO] sec. 7).
-    grad_bytes = 2 if precision != "fp32" else 4
-    dense_sync = ring_allreduce_bytes(d, dense_params * grad_bytes)
-    expert_sync = ring_allreduce_bytes(max(1, d // e), expert_params * grad_bytes)
-    if L.zero_stage == 3:
-        dense_sync *= 1.5
-        expert_sync *= 1.5
     dp_bw = ib if t * p < hw.gpus and (t * p >= hw.gpus_per_node or d * t * p > hw.gpus_per_node) else nvlink
-    dp_s = (dense_sync + expert_sync) / dp_bw
-    # The last micro-batch's backward overlaps the bucketed all-reduce (DeepSpeed overlap_comm,
-    # Megatron's grad buckets): hide up to 2/3 of one micro-batch's time.
+    if L.engine == "megatron":
+        # DP gradient sync once per step (reduce-scatter + all-gather for ZeRO = same volume as
+        # all-reduce; ZeRO-3 adds a parameter all-gather in forward and backward: 1.5x, [ZeRO] sec. 7).
+        grad_bytes = 2 if precision != "fp32" else 4
+        dense_sync = ring_allreduce_bytes(d, dense_params * grad_bytes)
+        expert_sync = ring_allreduce_bytes(max(1, d // e), expert_params * grad_bytes)
+        if L.zero_stage == 3:
+            dense_sync *= 1.5
+            expert_sync *= 1.5
+        dp_s = (dense_sync + expert_sync) / dp_bw
+        # The last micro-batch's backward overlaps the bucketed all-reduce (DeepSpeed overlap_comm,
+        # Megatron's grad buckets): hide up to 2/3 of one micro-batch's time.
+        hidable = (2 / 3) * mb_s
+    else:
+        # FSDP2: every micro-batch all-gathers each block's compute-dtype parameters before its
+        # forward (and again before its backward under ZeRO-3 resharding); gradients are
+        # reduce-scattered in fp32 (reduce_dtype) once per step. FSDP2 prefetches the next block's
+        # all-gather and reduce-scatters the previous block's gradients while the current block
+        # computes, so all but about one block's collective hides behind the stage's compute.
+        cb = 4 if precision == "fp32" else 2
+        gathers = m * (2 if L.zero_stage == 3 else 1)
+        gather = gathers * ((d - 1) / d * dense_params + (d // e - 1) / max(1, d // e) * expert_params) * cb
+        scatter = ((d - 1) / d * dense_params + (d // e - 1) / max(1, d // e) * expert_params) * 4
+        dp_s = (gather + scatter) / dp_bw
+        hidable = max(0.0, m * mb_s * (1 - 1 / max(1, layers_per_stage)))
     # Hidden communication is not free: NCCL kernels take SMs and HBM bandwidth from the
     # overlapped compute (_OVERLAP_INTERFERENCE of the hidden time).
-    hidable = (2 / 3) * mb_s
     dp_exposed = (max(0.0, dp_s - hidable) + _OVERLAP_INTERFERENCE * min(dp_s, hidable)) if d > 1 else 0.0
     # Optimizer step: memory-bound pass over the local model states (read+write 16 B/param x 2).
     opt_s = 2 * (mem["weights"] + mem["gradients"] + mem["optimizer"]) * GB / (hw.gpu.hbm_gbps * GB)
@@ -420,13 +566,26 @@ def _divisors(n: int) -> list[int]:
     return [i for i in range(1, n + 1) if n % i == 0]
 
 
-def candidate_layouts(spec: ModelSpec, hw: Hardware, global_batch: int, zero_stages=(0, 1, 2, 3),
-                      recompute_options=("none", "selective", "full"), micro_batches=(1, 2, 4, 8),
-                      tp_options=None, pp_options=None, sequence_parallel=(True,)):
-    """Every valid layout: tp within a node and dividing heads, pp dividing layers, dp = gpus/(tp·pp)
-    dividing the global batch, ep dividing both experts and dp."""
+def candidate_layouts(spec: ModelSpec, hw: Hardware, global_batch: int, zero_stages=None,
+                      recompute_options=("none", "full"), micro_batches=(1, 2, 4, 8),
+                      tp_options=None, pp_options=None, sequence_parallel=(True,), engine: str = "fsdp2",
+                      interleave=(1,)):
+    """Every layout the engine runs: tp within a node dividing heads, kv-heads and the expert width;
+    pp dividing layers with at least pp micro-batches per step (1F1B); dp = gpus/(tp·pp) dividing
+    the global batch; ep dividing both experts and dp.
+
+    ``engine="fsdp2"`` (r1zero's): ZeRO stages 1-3 only (FSDP2 always shards parameters, gradients
+    and optimizer states; the stage picks resharding after forward, see :func:`stage_memory`),
+    activation recompute none or full (the engine has no selective recompute), sequence parallelism
+    always on with tp. ``engine="megatron"``: the published runs' options (ZeRO 0-3, selective).
+    """
     n = hw.gpus
-    tps = tp_options or [t for t in (1, 2, 4, 8) if t <= hw.gpus_per_node and spec.heads % t == 0]
+    fsdp = engine == "fsdp2"
+    if zero_stages is None:
+        zero_stages = (1, 3) if fsdp else (0, 1, 2, 3)
+    kv = spec.kv_heads or spec.heads
+    tps = tp_options or [t for t in (1, 2, 4, 8) if t <= hw.gpus_per_node and spec.heads % t == 0
+                         and (not fsdp or (kv % t == 0 and (not spec.moe or spec.expert_width % t == 0)))]
     for t in tps:
         for p in pp_options or _divisors(spec.layers):
             if n % (t * p):
@@ -440,12 +599,16 @@ def candidate_layouts(spec: ModelSpec, hw: Hardware, global_batch: int, zero_sta
                     if z and d == 1:
                         continue
                     for b in micro_batches:
-                        if (global_batch // d) % b:
+                        if (global_batch // d) % b or (fsdp and p > 1 and global_batch // d // b < p):
                             continue
                         for r in recompute_options:
                             for sp in sequence_parallel:
-                                yield Layout(tp=t, pp=p, dp=d, ep=e, zero_stage=z, micro_batch=b, recompute=r,
-                                             sequence_parallel=sp)
+                                for v in (interleave if p > 1 else (1,)):
+                                    if v > 1 and (spec.layers % (p * v) or (global_batch // d // b) % p):
+                                        continue  # torch's interleaved schedule: m a multiple of pp
+                                    yield Layout(tp=t, pp=p, dp=d, ep=e, zero_stage=z, micro_batch=b,
+                                                 recompute=r, sequence_parallel=sp, engine=engine,
+                                                 interleave=v)
 
 
 def plan(spec: ModelSpec, hw: Hardware, global_batch: int, precision: str = "bf16",

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from r1zero.cli import add_config_args, config_from_args
 from r1zero.errors import UserError
-from r1zero.sizing import GPUS, Hardware, Layout, ModelSpec, estimate, plan, spec_from_params, to_json
+from r1zero.sizing import GPUS, Hardware, Layout, ModelSpec, estimate, plan, spec_from_params, stage_memory, to_json
 
 # What the article this project reproduces claims for its 13B MoE on 1024 A100s. Printed as
 # claims next to the planner's predictions, never as facts.
@@ -24,8 +24,16 @@ ARTICLE_CLAIMS = {"gpu_utilisation": 0.98, "scaling_efficiency": 0.87, "comm_ove
 
 
 def spec_from_config(cfg) -> ModelSpec:
-    """The r1zero model: SwiGLU experts of width d_expert, RoPE (no position table), SDPA attention."""
+    """The r1zero model: SwiGLU experts of width d_expert, RoPE (no position table), SDPA attention.
+
+    With ``model.base`` the base's real shape, read from its config.json.
+    """
     m = cfg.model
+    if m.base:
+        from r1zero.data.base import read_config
+        from r1zero.sizing import spec_from_hf_config
+
+        return spec_from_hf_config(read_config(m.base), cfg.pretrain.seq_len)
     return ModelSpec(
         layers=m.n_layers, hidden=m.d_model, heads=m.n_heads, kv_heads=m.n_kv_heads, vocab=m.vocab_size,
         seq=cfg.pretrain.seq_len, ffn=m.moe.d_expert * (m.moe.top_k + m.moe.n_shared),
@@ -81,18 +89,65 @@ def _resolve(args):
     return spec, hw, global_batch, precision, cfg
 
 
+def layout_from_config(cfg) -> Layout:
+    """The config's own ``parallel`` section as the planner's :class:`Layout` (r1zero's engine)."""
+    p = cfg.parallel
+    recompute = "full" if cfg.pretrain.activation_checkpointing else "none"
+    return Layout(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, zero_stage=p.zero_stage, micro_batch=cfg.pretrain.micro_batch,
+                  recompute=recompute, interleave=getattr(p, "pp_interleave", 1) or 1)
+
+
 def config_layout(cfg, spec: ModelSpec, hw: Hardware, global_batch: int, precision: str, headroom: float):
     """Estimate of the config's own ``parallel`` section, or None when it does not span ``hw.gpus``."""
     p = cfg.parallel
     if p.dp * p.tp * p.pp != hw.gpus or global_batch % p.dp or (global_batch // p.dp) % cfg.pretrain.micro_batch:
         return None
-    recompute = "full" if cfg.pretrain.activation_checkpointing else "none"
-    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, zero_stage=p.zero_stage, micro_batch=cfg.pretrain.micro_batch,
-                    recompute=recompute)
-    return estimate(spec, hw, layout, global_batch, precision, headroom)
+    return estimate(spec, hw, layout_from_config(cfg), global_batch, precision, headroom)
+
+
+def planner_layout_bytes(cfg) -> dict:
+    """The planner's bytes per rank of the config's own layout, worst pipeline stage
+    (:func:`r1zero.sizing.stage_memory`): ``{"total", "states", "parts"}``, states = weights +
+    gradients + optimizer."""
+    spec, layout = spec_from_config(cfg), layout_from_config(cfg)
+    precision = "bf16" if cfg.pretrain.precision == "fp8" else cfg.pretrain.precision
+    p = layout.pp
+    stages = [stage_memory(spec, layout, cfg.pretrain.grad_accum, precision, first=i == 0, last=i == p - 1)
+              for i in sorted({0, p - 1})]
+    worst = max(stages, key=lambda m: sum(m.values()))
+    return {"total": int(sum(worst.values())),
+            "states": int(max(m["weights"] + m["gradients"] + m["optimizer"] for m in stages)),
+            "parts": {k: int(v) for k, v in worst.items()}}
+
+
+def _dry_run(args) -> int:
+    from r1zero.train.dryrun import dry_run, refuse_if_not_fitting
+
+    if not args.config:
+        raise UserError("--dry-run builds the config's own layout: pass --config")
+    cfg = config_from_args(args)
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r.strip()] if args.ranks else None
+    except ValueError:
+        raise UserError(f"--ranks {args.ranks!r}: expected comma-separated integers, e.g. 0,7,1023") from None
+    out = dry_run(cfg, ranks=ranks, stage=args.stage, world_size=args.gpus, gpu=args.gpu, headroom=args.headroom)
+    refuse_if_not_fitting(out)  # before any output: a refused layout prints its one line only
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        for r in out["ranks"]:
+            print(f"rank {r['rank']} (pp stage {r['pp_stage']}): params {r['params_bytes'] / 1e9:.2f} GB, grads "
+                  f"{r['grads_bytes'] / 1e9:.2f} GB, optimizer {r['optimizer_bytes'] / 1e9:.2f} GB, FSDP buffers "
+                  f"{r['fsdp_buffers_bytes'] / 1e9:.2f} GB, activations {r['activations_bytes'] / 1e9:.2f} GB, "
+                  f"total {r['total_bytes'] / 1e9:.2f} GB")
+        print(f"planner: {out['planner_total_bytes'] / 1e9:.2f} GB per rank; device {out['device_bytes'] / 1e9:.0f} GB, "
+              f"usable {out['usable_bytes'] / 1e9:.1f} GB: fits")
+    return 0
 
 
 def _plan(args) -> int:
+    if args.dry_run:
+        return _dry_run(args)
     spec, hw, global_batch, precision, cfg = _resolve(args)
     est = plan(spec, hw, global_batch, precision, headroom=args.headroom)
     out = to_json(est, hw)
@@ -152,4 +207,10 @@ def register(sub) -> None:
     p.add_argument("--params", type=float, help="parameter count (e.g. 13 for 13B, or 1.3e10) for a GPT shape")
     p.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free (default 0.10)")
     p.add_argument("--json", action="store_true", help="print the layout and estimates as JSON")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the config's real parallelised model and optimizer per rank under a fake process "
+                        "group on the meta device and report bytes per rank (r1zero.train.dryrun)")
+    p.add_argument("--ranks", help="with --dry-run: comma-separated ranks (default: first rank of each pipeline stage)")
+    p.add_argument("--stage", default="pretrain", choices=["pretrain", "grpo"],
+                   help="with --dry-run: the training stage to size (grpo: issue 16)")
     p.set_defaults(func=_plan)

@@ -45,7 +45,8 @@ A100_80 = GPUS["a100-80gb"]
 def _megatron(row):
     params, heads, hidden, layers, tp, pp, gpus, batch, tflops = row
     spec = ModelSpec(layers=layers, hidden=hidden, heads=heads, vocab=51200, seq=2048)
-    layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=1, recompute="full", sequence_parallel=False)
+    layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=1, recompute="full", sequence_parallel=False,
+                    engine="megatron")
     return spec, Hardware(A100_80, gpus), layout, batch
 
 
@@ -65,7 +66,7 @@ def test_megatron_layout_is_near_the_planners_best(row):
     planner's best layout keeps TP inside a node and Megatron's own choice is within 7% of it."""
     spec, hw, layout, batch = _megatron(row)
     best = plan(spec, hw, batch, zero_stages=(0,), recompute_options=("full",), micro_batches=(1,),
-                sequence_parallel=(False,))
+                sequence_parallel=(False,), engine="megatron")
     theirs = estimate(spec, hw, layout, batch)
     assert best.layout.tp <= hw.gpus_per_node
     assert best.fits and best.tflops_per_gpu >= theirs.tflops_per_gpu - 1e-9
@@ -79,7 +80,7 @@ def test_bloom_176b():
     spec = ModelSpec(layers=70, hidden=14336, heads=112, vocab=250880, seq=2048, learned_positions=False)
     assert spec.total_params() / 1e9 == pytest.approx(176.2, rel=0.01)
     est = estimate(spec, Hardware(A100_80, 384), Layout(tp=4, pp=12, dp=8, zero_stage=1, micro_batch=2,
-                                                        recompute="full", sequence_parallel=False), 2048)
+                                                        recompute="full", sequence_parallel=False, engine="megatron"), 2048)
     assert est.fits
     assert est.tflops_per_gpu == pytest.approx(150, rel=0.15)
 
@@ -122,7 +123,14 @@ def test_moe_memory_and_active_params():
     hw = Hardware(A100_80, 16)
     e1 = estimate(moe, hw, Layout(dp=16, ep=1), 64)
     e8 = estimate(moe, hw, Layout(dp=16, ep=8), 64)
-    assert e8.memory_gb["weights"] < e1.memory_gb["weights"] / 3  # experts shard over ep ranks
+    # FSDP2 shards every parameter over the ranks that hold it: experts over dp/ep ranks after ep
+    # split them, so the sharded states per rank do not depend on ep; ep shrinks what a block
+    # all-gathers (the unsharded bf16 copy of the local experts).
+    assert e8.memory_gb["weights"] == pytest.approx(e1.memory_gb["weights"], rel=0.01)
+    assert e8.memory_gb["fsdp_buffers"] < e1.memory_gb["fsdp_buffers"] / 3
+    m1 = estimate(moe, hw, Layout(dp=16, ep=1, engine="megatron"), 64)
+    m8 = estimate(moe, hw, Layout(dp=16, ep=8, engine="megatron"), 64)
+    assert m8.memory_gb["weights"] < m1.memory_gb["weights"] / 3  # replicas: experts shard over ep only
     assert e8.breakdown_s["moe_all_to_all"] > 0 == e1.breakdown_s["moe_all_to_all"]
 
 

@@ -1,0 +1,322 @@
+"""Full-scale dry run: build the real parallelised model and optimizer of chosen ranks, count bytes.
+
+    r1zero plan --config configs/a100-13b.yaml --dry-run --json
+    r1zero plan --config configs/a100-13b.yaml --dry-run --ranks 0,1023 --json
+
+For each named rank (default: one rank per distinct shape, i.e. the first rank of every pipeline
+stage), a fresh Python process joins torch's *fake* process group at the configured world size
+(``torch.testing._internal.distributed.fake_pg``: collectives return at once, nothing is sent),
+builds the model on the meta device, parallelises it with the training engine's own
+:func:`r1zero.train.parallelize.parallelize` (FSDP2 + DTensor TP/SP + EP + pipeline stages),
+builds the engine's optimizer and runs one ``optimizer.step()`` on meta gradients so AdamW
+allocates its real state. Nothing is materialised: the byte counts are the local shard shapes the
+rank would hold on its GPU.
+
+What is measured and what is computed:
+
+- ``params_bytes``, ``grads_bytes``, ``optimizer_bytes``: *measured* from the rank's local
+  tensors (``DTensor.to_local()`` shapes x element sizes) after parallelising and one optimizer
+  step; gradients are the sharded ones FSDP2 keeps (same dtype and shape as the sharded params).
+- ``fsdp_buffers_bytes``: *computed* from the measured FSDP units: the unsharded compute-dtype
+  copy of the largest unit twice (the current one and the prefetched next), or of every unit when
+  parameters stay unsharded between forward and backward (``reshard_after_forward=False``).
+- ``activations_bytes``: *computed* with the planner's per-layer formula
+  (:func:`r1zero.sizing.activation_bytes_per_layer`: Korthikanti et al. 2022, with the configured
+  micro-batch, sequence length, tensor/sequence parallelism and activation checkpointing), times
+  the layers this rank holds and the micro-batches 1F1B keeps in flight on it. Running the
+  forward is not possible here: FSDP2 refuses meta parameters, and the MoE dispatch needs real
+  routing counts.
+
+The fake process group is global state, hence one process per rank. The layout checks
+(:func:`layout_problems`) are shared with ``r1zero validate`` (rendered jobs) and run before
+any process starts; a layout that does not divide or does not fit is a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from r1zero.errors import UserError
+
+STAGES = ("pretrain",)  # "grpo" (policy + reference + rollout buffers) is issue 16
+
+
+# ---------------------------------------------------------------------------------------------
+# layout checks (shared with r1zero validate)
+
+
+def world_size_of(cfg) -> int:
+    """World size the config's cluster section launches: nodes x processes per node."""
+    c = cfg.cluster
+    per_node = c.gpus_per_node if c.gpu != "cpu" and c.gpus_per_node else c.procs_per_node
+    return c.nodes * per_node
+
+
+def layout_problems(cfg, world_size: int) -> list[str]:
+    """Every divisibility constraint the config's layout violates at ``world_size``, one phrase each.
+
+    Heads, kv-heads, expert width, layers, experts and world size come from the engine's own
+    :class:`~r1zero.train.parallel_dims.ParallelDims` checks; the batch checks are added here:
+    ``cluster.global_batch`` must equal ``micro_batch x grad_accum x dp`` (sequences per step).
+    """
+    from r1zero.train.parallel_dims import ParallelDims
+
+    p, pre = cfg.parallel, cfg.pretrain
+    dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, world_size=world_size)
+    out = dims.problems(cfg.model, grad_accum=pre.grad_accum)
+    per_step = pre.micro_batch * pre.grad_accum * p.dp
+    if cfg.cluster.gpu != "cpu" and per_step != cfg.cluster.global_batch:
+        out.append(f"cluster.global_batch({cfg.cluster.global_batch}) != pretrain.micro_batch({pre.micro_batch})"
+                   f" * pretrain.grad_accum({pre.grad_accum}) * dp({p.dp}) = {per_step}")
+    return out
+
+
+def check_layout(cfg, world_size: int) -> None:
+    """Raise a one-line UserError naming every violated layout constraint."""
+    errs = layout_problems(cfg, world_size)
+    if errs:
+        p = cfg.parallel
+        raise UserError(f"layout dp={p.dp} tp={p.tp} pp={p.pp} ep={p.ep} at world size {world_size} does not divide: "
+                        + "; ".join(errs))
+
+
+def default_ranks(cfg, world_size: int) -> list[int]:
+    """One rank per distinct shape: the first rank of every pipeline stage (pp is the outermost
+    mesh dimension, so stage s starts at s x world/pp); other coordinates hold equal shapes."""
+    pp = cfg.parallel.pp
+    return sorted({s * (world_size // pp) for s in range(pp)})
+
+
+# ---------------------------------------------------------------------------------------------
+# one rank (runs inside its own process)
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _nbytes(t) -> int:
+    loc = _local(t)
+    return loc.numel() * loc.element_size()
+
+
+def _unique(tensors):
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def count_state_bytes(modules, optimizer) -> dict[str, int]:
+    """Local bytes of parameters, their gradients and the optimizer state (tensors only)."""
+    params = _unique(p for m in modules for p in m.parameters())
+    buffers = _unique(b for m in modules for b in m.buffers())
+    opt = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if hasattr(v, "numel") and v.dim() > 0:  # AdamW's scalar step counters are not state bytes
+                opt += _nbytes(v)
+    return {
+        "params_bytes": sum(_nbytes(p) for p in params),
+        "grads_bytes": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+        "optimizer_bytes": opt,
+        "buffers_bytes": sum(_nbytes(b) for b in buffers),
+    }
+
+
+def fsdp_buffer_bytes(modules) -> int:
+    """Unsharded bytes FSDP2 all-gathers (compute dtype, tp-local shapes): every unit that stays
+    gathered between forward and backward (``reshard_after_forward=False``, and the root), plus,
+    for resharding units, twice the largest decoder block (the current one and the prefetched
+    next; a block = its own unit + its experts' unit)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from r1zero.model.modeling import DecoderLayer
+
+    def unit_bytes(m) -> tuple[int, bool]:
+        group = m._get_fsdp_state()._fsdp_param_group
+        if group is None:
+            return 0, False
+        dtype = group.mp_policy.param_dtype
+        total = 0
+        for fp in group.fsdp_params:
+            size = (dtype or fp.sharded_param.dtype).itemsize
+            total += fp._orig_size.numel() * size
+        return total, group.post_forward_mesh_info is None
+
+    held, blocks = 0, []
+    for root in modules:
+        in_blocks = set()
+        for m in root.modules():
+            if isinstance(m, DecoderLayer):
+                units = [unit_bytes(u) for u in m.modules() if isinstance(u, FSDPModule)]
+                in_blocks.update(id(u) for u in m.modules())
+                kept = sum(b for b, keep in units if keep)
+                held += kept
+                blocks.append(sum(b for b, keep in units if not keep))
+        for m in root.modules():
+            if isinstance(m, FSDPModule) and id(m) not in in_blocks:
+                held += unit_bytes(m)[0]  # the root stays gathered from its forward to its backward
+    return held + 2 * max(blocks, default=0)
+
+
+def rank_layers(modules) -> int:
+    """Decoder layers this rank holds (pipeline stages keep a subset)."""
+    from r1zero.model.modeling import DecoderLayer
+
+    return sum(1 for root in modules for m in root.modules() if isinstance(m, DecoderLayer))
+
+
+def activation_bytes(cfg, layers: int, stage_index: int, holds_logits: bool) -> int:
+    """Stored activations of this rank (computed; see the module docstring)."""
+    from r1zero.sizing import activation_bytes_per_layer
+    from r1zero.sizing_cli import spec_from_config
+
+    spec = spec_from_config(cfg)
+    p, pre = cfg.parallel, cfg.pretrain
+    recompute = "full" if pre.activation_checkpointing else "none"
+    sp = p.tp > 1
+    # 1F1B: stage i keeps (pp - i) micro-batches in flight (Narayanan et al. 2021 sec. 2.2).
+    in_flight = min(p.pp - stage_index, pre.grad_accum) if p.pp > 1 else 1
+    # routed experts run on the tp-gathered sequence (r1zero.train.parallelize): not split over tp
+    act = activation_bytes_per_layer(spec, pre.micro_batch, p.tp, recompute, sp, False) * layers * in_flight
+    if recompute == "full" and layers:  # the layer being recomputed holds its full activations once
+        act += activation_bytes_per_layer(spec, pre.micro_batch, p.tp, "none", sp, False)
+    if holds_logits:  # compute-dtype logits, their fp32 copy and cross_entropy's fp32 log-softmax
+        low = 4 if cfg.pretrain.precision == "fp32" else 2
+        act += pre.seq_len * pre.micro_batch * cfg.model.vocab_size / p.tp * (low + 8)
+    return int(act)
+
+
+def _optimizer(pm, cfg):
+    """The engine's optimizer when it exposes a builder, else AdamW over the trainable parameters
+    (same state per element: exp_avg and exp_avg_sq)."""
+    import torch
+
+    try:
+        from r1zero.train import engine
+    except ImportError:
+        engine = None
+    build = getattr(engine, "build_optimizer", None)
+    if build is not None:
+        return build(pm.model, cfg.pretrain)
+    return torch.optim.AdamW(_unique(p for p in pm.model.parameters() if p.requires_grad), lr=cfg.pretrain.lr)
+
+
+def measure_rank(cfg, rank: int, world_size: int, stage: str = "pretrain") -> dict:
+    """Bytes one rank holds, measured under the fake process group on the meta device."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from r1zero.train import parallelize as P
+    from r1zero.train.parallel_dims import ParallelDims
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size=world_size,
+                                        grad_accum=cfg.pretrain.grad_accum)
+        mesh = P.build_mesh(dims, "cpu")
+        pm = P.parallelize(P.build_meta_model(cfg), mesh, cfg)
+        modules = [pm.model]
+        optimizer = _optimizer(pm, cfg)
+        for m in modules:
+            for prm in m.parameters():
+                if prm.requires_grad:
+                    prm.grad = torch.zeros_like(prm)
+        optimizer.step()  # AdamW allocates exp_avg / exp_avg_sq (meta) on its first step
+        out = count_state_bytes(modules, optimizer)
+        out["fsdp_buffers_bytes"] = fsdp_buffer_bytes(modules) if pm.fsdp else 0
+        stage_index = pm.pp_rank
+        holds_logits = pm.last
+        out["layers"] = rank_layers(modules)
+        out["activations_bytes"] = activation_bytes(cfg, out["layers"], stage_index, holds_logits)
+        out["total_bytes"] = sum(out[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes",
+                                                  "fsdp_buffers_bytes", "activations_bytes"))
+        return {"rank": rank, "pp_stage": stage_index, **out}
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration
+
+
+def _run_rank(cfg, rank: int, world_size: int, stage: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    payload = json.dumps({"config": cfg.to_dict(), "rank": rank, "world_size": world_size, "stage": stage})
+    proc = subprocess.run([sys.executable, "-m", "r1zero.train.dryrun"], input=payload, capture_output=True,
+                          text=True, env=env, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"dry run of rank {rank} failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def dry_run(cfg, ranks: list[int] | None = None, stage: str = "pretrain", world_size: int | None = None,
+            gpu: str | None = None, headroom: float = 0.10) -> dict:
+    """The ``r1zero plan --dry-run --json`` object (see the module docstring)."""
+    from r1zero.sizing import GPUS, usable_bytes
+    from r1zero.sizing_cli import planner_layout_bytes
+
+    if stage not in STAGES:
+        raise UserError(f"--stage {stage}: the dry run supports {', '.join(STAGES)} (grpo: issue 16)")
+    world = world_size or world_size_of(cfg)
+    check_layout(cfg, world)
+    ranks = default_ranks(cfg, world) if not ranks else sorted(set(ranks))
+    bad = [r for r in ranks if not 0 <= r < world]
+    if bad:
+        raise UserError(f"--ranks {','.join(map(str, bad))}: outside the world of {world} ranks")
+    gpu_name = gpu or cfg.cluster.gpu
+    if gpu_name not in GPUS:
+        raise UserError(f"the dry run sizes a GPU: pass --gpu {'|'.join(GPUS)} (config cluster.gpu is {gpu_name!r})")
+    from r1zero.progress import progress
+
+    # two ranks at a time: each process is mostly interpreter and import time on one core
+    with ThreadPoolExecutor(max_workers=min(2, len(ranks))) as pool:
+        futures = [pool.submit(_run_rank, cfg, r, world, stage) for r in ranks]
+        results = [f.result() for f in progress(futures, desc="dry run: ranks", unit="rank")]
+    planner = planner_layout_bytes(cfg)
+    device = GPUS[gpu_name].hbm_gb * 1e9
+    usable = usable_bytes(GPUS[gpu_name], headroom)
+    largest = max(results, key=lambda x: x["total_bytes"])
+    return {
+        "world_size": world, "stage": stage, "gpu": gpu_name,
+        "ranks": results,
+        "planner_total_bytes": planner["total"], "planner_states_bytes": planner["states"],
+        "device_bytes": int(device), "usable_bytes": int(usable), "headroom": headroom,
+        "fits": largest["total_bytes"] <= usable,
+        "activations": "computed (Korthikanti et al. 2022 per-layer formula x layers x 1F1B in-flight micro-batches)",
+    }
+
+
+def refuse_if_not_fitting(result: dict) -> None:
+    """One-line UserError when the largest rank does not fit the usable device memory."""
+    if not result["fits"]:
+        worst = max(result["ranks"], key=lambda x: x["total_bytes"])
+        raise UserError(f"layout does not fit: rank {worst['rank']} needs {worst['total_bytes'] / 1e9:.1f} GB > "
+                        f"{result['usable_bytes'] / 1e9:.1f} GB usable of {result['device_bytes'] / 1e9:.0f} GB "
+                        f"({result['gpu']}, {result['headroom']:.0%} headroom)")
+
+
+def _child_main() -> int:
+    from r1zero.config import build_config
+
+    req = json.loads(sys.stdin.read())
+    try:
+        out = measure_rank(build_config(req["config"]), req["rank"], req["world_size"], req["stage"])
+    except UserError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
