@@ -326,7 +326,29 @@ class ClusterConfig(_Section):
     # DataLoader workers (the container runtime default is 64 MiB).
     shm_size: str = "16Gi"
     rdma_resource: str | None = None  # e.g. rdma/rdma_shared_device_a (k8s-rdma-shared-dev-plugin)
+    # With rdma_resource: NCCL_IB_HCA (NCCL prefix match: "mlx5" = every mlx5_* HCA) and, for RoCE,
+    # NCCL_IB_GID_INDEX (3 = RoCE v2 on most NICs; None = InfiniBand, NCCL picks).
+    ib_hca: str = "mlx5"
+    ib_gid_index: int | None = Field(None, ge=0)
     scheduler_name: str | None = None  # e.g. volcano: gang scheduling via the operator's PodGroup
+    # All-or-nothing start of a job's pods (128 x 8 GPUs must not hold 127 nodes idle):
+    # kueue = queue label (cluster.queue) and Kueue admits the whole workload; volcano /
+    # coscheduling (scheduler-plugins) = schedulerName + the operator's PodGroup (minAvailable).
+    gang: Literal["none", "kueue", "volcano", "coscheduling"] = "none"
+    # Per-pod scratch (S3 download cache + checkpoint staging): a generic ephemeral volume; None =
+    # sized from the model (r1zero.cluster.render.scratch_size); storage class None = default.
+    scratch_size: str | None = None
+    storage_class: str | None = None
+    # The service account KFP runs pipeline pods under (standalone: pipeline-runner in kubeflow;
+    # multi-user: default-editor in the profile namespace); bound to the launcher Role.
+    kfp_service_account: str = "pipeline-runner"
+    kfp_namespace: str = "kubeflow"
+    # Name of a Kubernetes Secret (key "token") with a KFP bearer token for the retraining
+    # CronJob; None = the projected service-account token (audience pipelines.kubeflow.org) only.
+    kfp_token_ref: str | None = None
+    # Egress of training pods besides DNS and peers: the object store's CIDRs and port.
+    s3_cidrs: list[str] = ["0.0.0.0/0"]
+    s3_port: int = Field(443, ge=1, le=65535)
     backoff_limit: int = Field(3, ge=0)
     ttl_seconds_after_finished: int = Field(86400, ge=0)
     active_deadline_seconds: int | None = Field(None, ge=1)
@@ -336,6 +358,12 @@ class ClusterConfig(_Section):
     git_repo: str = "https://github.com/r1zero/r1zero.git"  # Argo CD source of manifests/
     # Model registry of the promotion gate; scheduled retraining warm-starts from its champion.
     registry_uri: str = "s3://r1zero/registry"
+
+    @model_validator(mode="after")
+    def _gang_needs_queue(self) -> ClusterConfig:
+        if self.gang == "kueue" and not self.queue:
+            raise ValueError("cluster.gang kueue needs cluster.queue (the Kueue LocalQueue name)")
+        return self
 
 
 class TelemetryConfig(_Section):

@@ -6,7 +6,7 @@
 Cluster (:func:`launch_cluster`): creates the manifest's ConfigMaps, then the PyTorchJob through
 kubeflow-training's ``TrainingClient``; waits with ``wait_timeout`` (the SDK's ``timeout`` is the
 per-request API timeout, a common mistake in the KFP launcher sample), streams the pods' new log
-lines at every poll, raises :class:`JobFailed` with the conditions and the master's last log
+lines at every poll (incrementally: ``since_seconds`` + timestamps), raises :class:`JobFailed` with the conditions and the master's last log
 lines on Failed, and deletes the job per ``delete``: ``on-success`` (default; a failed job stays
 for inspection), ``always`` or ``never``.
 
@@ -18,13 +18,14 @@ PET_MASTER_ADDR/PORT, WORLD_SIZE (= pods x nprocPerNode), RANK (= node rank), PE
 PET_NNODES, PET_NPROC_PER_NODE. ``<job>-master-0`` resolves to 127.0.0.1 and the master port is
 a free local port. ConfigMap volumes are written to a temp dir and their mount paths rewritten in
 the command, args and env; emptyDir mounts use the local path when it exists and is writable
-(/tmp, /dev/shm), else a temp dir; ``$(VAR)`` references are expanded as the kubelet does; secret
+(/tmp, /dev/shm), else a temp dir; generic ephemeral volumes (the scratch claim) get a temp dir; ``$(VAR)`` references are expanded as the kubelet does; secret
 env vars come from this process's environment when set. Not emulated: restarts/backoff, images
 (the local Python environment stands in for the image), resource limits.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -72,9 +73,25 @@ def find_job(docs: list[dict], kinds=("PyTorchJob", "MPIJob", "TrainJob")) -> di
 # cluster
 
 
-def _log_streamer(client, namespace: str, name: str, out):
-    """A wait callback printing log lines that appeared since the last poll, per pod."""
-    seen: dict[str, int] = {}
+def _log_time(stamp: str) -> tuple[str, int]:
+    """Sortable key of a kubelet RFC3339Nano timestamp (its trailing zeros are trimmed, so plain
+    string order is wrong: ``...:05.1Z`` > ``...:05.12Z``)."""
+    body = stamp.rstrip("Z")
+    whole, _, frac = body.partition(".")
+    return whole, int((frac + "000000000")[:9])
+
+
+def _log_streamer(client, namespace: str, name: str, out, clock=time.time):
+    """A wait callback printing each pod's log lines that appeared since the last poll.
+
+    Incremental: after a pod's first read, each poll asks only for ``since_seconds`` (the time
+    since that pod's previous read, plus one second of overlap) with ``timestamps``; lines at or
+    before the last printed timestamp are the overlap and are skipped. A week-long job's log is
+    thus read once, not once per poll.
+    """
+    last_read: dict[str, float] = {}
+    last_key: dict[str, tuple[str, int]] = {}
+    seen_at_last: dict[str, set[str]] = {}  # lines printed with exactly the last timestamp
 
     def callback(_job) -> None:
         try:
@@ -85,13 +102,25 @@ def _log_streamer(client, namespace: str, name: str, out):
             pname = pod.metadata.name
             if pod.status is None or pod.status.phase == "Pending":
                 continue
+            kwargs = {}
+            if pname in last_read:
+                kwargs["since_seconds"] = max(1, math.ceil(clock() - last_read[pname]) + 1)
+            started = clock()
             try:
-                text = client.core_api.read_namespaced_pod_log(name=pname, namespace=namespace, container="pytorch")
+                text = client.core_api.read_namespaced_pod_log(name=pname, namespace=namespace, container="pytorch",
+                                                               timestamps=True, **kwargs)
             except Exception:  # noqa: BLE001 - a pod that is not ready yet: try next poll
                 continue
-            new = text[seen.get(pname, 0):]
-            seen[pname] = len(text)
-            for line in new.splitlines():
+            last_read[pname] = started
+            for raw in text.splitlines():
+                stamp, _, line = raw.partition(" ")
+                key = _log_time(stamp)
+                prev = last_key.get(pname)
+                if prev is not None and (key < prev or (key == prev and raw in seen_at_last[pname])):
+                    continue
+                if key != prev:
+                    last_key[pname], seen_at_last[pname] = key, set()
+                seen_at_last[pname].add(raw)
                 print(f"[{pname}] {line}", file=out, flush=True)
 
     return callback
@@ -271,8 +300,12 @@ def _pod_plan(job: dict, docs: list[dict], workdir: Path, port: int) -> list[dic
                 if not _writable(m["mountPath"]):
                     local.mkdir(parents=True, exist_ok=True)
                     remap[m["mountPath"]] = str(local)
+            elif "ephemeral" in vol:  # a per-pod volume claim: a fresh directory of this pod
+                local.mkdir(parents=True, exist_ok=True)
+                remap[m["mountPath"]] = str(local)
             else:
-                raise UserError(f"{pod_name}: volume {m['name']!r} type is not emulated locally (configMap, emptyDir)")
+                raise UserError(f"{pod_name}: volume {m['name']!r} type is not emulated locally "
+                                "(configMap, emptyDir, ephemeral)")
 
         rewrite = _rewriter(remap)
         env = operator_env(name, rank, n_pods, nproc, port)

@@ -10,8 +10,15 @@ One job = a ConfigMap holding the resolved config (mounted at ``/etc/r1zero``) +
   PET_NODE_RANK, PET_MASTER_ADDR/PORT, so torchrun needs no topology flags), ``nprocPerNode``;
 - MPIJob ``kubeflow.org/v2beta1`` (mpi-operator): a launcher running DeepSpeed's launcher over
   the hostfile the operator mounts (``/etc/mpi/hostfile``) + workers with ``slotsPerWorker``;
-- TrainJob ``trainer.kubeflow.org/v1alpha1`` (Kubeflow Trainer v2) on the ``torch-distributed``
-  ClusterTrainingRuntime.
+- TrainJob ``trainer.kubeflow.org/v1alpha1`` (Kubeflow Trainer v2, where new operator work
+  happens; the v1 training-operator is in maintenance) on the ``torch-distributed``
+  ClusterTrainingRuntime, with the same env (S3 credentials by secretKeyRef), volumes
+  (config, ``/dev/shm``, scratch) and scheduling as the v1 kinds.
+
+Stages: ``pretrain`` and ``grpo`` (sized: nodes x GPUs), ``eval`` (one GPU pod: at 13B scale the
+model does not fit a CPU launcher pod). Options: RDMA (``cluster.rdma_resource``: the resource,
+IPC_LOCK, ``NCCL_IB_*``), gang scheduling (``cluster.gang``), a generic ephemeral scratch volume
+sized from the model (``scratch_size``) for the S3 cache and checkpoint staging.
 
 Output is deterministic: stable names from the config name and stage, ``sort_keys`` YAML.
 """
@@ -27,11 +34,12 @@ import yaml
 
 from r1zero.errors import UserError
 
-STAGES = ("pretrain", "grpo")
+STAGES = ("pretrain", "grpo", "eval")
 KINDS = ("pytorchjob", "mpijob", "trainjob")
 CONFIG_DIR = "/etc/r1zero"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 LAUNCHER_SA = "r1zero-launcher"
+RUN_AS = 10001  # the one non-root uid/gid of the images and every pod (images/, r1zero/images.py)
 PART_OF = {"app.kubernetes.io/part-of": "r1zero"}
 # GPU Feature Discovery product labels (NVIDIA gpu-feature-discovery, label nvidia.com/gpu.product).
 GPU_PRODUCT = {
@@ -39,6 +47,10 @@ GPU_PRODUCT = {
     "a100-80gb": "NVIDIA-A100-SXM4-80GB",
     "h100-80gb": "NVIDIA-H100-80GB-HBM3",
 }
+SCRATCH_DIR = "/scratch"  # generic ephemeral volume: R1ZERO_CACHE (S3 downloads) + checkpoint staging
+# Gang schedulers' scheduler names: Volcano's default, and scheduler-plugins' second scheduler
+# (as-a-second-scheduler chart, coscheduling plugin).
+GANG_SCHEDULER = {"volcano": "volcano", "coscheduling": "scheduler-plugins-scheduler"}
 PYTORCHJOB_PORT = 23456  # training-operator default `pytorchjob-port` (pytorch_defaults.go)
 # Checkov skips, justified: batch training pods serve no traffic, so probes make no sense; images
 # are pinned by tag in r1zero/images.py (a digest is only known after the registry push).
@@ -67,6 +79,8 @@ def default_uris(cfg, stage: str) -> dict[str, str]:
     uris = {"data": f"{base}/data", "out": f"{base}/{stage}"}
     if stage == "grpo":
         uris["policy"] = f"{base}/pretrain"
+    if stage == "eval":
+        uris["model"] = f"{base}/grpo"
     return uris
 
 
@@ -75,7 +89,33 @@ def stage_args(stage: str, uris: dict[str, str]) -> list[str]:
     args = [stage, "--config", CONFIG_FILE]
     if stage == "grpo":
         args += ["--policy", uris["policy"]]
-    return [*args, "--data", uris["data"], "--out", uris["out"]]
+    if stage == "eval":
+        args += ["--model", uris["model"]]
+    args += ["--data", uris["data"], "--out", uris["out"]]
+    if stage == "eval" and uris.get("baseline"):
+        args += ["--baseline", uris["baseline"]]
+    return args
+
+
+def scratch_size(cfg, stage: str) -> str:
+    """Per-pod scratch: checkpoint staging + the S3 download cache, sized from the model.
+
+    Staging holds one checkpoint's share of this node: 16 B/param (bf16 weights 2 + fp32 master
+    4 + Adam m and v 8 + 2 spare; ZeRO paper, mixed-precision Adam), split over the nodes when
+    ZeRO shards the optimizer (stage >= 1), whole otherwise. The cache holds the bf16 weights the
+    stage downloads (2 B/param: the GRPO policy, the evaluated model) plus 1 GiB of data. 25%
+    headroom, rounded up to whole GiB, at least 2 GiB.
+    """
+    if cfg.cluster.scratch_size:
+        return cfg.cluster.scratch_size
+    from r1zero.sizing_cli import spec_from_config
+
+    params = spec_from_config(cfg).total_params()
+    shards = cfg.cluster.nodes if cfg.parallel.zero_stage >= 1 else 1
+    staging = 0 if stage == "eval" else 16 * params / shards
+    cache = 2 * params + 2**30
+    gib = -(-int(1.25 * (staging + cache)) // 2**30)
+    return f"{max(2, gib)}Gi"
 
 
 class _Dumper(yaml.SafeDumper):
@@ -132,25 +172,78 @@ def container_env(cfg, stage: str) -> list[dict]:
         {"name": "R1ZERO_CONFIG", "value": CONFIG_FILE},
         {"name": "R1ZERO_STAGE", "value": stage},
         {"name": "R1ZERO_PROGRESS", "value": "0"},
+        # HOME on the small /tmp emptyDir; the S3 cache and checkpoint staging on the scratch volume
         {"name": "HOME", "value": "/tmp"},
-        {"name": "AWS_ACCESS_KEY_ID",
-         "valueFrom": {"secretKeyRef": {"name": c.s3_secret, "key": "AWS_ACCESS_KEY_ID", "optional": True}}},
-        {"name": "AWS_SECRET_ACCESS_KEY",
-         "valueFrom": {"secretKeyRef": {"name": c.s3_secret, "key": "AWS_SECRET_ACCESS_KEY", "optional": True}}},
+        {"name": "R1ZERO_CACHE", "value": f"{SCRATCH_DIR}/cache"},
+        *s3_secret_env(cfg),
     ]
     if cfg.store.endpoint_url:
         env.append({"name": "R1ZERO_S3_ENDPOINT", "value": cfg.store.endpoint_url})
     if _gpu(cfg):
-        # NCCL: surface init problems, fail fast on hangs (torch >= 2.2 name), use IB when present.
+        # NCCL: surface init problems, fail fast on hangs (torch >= 2.2 name); bootstrap over eth0.
         env += [
             {"name": "NCCL_DEBUG", "value": "WARN"},
             {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
-            {"name": "NCCL_IB_DISABLE", "value": "0" if c.rdma_resource else "1"},
             {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
         ]
+        if c.rdma_resource:  # RDMA: NCCL uses the IB/RoCE HCAs the device plugin hands the pod
+            env += [{"name": "NCCL_IB_DISABLE", "value": "0"}, {"name": "NCCL_IB_HCA", "value": c.ib_hca}]
+            if c.ib_gid_index is not None:
+                env.append({"name": "NCCL_IB_GID_INDEX", "value": str(c.ib_gid_index)})
+        else:  # no RDMA resource in the pod: NCCL would probe absent HCAs
+            env.append({"name": "NCCL_IB_DISABLE", "value": "1"})
     else:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
     return env
+
+
+def s3_secret_env(cfg) -> list[dict]:
+    """The S3 Secret's keys as env (the same keys the pipeline IR maps: docs/cluster.md)."""
+    keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    if not cfg.store.endpoint_url:  # the endpoint then comes from the Secret
+        keys.append("R1ZERO_S3_ENDPOINT")
+    return [{"name": k, "valueFrom": {"secretKeyRef": {"name": cfg.cluster.s3_secret, "key": k, "optional": True}}}
+            for k in keys]
+
+
+def security_context(cfg) -> dict:
+    """Container securityContext: non-root, read-only root, no capabilities; RDMA adds IPC_LOCK
+    (verbs pin memory: ibv_reg_mr needs an unlimited memlock)."""
+    caps: dict = {"drop": ["ALL"]}
+    if _gpu(cfg) and cfg.cluster.rdma_resource:
+        caps["add"] = ["IPC_LOCK"]
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "capabilities": caps,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def pod_volumes(cfg, stage: str, cm_name: str) -> list[dict]:
+    """config (ConfigMap), /dev/shm (memory), /tmp (HOME, small) and the scratch ephemeral volume."""
+    c = cfg.cluster
+    claim = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": scratch_size(cfg, stage)}}}
+    if c.storage_class:
+        claim["storageClassName"] = c.storage_class
+    return [
+        {"name": "config", "configMap": {"name": cm_name}},
+        # NCCL and DataLoader workers need a large /dev/shm; the container default is 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": c.shm_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        # generic ephemeral volume: provisioned with the pod, deleted with it, sized from the model
+        {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {
+            "metadata": {"labels": dict(PART_OF)}, "spec": claim}}},
+    ]
+
+
+VOLUME_MOUNTS = [
+    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+    {"name": "dshm", "mountPath": "/dev/shm"},
+    {"name": "tmp", "mountPath": "/tmp"},
+    {"name": "scratch", "mountPath": SCRATCH_DIR},
+]
+
+
+def gang_scheduler_name(cfg) -> str | None:
+    return GANG_SCHEDULER.get(cfg.cluster.gang) or cfg.cluster.scheduler_name
 
 
 def _ports(cfg) -> list[dict]:
@@ -175,36 +268,20 @@ def pod_template(cfg, stage: str, container_name: str, command: list[str], args:
         "env": container_env(cfg, stage),
         "resources": res or resources(cfg),
         "ports": ports,
-        "securityContext": {
-            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-            "runAsUser": 10001, "runAsGroup": 10001, "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": "/tmp"},
-            *extra_mounts,
-        ],
+        "securityContext": security_context(cfg),
+        "volumeMounts": [*VOLUME_MOUNTS, *extra_mounts],
     }
     spec = {
         "automountServiceAccountToken": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": cm_name}},
-            # NCCL and DataLoader workers need a large /dev/shm; the container default is 64 MiB.
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": c.shm_size}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi" if _gpu(cfg) else "2Gi"}},
-            *extra_volumes,
-        ],
+        "volumes": [*pod_volumes(cfg, stage, cm_name), *extra_volumes],
     }
     if _gpu(cfg):
-        spec["nodeSelector"] = {"nvidia.com/gpu.product": GPU_PRODUCT[c.gpu]}
-        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    if c.scheduler_name:
-        spec["schedulerName"] = c.scheduler_name
+        spec.update(gpu_placement(cfg))
+    if gang_scheduler_name(cfg):
+        spec["schedulerName"] = gang_scheduler_name(cfg)
     if c.priority_class:
         spec["priorityClassName"] = c.priority_class
     labels = {**PART_OF, "app.kubernetes.io/component": stage, "r1zero/run": dns1035(cfg.name)}
@@ -217,14 +294,20 @@ def pod_template(cfg, stage: str, container_name: str, command: list[str], args:
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": spec}
 
 
+def gpu_placement(cfg) -> dict:
+    return {"nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[cfg.cluster.gpu]},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+
+
 def run_policy(cfg) -> dict:
     c = cfg.cluster
     rp = {"cleanPodPolicy": "Running", "backoffLimit": c.backoff_limit,
           "ttlSecondsAfterFinished": c.ttl_seconds_after_finished}
     if c.active_deadline_seconds:
         rp["activeDeadlineSeconds"] = c.active_deadline_seconds
-    if c.scheduler_name or c.queue or c.priority_class:
-        # Gang scheduling: the operator creates a PodGroup needing every pod (--gang-scheduler-name).
+    if c.gang in GANG_SCHEDULER or c.scheduler_name:
+        # Gang scheduling: the operator creates a PodGroup needing every pod (--gang-scheduler-name
+        # volcano or scheduler-plugins). Kueue instead admits the whole job by its queue label.
         sp = {"minAvailable": c.nodes}
         if c.queue:
             sp["queue"] = c.queue
@@ -234,16 +317,22 @@ def run_policy(cfg) -> dict:
     return rp
 
 
+def kueue_labels(cfg) -> dict:
+    """Kueue's queue label: Kueue suspends the job until the whole workload (every pod) fits."""
+    c = cfg.cluster
+    return {"kueue.x-k8s.io/queue-name": c.queue} if c.queue and c.gang in ("kueue", "none") else {}
+
+
 def _job_meta(cfg, stage: str, name: str, uris: dict[str, str]) -> dict:
     labels = {**PART_OF, "app.kubernetes.io/component": stage, "r1zero/run": dns1035(cfg.name)}
-    if cfg.cluster.queue:
-        labels["kueue.x-k8s.io/queue-name"] = cfg.cluster.queue
+    labels.update(kueue_labels(cfg))
     # Checkpoints live under the stage output (the trainers' default <out>/checkpoints unless the
     # config names another URI); a restarted pod resumes from the newest complete one.
-    ckpt = (cfg.pretrain.checkpoint_uri if stage == "pretrain" else None) or f"{uris['out'].rstrip('/')}/checkpoints"
-    return {"name": name, "namespace": cfg.cluster.namespace, "labels": labels,
-            "annotations": {"r1zero/config-hash": config_hash(cfg)[:16], "r1zero/checkpoints": ckpt,
-                            "r1zero/output": uris["out"]}}
+    annotations = {"r1zero/config-hash": config_hash(cfg)[:16], "r1zero/output": uris["out"]}
+    if stage != "eval":
+        annotations["r1zero/checkpoints"] = ((cfg.pretrain.checkpoint_uri if stage == "pretrain" else None)
+                                             or f"{uris['out'].rstrip('/')}/checkpoints")
+    return {"name": name, "namespace": cfg.cluster.namespace, "labels": labels, "annotations": annotations}
 
 
 def render_pytorchjob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict:
@@ -297,27 +386,33 @@ def render_mpijob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict:
 
 
 def render_trainjob(cfg, stage: str, uris: dict[str, str], cm_name: str) -> dict:
+    """TrainJob on the ``torch-distributed`` ClusterTrainingRuntime. The runtime owns the pod
+    template (securityContext, PET_* env); the job overrides what r1zero needs: env with the S3
+    Secret, and, through ``podSpecOverrides`` on the runtime's ``node`` job and container, the
+    config, ``/dev/shm``, ``/tmp`` and scratch volumes and the GPU placement."""
     c = cfg.cluster
     name = job_name(cfg, stage)
-    res = resources(cfg)
+    override = {"targetJobs": [{"name": "node"}], "volumes": pod_volumes(cfg, stage, cm_name),
+                "containers": [{"name": "node", "volumeMounts": [dict(m) for m in VOLUME_MOUNTS]}]}
+    if _gpu(cfg):
+        override.update(gpu_placement(cfg))
+    meta = _job_meta(cfg, stage, name, uris)
+    if c.gang in GANG_SCHEDULER:
+        raise UserError(f"cluster.gang {c.gang}: a TrainJob's PodGroup comes from its runtime's podGroupPolicy; "
+                        "use cluster.gang kueue (or none) with --kind trainjob")
     return {
-        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": _job_meta(cfg, stage, name, uris),
+        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": meta,
         "spec": {
             "runtimeRef": {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
                            "kind": "ClusterTrainingRuntime"},
             "trainer": {
                 "image": c.image, "command": ["torchrun"], "args": ["-m", "r1zero.cli", *stage_args(stage, uris)],
                 "numNodes": c.nodes, "numProcPerNode": c.gpus_per_node if _gpu(cfg) else c.procs_per_node,
-                "resourcesPerNode": res,
-                "env": [e for e in container_env(cfg, stage) if "valueFrom" not in e],
+                "resourcesPerNode": resources(cfg),
+                "env": container_env(cfg, stage),
             },
             # The torch-distributed runtime's replicated job and container are both named "node".
-            "podSpecOverrides": [{
-                "targetJobs": [{"name": "node"}],
-                "volumes": [{"name": "config", "configMap": {"name": cm_name}}],
-                "containers": [{"name": "node",
-                                "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]}],
-            }],
+            "podSpecOverrides": [override],
         },
     }
 
@@ -350,6 +445,12 @@ def render_stage(cfg, stage: str, kind: str, uris: dict[str, str] | None = None)
         raise UserError(f"cluster.gpu {cfg.cluster.gpu!r} has no GPU product label")
     if cfg.cluster.gpu != "cpu" and cfg.cluster.gpus_per_node == 0:
         raise UserError(f"cluster.gpu is {cfg.cluster.gpu} but cluster.gpus_per_node is 0")
+    if stage == "eval":  # one process on one GPU (or one CPU pod): evaluation is not distributed
+        cfg = cfg.model_copy(deep=True)
+        cfg.cluster.nodes, cfg.cluster.procs_per_node = 1, 1
+        cfg.cluster.gpus_per_node = min(cfg.cluster.gpus_per_node, 1)
+        cfg.cluster.elastic_max_nodes = None
+        cfg.parallel.dp = cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.ep = 1
     cfg = fit_parallel(cfg)
     uris = {**default_uris(cfg, stage), **(uris or {})}
     cm_name = f"{job_name(cfg, stage)}-config-{config_hash(cfg)[:8]}"

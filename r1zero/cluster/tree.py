@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 from r1zero.cluster.render import (
     CHECKOV_SKIPS,
@@ -29,6 +30,7 @@ from r1zero.cluster.render import (
     KINDS,
     LAUNCHER_SA,
     PART_OF,
+    RUN_AS,
     STAGES,
     config_yaml,
     dump_yaml,
@@ -39,6 +41,11 @@ from r1zero.images import REGISTRY, TAG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_CM = "r1zero-config"
+RETRAIN_SA = "r1zero-retrain"
+# KFP's in-cluster auth: a projected service-account token with this audience at this path
+# (kfp.client.ServiceAccountTokenVolumeCredentials; KFP docs "Connect the SDK to the API").
+KFP_TOKEN_DIR = "/var/run/secrets/kubeflow/pipelines"
+KFP_AUDIENCE = "pipelines.kubeflow.org"
 OVERLAYS = {  # overlay -> (preset, overrides)
     "dev-cpu": ("configs/tiny.yaml", []),
     "a100-40gb": ("configs/a100-13b.yaml", ["cluster.gpu=a100-40gb"]),
@@ -81,9 +88,15 @@ def _wave(obj: dict, wave: int) -> dict:
 
 
 def namespace(cfg) -> dict:
+    """Pod Security Admission: restricted, except that RDMA pods add IPC_LOCK, which only the
+    privileged level admits (restricted and baseline allow no such capability); warn/audit then
+    still report against restricted."""
+    level = "privileged" if cfg.cluster.rdma_resource and cfg.cluster.gpu != "cpu" else "restricted"
     return _wave({"apiVersion": "v1", "kind": "Namespace",
                   "metadata": {"name": cfg.cluster.namespace, "labels": {
-                      **PART_OF, "pod-security.kubernetes.io/enforce": "restricted"}}}, -1)
+                      **PART_OF, "pod-security.kubernetes.io/enforce": level,
+                      "pod-security.kubernetes.io/warn": "restricted",
+                      "pod-security.kubernetes.io/audit": "restricted"}}}, -1)
 
 
 def rbac(cfg) -> list[dict]:
@@ -103,33 +116,75 @@ def rbac(cfg) -> list[dict]:
         # the job's config ConfigMap (an existing one, HTTP 409, is reused as is)
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
     ]
+    c = cfg.cluster
+    # KFP runs the pipeline's pods (the launcher steps among them) under its runner service
+    # account in its own namespace; binding it here is what lets `create_job` succeed (no 403).
+    subjects = [{"kind": "ServiceAccount", "name": LAUNCHER_SA, "namespace": ns},
+                {"kind": "ServiceAccount", "name": c.kfp_service_account, "namespace": c.kfp_namespace}]
     return [_wave(o, 0) for o in (
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": LAUNCHER_SA, **meta},
          "automountServiceAccountToken": True},
+        # the retraining CronJob's identity toward KFP (a projected token, no Kubernetes API access)
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": RETRAIN_SA, **meta},
+         "automountServiceAccountToken": False},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": LAUNCHER_SA, **meta},
          "rules": rules},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": LAUNCHER_SA, **meta},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": LAUNCHER_SA},
-         "subjects": [{"kind": "ServiceAccount", "name": LAUNCHER_SA, "namespace": ns}]},
+         "subjects": subjects},
     )]
 
 
-def network_policy(cfg) -> dict:
-    """Pods of the namespace talk to each other (NCCL, rendezvous) and Prometheus scrapes them;
-    egress stays open (object store, KFP API, image registry)."""
-    return _wave({
+TRAINING_COMPONENTS = ["pretrain", "grpo", "eval"]
+DNS_EGRESS = {  # kube-dns / CoreDNS in kube-system
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}
+
+
+def network_policies(cfg) -> list[dict]:
+    """Training pods: ingress from their peers and Prometheus; egress only to peers (NCCL,
+    rendezvous, ssh), DNS and the object store (``cluster.s3_cidrs`` on ``cluster.s3_port``).
+    The retraining CronJob: no ingress; egress to DNS and the KFP API only. Other pods of the
+    namespace (the sandbox) get their own policies."""
+    c = cfg.cluster
+    meta = {"namespace": c.namespace, "labels": dict(PART_OF)}
+    kfp_port = urlparse(c.kfp_host).port or (443 if c.kfp_host.startswith("https") else 80)
+    training = {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "r1zero-training", "namespace": cfg.cluster.namespace, "labels": dict(PART_OF)},
+        "metadata": {"name": "r1zero-training", **meta},
         "spec": {
-            "podSelector": {},
+            "podSelector": {"matchLabels": dict(PART_OF), "matchExpressions": [
+                {"key": "app.kubernetes.io/component", "operator": "In", "values": TRAINING_COMPONENTS}]},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [{"from": [
                 {"podSelector": {}},
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
             ]}],
-            "egress": [{}],
+            "egress": [
+                {"to": [{"podSelector": {}}]},
+                DNS_EGRESS,
+                {"to": [{"ipBlock": {"cidr": cidr}} for cidr in c.s3_cidrs],
+                 "ports": [{"protocol": "TCP", "port": c.s3_port}]},
+            ],
         },
-    }, 0)
+    }
+    retrain = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "r1zero-retrain", **meta},
+        "spec": {
+            "podSelector": {"matchLabels": {**PART_OF, "app.kubernetes.io/component": "retrain"}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],
+            "egress": [
+                DNS_EGRESS,
+                {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": c.kfp_namespace}}}],
+                 "ports": [{"protocol": "TCP", "port": kfp_port}]},
+            ],
+        },
+    }
+    return [_wave(training, 0), _wave(retrain, 0)]
 
 
 def config_configmap(cfg) -> dict:
@@ -139,33 +194,43 @@ def config_configmap(cfg) -> dict:
 
 
 def retrain_cronjob(cfg) -> dict:
-    """Scheduled retraining: submits the compiled pipeline (baked into the runtime image) to KFP."""
+    """Scheduled retraining: submits the compiled pipeline to KFP. The pipeline is package data of
+    the runtime image (``pipelines/r1zero_pipeline.yaml``, the submit command's default
+    ``--package``). Auth: the projected service-account token at the path KFP's SDK reads by
+    default (``ServiceAccountTokenVolumeCredentials``) and, with ``cluster.kfp_token_ref``, a
+    bearer token from that Secret's ``token`` key (``KFP_TOKEN``)."""
     c = cfg.cluster
     res = {"cpu": "250m", "memory": "512Mi"}
+    env = [{"name": "KFP_HOST", "valueFrom": {"configMapKeyRef": {"name": CONFIG_CM, "key": "KFP_HOST"}}},
+           {"name": "HOME", "value": "/tmp"}]
+    if c.kfp_token_ref:
+        env.append({"name": "KFP_TOKEN", "valueFrom": {"secretKeyRef": {"name": c.kfp_token_ref, "key": "token"}}})
     container = {
         "name": "submit", "image": c.runtime_image, "imagePullPolicy": "Always",
         "command": ["r1zero"],
         "args": ["pipeline", "submit", "--host", "$(KFP_HOST)", "--config", f"{CONFIG_DIR}/config.yaml",
                  "--experiment", "scheduled-retraining", "--registry", c.registry_uri, "--warm-start"],
-        "env": [{"name": "KFP_HOST", "valueFrom": {"configMapKeyRef": {"name": CONFIG_CM, "key": "KFP_HOST"}}},
-                {"name": "HOME", "value": "/tmp"}],
+        "env": env,
         "resources": {"requests": dict(res), "limits": dict(res)},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                            "runAsUser": 10001, "runAsGroup": 10001, "capabilities": {"drop": ["ALL"]},
+                            "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "capabilities": {"drop": ["ALL"]},
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+                         {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "kfp-token", "mountPath": KFP_TOKEN_DIR, "readOnly": True}],
     }
     pod = {
         "metadata": {"labels": {**PART_OF, "app.kubernetes.io/component": "retrain"},
                      "annotations": {"sidecar.istio.io/inject": "false", **CHECKOV_SKIPS}},
         "spec": {
-            "restartPolicy": "Never", "automountServiceAccountToken": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+            "restartPolicy": "Never", "automountServiceAccountToken": False, "serviceAccountName": RETRAIN_SA,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [container],
             "volumes": [{"name": "config", "configMap": {"name": CONFIG_CM}},
-                        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+                        {"name": "kfp-token", "projected": {"sources": [{"serviceAccountToken": {
+                            "path": "token", "audience": KFP_AUDIENCE, "expirationSeconds": 7200}}]}}],
         },
     }
     return _wave({
@@ -192,7 +257,7 @@ def base_files(cfg) -> dict[str, list[dict]]:
     files = {
         "namespace.yaml": [namespace(cfg)],
         "rbac.yaml": rbac(cfg),
-        "networkpolicy.yaml": [network_policy(cfg)],
+        "networkpolicy.yaml": network_policies(cfg),
         "config.yaml": [config_configmap(cfg)],
         "cronjob.yaml": [retrain_cronjob(cfg)],
         "sandbox.yaml": sandbox_objects(cfg),  # the code-reward sandbox service (its own module)
@@ -211,6 +276,11 @@ def overlay_kustomization(base_cfg, cfg) -> dict:
     patches = [_patch({"kind": "ConfigMap", "name": CONFIG_CM},
                       {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": CONFIG_CM},
                        "data": {"config.yaml": config_yaml(cfg)}})]
+    if namespace(cfg) != namespace(base_cfg):  # e.g. RDMA: Pod Security level privileged
+        patches.append(_patch({"kind": "Namespace", "name": base_cfg.cluster.namespace},
+                              {"apiVersion": "v1", "kind": "Namespace",
+                               "metadata": {"name": base_cfg.cluster.namespace,
+                                            "labels": namespace(cfg)["metadata"]["labels"]}}))
     for base_obj, obj in zip(monitoring(base_cfg), monitoring(cfg), strict=True):
         if base_obj != obj:  # replace the preset-dependent monitoring objects whole, keeping base names
             obj = {**obj, "metadata": {**obj["metadata"], "name": base_obj["metadata"]["name"]}}

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -31,6 +34,30 @@ class FakeK8s:
         self.requests: list[tuple[str, str]] = []
         self.gets = 0
         self.crds: list[dict] = []  # served at /apis/apiextensions.k8s.io/v1/customresourcedefinitions
+        self.stamps: list[float] = []  # when each master log line first appeared (the kubelet's timestamp)
+        self.log_queries: list[dict] = []  # query of every pods/log GET
+        self.log_bytes: list[int] = []  # body size of every pods/log answer
+
+    def log_answer(self, query: dict) -> str:
+        """pods/log as the API server answers: ``sinceSeconds`` cuts by the kubelet timestamp,
+        ``timestamps=true`` prefixes each line with its RFC3339Nano time (trailing zeros trimmed)."""
+        lines = self.log_now().splitlines()
+        now = time.time()
+        self.stamps += [now] * (len(lines) - len(self.stamps))
+        since = float(query["sinceSeconds"][0]) if "sinceSeconds" in query else None
+        out = []
+        for line, ts in zip(lines, self.stamps, strict=False):
+            if since is not None and ts < now - since:
+                continue
+            if query.get("timestamps", ["false"])[0] in ("1", "t", "T", "true", "True", "TRUE"):  # Go ParseBool
+                d = datetime.fromtimestamp(ts, UTC)
+                frac = f"{int(ts * 1e9) % 10**9:09d}".rstrip("0")
+                line = d.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z " + line
+            out.append(line + "\n")
+        body = "".join(out)
+        self.log_queries.append(query)
+        self.log_bytes.append(len(body))
+        return body
 
     def job_view(self, name: str) -> dict:
         i = min(self.gets, len(self.conditions) - 1)
@@ -85,7 +112,7 @@ def _handler(state: FakeK8s):
                     return self._send(404, {"kind": "Status", "code": 404})
                 return self._send(200, state.job_view(m.group(2)))
             if (m := PODS.match(self.path)) and m.group(2):
-                return self._send(200, state.log_now(), "text/plain")
+                return self._send(200, state.log_answer(parse_qs(urlparse(self.path).query)), "text/plain")
             if m := PODS.match(self.path):
                 name = next(iter(state.jobs), "job")
                 pod = {"metadata": {"name": f"{name}-master-0", "namespace": m.group(1),

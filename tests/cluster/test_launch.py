@@ -30,9 +30,14 @@ def test_cluster_success_streams_logs_and_deletes(fake_k8s):
     assert [c["metadata"]["name"] for c in state.configmaps] == [_docs()[0]["metadata"]["name"]]
     assert state.deleted == ["tiny-pretrain"]
     text = out.getvalue()
-    # each log line printed once, although every poll re-reads the whole log
+    # each log line printed once, although the polls' windows overlap by a second
     assert text.count("[tiny-pretrain-master-0] step 1 loss 6.1") == 1
+    assert text.count("[tiny-pretrain-master-0] step 2 loss 5.0") == 1
     assert "[tiny-pretrain-master-0] done" in text
+    # incremental: the first read takes the log so far, every later one only a since_seconds window
+    q = state.log_queries
+    assert len(q) >= 2 and all(x["timestamps"][0].lower() == "true" for x in q)
+    assert "sinceSeconds" not in q[0] and all("sinceSeconds" in x for x in q[1:])
     assert ("POST", "/apis/kubeflow.org/v1/namespaces/r1zero/pytorchjobs") in state.requests
     # a re-launch with the same config finds its ConfigMap (409) and goes on
     state2_job = launch_cluster(_docs(), client=client, wait_timeout=5, polling_interval=0.05, out=io.StringIO())
@@ -83,6 +88,25 @@ def test_cluster_refuses_kinds_trainingclient_cannot_create():
     docs = render_stage(load_config("configs/tiny.yaml"), "pretrain", "mpijob")
     with pytest.raises(UserError, match="supports PyTorchJob"):
         launch_cluster(docs, client=object())
+
+
+def test_log_stream_reads_only_new_lines_after_the_first_poll(fake_k8s):
+    """Polls long after a line appeared no longer download it (sinceSeconds cuts it server-side)."""
+    from r1zero.cluster.launch import _log_streamer
+
+    state, conf = fake_k8s([["Created", "Running"]], ["old line\n"])
+    client = make_client("r1zero", client_configuration=conf)
+    state.jobs["tiny-pretrain"] = {"metadata": {"name": "tiny-pretrain"}}
+    out = io.StringIO()
+    t = [1000.0]
+    cb = _log_streamer(client, "r1zero", "tiny-pretrain", out, clock=lambda: t[0])
+    cb(None)  # first read: the whole log so far
+    state.stamps = [s - 3600 for s in state.stamps]  # that line is an hour old now
+    t[0] += 30
+    cb(None)
+    assert state.log_bytes[0] > 0 and state.log_bytes[1] == 0
+    assert state.log_queries[1]["sinceSeconds"] == ["31"]
+    assert out.getvalue().count("old line") == 1
 
 
 def test_expand_vars():

@@ -115,7 +115,7 @@ def test_fit_parallel_and_errors():
     with pytest.raises(UserError, match="not divisible"):
         fit_parallel(load_config(A100, ["cluster.nodes=3", "cluster.gpus_per_node=3"]))
     with pytest.raises(UserError, match="unknown stage"):
-        render_stage(cfg, "eval", "pytorchjob")
+        render_stage(cfg, "sft", "pytorchjob")
     with pytest.raises(UserError, match="gpus_per_node is 0"):
         render_stage(load_config(A100, ["cluster.gpus_per_node=0"]), "pretrain", "pytorchjob")
 
@@ -131,3 +131,107 @@ def test_cli_render(tmp_path, capsys):
     assert main(["render", "--config", TINY, "--stage", "pretrain", "--out", str(tmp_path)]) == 2
     assert "--kind" in capsys.readouterr().err
     assert main(["render", "--config", TINY, "--stage", "pretrain", "--kind", "tfjob", "--out", "-"]) == 2
+
+
+def _env(container) -> dict:
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_rdma_option_adds_resource_ipc_lock_and_nccl_ib():
+    _, _, job = _job(A100, overrides=["cluster.rdma_resource=rdma/ib", "cluster.ib_hca=mlx5_0,mlx5_1",
+                                      "cluster.ib_gid_index=3"])
+    c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["rdma/ib"] == "1" == c["resources"]["requests"]["rdma/ib"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    env = {k: v.get("value") for k, v in _env(c).items()}
+    assert env["NCCL_IB_DISABLE"] == "0" and env["NCCL_IB_HCA"] == "mlx5_0,mlx5_1" and env["NCCL_IB_GID_INDEX"] == "3"
+    # without RDMA: no capability added, IB off (NCCL would probe HCAs the pod does not have)
+    _, _, plain = _job(A100)
+    c = plain["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    env = {k: v.get("value") for k, v in _env(c).items()}
+    assert env["NCCL_IB_DISABLE"] == "1" and "NCCL_IB_HCA" not in env
+    # the MPIJob workers and the TrainJob carry the same RDMA settings
+    _, _, mpi = _job(A100, kind="mpijob", overrides=["cluster.rdma_resource=rdma/ib"])
+    w = mpi["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert "IPC_LOCK" in w["securityContext"]["capabilities"]["add"]
+    _, _, tj = _job(A100, kind="trainjob", overrides=["cluster.rdma_resource=rdma/ib"])
+    assert tj["spec"]["trainer"]["resourcesPerNode"]["limits"]["rdma/ib"] == "1"
+    assert {e["name"]: e.get("value") for e in tj["spec"]["trainer"]["env"]}["NCCL_IB_DISABLE"] == "0"
+
+
+def test_gang_scheduling_options_for_128_pods():
+    import pytest
+
+    from r1zero.errors import UserError
+
+    _, _, kueue = _job(A100, overrides=["cluster.gang=kueue", "cluster.queue=team-a"])
+    assert kueue["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "schedulingPolicy" not in kueue["spec"]["runPolicy"]  # Kueue admits the whole workload
+    _, _, tj = _job(A100, kind="trainjob", overrides=["cluster.gang=kueue", "cluster.queue=team-a"])
+    assert tj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    for gang, sched in (("volcano", "volcano"), ("coscheduling", "scheduler-plugins-scheduler")):
+        for kind, reps in (("pytorchjob", "pytorchReplicaSpecs"), ("mpijob", "mpiReplicaSpecs")):
+            _, _, job = _job(A100, kind=kind, overrides=[f"cluster.gang={gang}"])
+            assert job["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] == 128
+            assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+            for rs in job["spec"][reps].values():
+                assert rs["template"]["spec"]["schedulerName"] == sched
+    with pytest.raises(UserError, match="needs cluster.queue"):
+        load_config(A100, ["cluster.gang=kueue"])
+    with pytest.raises(UserError, match="podGroupPolicy"):
+        _job(A100, kind="trainjob", overrides=["cluster.gang=volcano"])
+
+
+def test_scratch_volume_sized_from_the_model_not_tmp():
+    def scratch(job, reps="pytorchReplicaSpecs", rtype="Master"):
+        spec = job["spec"][reps][rtype]["template"]["spec"]
+        vols = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        return vols, mounts, _env(spec["containers"][0])
+
+    _, _, big = _job(A100)
+    vols, mounts, env = scratch(big)
+    claim = vols["scratch"]["ephemeral"]["volumeClaimTemplate"]["spec"]
+    # 13B MoE, ZeRO-1 over 128 nodes: 16 B/param / 128 staging + 2 B/param cache + 1 GiB, +25%
+    assert claim["resources"]["requests"]["storage"] == "34Gi"
+    assert mounts["scratch"] == "/scratch" and env["R1ZERO_CACHE"]["value"] == "/scratch/cache"
+    assert vols["tmp"]["emptyDir"]["sizeLimit"] == "1Gi" and env["HOME"]["value"] == "/tmp"
+    _, _, tiny = _job(TINY)
+    assert scratch(tiny)[0]["scratch"]["ephemeral"]["volumeClaimTemplate"]["spec"]["resources"]["requests"] == \
+        {"storage": "2Gi"}
+    _, _, set_ = _job(A100, overrides=["cluster.scratch_size=500Gi", "cluster.storage_class=local-nvme"])
+    claim = scratch(set_)[0]["scratch"]["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["resources"]["requests"]["storage"] == "500Gi" and claim["storageClassName"] == "local-nvme"
+
+
+def test_trainjob_carries_credentials_shm_and_scratch():
+    cfg, cm, tj = _job(A100, stage="grpo", kind="trainjob")
+    env = {e["name"]: e for e in tj["spec"]["trainer"]["env"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "R1ZERO_S3_ENDPOINT"):
+        ref = env[key]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": cfg.cluster.s3_secret, "key": key, "optional": True}
+    (ov,) = tj["spec"]["podSpecOverrides"]
+    vols = {v["name"]: v for v in ov["volumes"]}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": cfg.cluster.shm_size}
+    assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"] and "ephemeral" in vols["scratch"]
+    (c,) = ov["containers"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/r1zero", "/dev/shm", "/tmp", "/scratch"}
+    assert ov["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+
+
+def test_eval_stage_is_one_gpu_pod():
+    _, cm, job = _job(A100, stage="eval")
+    reps = job["spec"]["pytorchReplicaSpecs"]
+    assert set(reps) == {"Master"} and job["spec"]["nprocPerNode"] == "1"
+    c = reps["Master"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["args"][2] == "eval" and c["args"][c["args"].index("--model") + 1].endswith("/a100-13b/grpo")
+    assert "r1zero/checkpoints" not in job["metadata"]["annotations"]
+    loaded = yaml.safe_load(cm["data"]["config.yaml"])
+    assert loaded["cluster"].get("nodes", 1) == 1  # 1 is the default (left out)
+    cfg = load_config(A100)
+    _, job = render_stage(cfg, "eval", "pytorchjob", {"model": "s3://b/m", "data": "s3://b/d", "out": "s3://b/e",
+                                                      "baseline": "s3://b/base-eval"})
+    args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--baseline", "s3://b/base-eval"]
