@@ -14,7 +14,10 @@ Per document:
 - Argo CD ``Application``: a small built-in schema (no CRD ships with this project);
 - ``kustomization.yaml``: not a resource; skipped with a note;
 - policy on every pod template: no ``:latest`` or untagged image, requests and limits for cpu and
-  memory on every container.
+  memory on every container;
+- the parallel layout of a rendered pretraining job (with its config ConfigMap in the same
+  file): the config's layout must divide at the job's world size and fit the GPU, the checks
+  ``r1zero plan --dry-run`` applies before any pod starts (:func:`layout_errors`).
 
 A problem is reported as ``path#doc kind/name: message``; the CLI exits 1 when any error is found.
 """
@@ -269,6 +272,75 @@ def validate_object(obj: dict, crds: dict, kube_version: str = KUBE_VERSION) -> 
     return errors, notes
 
 
+# ---------------------------------------------------------------------------------------------
+# parallel layout of rendered training jobs (the checks of ``r1zero plan --dry-run``)
+
+
+def job_world_size(obj: dict) -> int | None:
+    """Processes a rendered training job starts: PyTorchJob (Master + Worker) x nprocPerNode,
+    MPIJob Worker x slotsPerWorker, TrainJob numNodes x numProcPerNode; None for other kinds."""
+    kind, spec = obj.get("kind"), obj.get("spec", {}) or {}
+    try:
+        if kind == "PyTorchJob":
+            reps = spec.get("pytorchReplicaSpecs", {}) or {}
+            nodes = sum(int((rs or {}).get("replicas", 1)) for rs in reps.values())
+            return nodes * int(spec.get("nprocPerNode", 1))
+        if kind == "MPIJob":
+            worker = (spec.get("mpiReplicaSpecs", {}) or {}).get("Worker") or {}
+            return int(worker.get("replicas", 1)) * int(spec.get("slotsPerWorker", 1))
+        if kind == "TrainJob":
+            t = spec.get("trainer") or {}
+            return int(t.get("numNodes", 1)) * int(t.get("numProcPerNode", 1))
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def _config_maps_named(obj) -> set[str]:
+    out: set[str] = set()
+    if isinstance(obj, dict):
+        cm = obj.get("configMap")
+        if isinstance(cm, dict) and isinstance(cm.get("name"), str):
+            out.add(cm["name"])
+        for v in obj.values():
+            out |= _config_maps_named(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out |= _config_maps_named(v)
+    return out
+
+
+def layout_errors(job: dict, config_maps: dict[str, str]) -> list[str]:
+    """The dry run's layout checks on a rendered pretraining job: the config it mounts must
+    divide at the job's world size (heads, kv-heads, experts, layers, batch, world size) and fit
+    the GPU by the planner (``r1zero.sizing.stage_memory``, which agrees with the dry run within
+    10%; run ``r1zero plan --dry-run`` for the measured figure)."""
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    if labels.get("app.kubernetes.io/component") != "pretrain":
+        return []  # the GRPO stage's layout checks come with its dry run (issue 16)
+    world = job_world_size(job)
+    texts = [config_maps[n] for n in sorted(_config_maps_named(job)) if n in config_maps]
+    if world is None or not texts:
+        return []
+    from r1zero.config import build_config
+    from r1zero.errors import UserError as _UserError
+    from r1zero.sizing import GPUS, usable_bytes
+    from r1zero.sizing_cli import planner_layout_bytes
+    from r1zero.train.dryrun import layout_problems
+
+    try:
+        cfg = build_config(yaml.load(texts[0], Loader=_Loader) or {})
+    except (_UserError, yaml.YAMLError) as err:
+        return [f"mounted config: {str(err).splitlines()[0]}"]
+    errs = [f"parallel layout: {e}" for e in layout_problems(cfg, world)]
+    if not errs and cfg.cluster.gpu in GPUS:
+        need, usable = planner_layout_bytes(cfg)["total"], usable_bytes(GPUS[cfg.cluster.gpu])
+        if need > usable:
+            errs.append(f"parallel layout does not fit: {need / 1e9:.1f} GB per rank > {usable / 1e9:.1f} GB usable "
+                        f"on {cfg.cluster.gpu} (planner; r1zero plan --dry-run measures it)")
+    return errs
+
+
 def _files(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
@@ -292,10 +364,15 @@ def validate_paths(paths, crds: dict, kube_version: str = KUBE_VERSION) -> Repor
         except yaml.YAMLError as err:
             rep.errors.append(f"{f}: not valid YAML: {str(err).splitlines()[0]}")
             continue
+        config_maps = {d.get("metadata", {}).get("name"): d["data"]["config.yaml"] for d in docs
+                       if isinstance(d, dict) and d.get("kind") == "ConfigMap"
+                       and isinstance(d.get("data"), dict) and "config.yaml" in d["data"]}
         for i, doc in enumerate(docs):
             rep.checked += 1
             label = f"{f}#{i} {doc.get('kind', '?')}/{doc.get('metadata', {}).get('name', '?')}" if isinstance(doc, dict) else f"{f}#{i}"
             errs, notes = validate_object(doc, crds, kube_version)
+            if isinstance(doc, dict) and config_maps:
+                errs = errs + layout_errors(doc, config_maps)
             rep.errors += [f"{label}: {e}" for e in errs]
             rep.notes += [f"{label}: {n}" for n in notes]
     return rep

@@ -137,3 +137,34 @@ def test_crds_from_cluster(fake_k8s, jobs):
     bad = copy.deepcopy(jobs["pytorchjob"][1])
     bad["spec"]["runPolicy"]["cleanupPolicy"] = "All"
     assert "spec.runPolicy.cleanupPolicy: unknown field" in validate_object(bad, crds)[0]
+
+
+def _file_with(tmp_path, cm, job, name="job.yaml"):
+    path = tmp_path / name
+    path.write_text(dump_yaml([cm, job]), encoding="utf-8")
+    return path
+
+
+def test_rendered_pretraining_layout_is_checked(crds, jobs, tmp_path):
+    """The dry run's layout checks on rendered jobs: world size from the replicas, layout from
+    the mounted config; a layout that does not divide or fit is reported with the constraint."""
+    for kind, (cm, job) in jobs.items():
+        assert validate_paths([_file_with(tmp_path, cm, job)], crds).errors == [], kind
+    cm, job = copy.deepcopy(jobs["pytorchjob"][0]), copy.deepcopy(jobs["pytorchjob"][1])
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = 63  # 64 nodes x 8 = 512 ranks
+    errors = "\n".join(validate_paths([_file_with(tmp_path, cm, job)], crds).errors)
+    assert "dp(128) * tp(4) * pp(2) = 1024 but world size is 512" in errors
+    tree = yaml.safe_load(cm["data"]["config.yaml"])
+    tree["model"].update(n_heads=64, n_kv_heads=2)
+    cm["data"]["config.yaml"] = yaml.safe_dump(tree)
+    job = copy.deepcopy(jobs["pytorchjob"][1])
+    errors = "\n".join(validate_paths([_file_with(tmp_path, cm, job)], crds).errors)
+    assert "n_kv_heads(2) not divisible by tp(4)" in errors
+    # the 13B model on one 4-GPU node (dp 4, parameters kept gathered) needs ~80 GB per rank
+    cfg = load_config("configs/a100-13b.yaml", ["cluster.nodes=1", "cluster.gpus_per_node=4", "parallel.dp=4",
+                                                "parallel.tp=1", "parallel.pp=1", "parallel.ep=1",
+                                                "cluster.global_batch=32"])
+    cm, job = render_stage(cfg, "pretrain", "pytorchjob")
+    errors = "\n".join(validate_paths([_file_with(tmp_path, cm, job)], crds).errors)
+    assert "parallel layout does not fit" in errors and "a100-80gb" in errors
+    assert main(["validate", str(tmp_path / "job.yaml"), "--crd-dir", str(CRDS)]) == 1
