@@ -136,7 +136,8 @@ def _sync_back(uri: str, artifact) -> None:
 def run_pretrain(config_yaml: str, target: str, data, model, metrics, run_id: str = "") -> None:
     cfg = load_cfg(config_yaml)
     t0 = time.perf_counter()
-    if target == "cluster":
+    # a base with no continued pretraining is copied, not trained: no job to launch
+    if target == "cluster" and not (cfg.model.base and cfg.pretrain.steps == 0):
         summary = _launch_on_cluster(cfg, "pretrain", {"data": artifact_uri(data), "out": artifact_uri(model)},
                                      run_id)
         _sync_back(artifact_uri(model), model)
@@ -300,8 +301,16 @@ def _eval_summary(result_dir: str) -> dict:
         e = block.get(key) or {}
         return e.get("mean"), ([e["lo"], e["hi"]] if e.get("lo") is not None else None)
 
+    def headline(block):
+        acc, ci = est(block, "pass@1")
+        return {"n": block.get("n_problems"), "accuracy": acc, "ci": ci, "pass@k": est(block, "pass@k")[0],
+                "maj@k": est(block, "maj@k")[0], "format_rate": est(block, "format_rate")[0],
+                "reflection_rate": est(block, "reflection_rate")[0],
+                "length_mean": (block.get("length_sampled") or {}).get("mean")}
+
     acc, ci = est(overall, "pass@1")
     return {"accuracy": acc, "ci": ci,
+            "benchmarks": {name: headline(b) for name, b in m.get("benchmarks", {}).items()},
             "format_rate": est(overall, "format_rate")[0],
             # early RL gains are often format only: accuracy among well-formatted greedy answers
             "accuracy_formatted": _accuracy_formatted(Path(result_dir) / "per_problem.jsonl"),
@@ -328,8 +337,13 @@ def build_summary(data_dir, base_dir, rl_dir, base_eval_dir, rl_eval_dir, insigh
         s = read_stage_seconds(d)
         if s is not None:
             stages[name] = s
+    benchmarks = {name: {"base": base["benchmarks"].get(name), "rl": b,
+                         "improvement": None if (base["benchmarks"].get(name) or {}).get("accuracy") is None
+                         or b["accuracy"] is None else b["accuracy"] - base["benchmarks"][name]["accuracy"]}
+                  for name, b in rl["benchmarks"].items()}
     return {
         "base_accuracy": base["accuracy"], "base_ci": base["ci"],
+        **({"benchmarks": benchmarks} if benchmarks else {}),
         "rl_accuracy": rl["accuracy"], "rl_ci": rl["ci"],
         "improvement": None if base["accuracy"] is None or rl["accuracy"] is None
         else rl["accuracy"] - base["accuracy"],
@@ -347,8 +361,14 @@ def summary_markdown(s: dict) -> str:
         return f"{acc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
     lines = ["| | greedy pass@1 (95% CI) |", "|---|---|",
-             f"| base | {fmt(s['base_accuracy'], s['base_ci'])} |", f"| RL | {fmt(s['rl_accuracy'], s['rl_ci'])} |",
-             "", "| event | metric | step | before -> after |", "|---|---|---|---|"]
+             f"| base | {fmt(s['base_accuracy'], s['base_ci'])} |", f"| RL | {fmt(s['rl_accuracy'], s['rl_ci'])} |"]
+    if s.get("benchmarks"):
+        lines += ["", "| benchmark | n | base pass@1 (95% CI) | RL pass@1 (95% CI) |", "|---|---|---|---|"]
+        for name, b in s["benchmarks"].items():
+            base_b = b["base"] or {}
+            lines.append(f"| {name} | {b['rl']['n']} | {fmt(base_b.get('accuracy'), base_b.get('ci'))} | "
+                         f"{fmt(b['rl']['accuracy'], b['rl']['ci'])} |")
+    lines += ["", "| event | metric | step | before -> after |", "|---|---|---|---|"]
     for e in s["events"]:
         lines.append(f"| {e['kind']} | {e['metric']} | {e['step']} | {e.get('before')} -> {e.get('after')} |")
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in s["stage_seconds"].items()]

@@ -109,6 +109,9 @@ class DataConfig(_Section):
     # processes generating candidate rows (domains split between them; output is identical for
     # any value). 2 = the dev machine's cores; runs under 20k rows always use 1.
     workers: int = Field(2, ge=1, le=4)
+    # with model.base: render R1-Zero prompts inside the base tokenizer's chat template (instruct
+    # and chat bases); false = the plain-text template (R1-Zero itself used a plain base)
+    chat_template: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +149,11 @@ class MoEConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # A pretrained base (local dir or s3:// prefix with a transformers checkpoint + tokenizer):
+    # the data stage tokenizes with its tokenizer, pretraining is skipped (pretrain.steps 0) or
+    # continues from it, and GRPO/eval start from it. The shape fields below then describe only
+    # the from-scratch model; sizing reads the base's config.json (r1zero.data.base).
+    base: str | None = Field(None, min_length=1)
     vocab_size: int = Field(512, ge=2)
     d_model: int = Field(128, ge=1)
     n_layers: int = Field(2, ge=1)
@@ -270,6 +278,8 @@ class GRPOConfig(_Section):
     # periodic held-out curve: greedy pass@1 on a fixed subset of the eval split (0 = off)
     eval_every: int = Field(10, ge=1)
     eval_problems: int = Field(128, ge=0)
+    # the periodic curve follows this named benchmark (eval.benchmarks) instead of the eval split
+    eval_benchmark: str | None = None
     # PPO baseline
     gae_lambda: float = Field(0.95, ge=0, le=1)
     gamma: float = Field(1.0, ge=0, le=1)
@@ -280,6 +290,14 @@ class GRPOConfig(_Section):
 # eval, insight, cluster, telemetry, store
 
 
+class BenchmarkSpec(_Section):
+    """A named benchmark (local path or s3:// URI, formats as in ``data.imports``), evaluated whole."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    uri: str = Field(min_length=1)
+    format: Literal["gsm8k", "math", "generic"]
+
+
 class EvalConfig(_Section):
     n_problems: int | None = Field(None, ge=1)  # None = all of the eval split
     k: int = Field(4, ge=1)
@@ -288,6 +306,17 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(48, ge=1)
     bootstrap: int = Field(1000, ge=10)
     domains: list[str] = ["math", "code", "cross"]
+    # named benchmarks: imported whole by the data stage (no quota), train decontaminated against
+    # them, reported per name under "benchmarks" (eval.n_problems does not cut them)
+    benchmarks: list[BenchmarkSpec] = []
+
+    @model_validator(mode="after")
+    def _unique_benchmarks(self) -> EvalConfig:
+        names = [b.name for b in self.benchmarks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"benchmark names must be unique (repeated: {', '.join(dup)})")
+        return self
 
 
 class InsightConfig(_Section):
@@ -416,6 +445,15 @@ class Config(_Section):
     telemetry: TelemetryConfig = TelemetryConfig()
     store: StoreConfig = StoreConfig()
     sandbox: SandboxConfig = SandboxConfig()
+
+    @model_validator(mode="after")
+    def _benchmark_refs(self) -> Config:
+        name = self.grpo.eval_benchmark
+        if name is not None and name not in {b.name for b in self.eval.benchmarks}:
+            raise ValueError(f"grpo.eval_benchmark {name!r} is not one of eval.benchmarks")
+        if self.data.chat_template and not self.model.base:
+            raise ValueError("data.chat_template needs model.base (a tokenizer with a chat template)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

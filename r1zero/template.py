@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from r1zero.errors import UserError
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TAG_TOKENS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
@@ -40,6 +42,13 @@ R1_ZERO_TEMPLATE = (
     "answers in <answer> </answer>.\nUser: {question}\nAssistant: <think>"
 )
 
+# The instruction put in the user turn when a base's chat template wraps the prompt
+# (data.chat_template): the same contract as R1_ZERO_TEMPLATE, the assistant turn opens with <think>.
+R1_ZERO_CHAT_INSTRUCTION = (
+    "Think about the reasoning process in <think> </think> and then give the answer in "
+    "<answer> </answer>.\n{question}"
+)
+
 _ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
 _TRAILING_SPECIAL_RE = re.compile(r"(?:\s|" + re.escape(EOS_TOKEN) + "|" + re.escape(PAD_TOKEN) + r")*\Z")
 
@@ -51,6 +60,29 @@ def render_prompt(question: str, paper: bool = False) -> str:
     """
     template = R1_ZERO_PAPER_TEMPLATE if paper else R1_ZERO_TEMPLATE
     return template.format(question=question.strip())
+
+
+def render_chat_prompt(question: str, tokenizer) -> str:
+    """The R1-Zero prompt inside ``tokenizer``'s chat template; ends with the assistant turn + ``<think>``.
+
+    The tags stay plain text unless the tokenizer has them as special tokens; either way the
+    completion format (and :func:`format_ok`) is the same as for :func:`render_prompt`.
+    """
+    messages = [{"role": "user", "content": R1_ZERO_CHAT_INSTRUCTION.format(question=question.strip())}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + THINK_OPEN
+
+
+def prompt_renderer(tokenizer=None, chat_template: bool = False):
+    """``question -> prompt``: :func:`render_chat_prompt` with ``chat_template``, else :func:`render_prompt`.
+
+    GRPO, eval and the held-out check all render through this (``cfg.data.chat_template``).
+    """
+    if chat_template:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise UserError("data.chat_template is true but the model's tokenizer has no chat template")
+        return lambda question: render_chat_prompt(question, tokenizer)
+    return render_prompt
 
 
 def render_completion(solution: str, answer: str) -> str:

@@ -69,3 +69,24 @@ def test_format_ok(completion, lenient, strict):
     assert format_ok(completion, strict=True) is strict
     # the same verdict when given the full prompt + completion
     assert format_ok(render_prompt("q") + completion, strict=True) is strict
+
+
+def test_prompt_renderer_plain_or_in_the_tokenizers_chat_template():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from r1zero.errors import UserError
+    from r1zero.template import format_ok, prompt_renderer
+
+    raw = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>")
+    assert prompt_renderer(tok, False)("What is 2 + 3?") == render_prompt("What is 2 + 3?")
+    with pytest.raises(UserError, match="no chat template"):
+        prompt_renderer(tok, True)
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    p = prompt_renderer(tok, True)("  What is 2 + 3?  ")
+    assert p.startswith("[user] ") and "<answer> </answer>" in p and "What is 2 + 3?\n" in p
+    assert p.endswith("[assistant] <think>")
+    assert format_ok(" 2 + 3 = 5 </think> <answer> 5 </answer>", strict=True)  # same completion contract

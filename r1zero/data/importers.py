@@ -146,16 +146,20 @@ def _parse_generic(obj: dict) -> dict:
 _PARSERS = {"gsm8k": _parse_gsm8k, "math": _parse_math, "generic": _parse_generic}
 
 
-def iter_import(uri: str, fmt: str, index: int = 0) -> Iterator[tuple[str, dict]]:
-    """Yield ``("row", row)`` or ``("bad", quarantine_row)`` for every non-blank line of ``uri``."""
+def iter_import(uri: str, fmt: str, index: int = 0, source: str | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield ``("row", row)`` or ``("bad", quarantine_row)`` for every non-blank line of ``uri``.
+
+    ``source`` (default ``import<index>``) prefixes row ids, e.g. ``bench:gsm8k`` for a benchmark.
+    """
     if fmt not in _PARSERS:
         raise UserError(f"unknown import format {fmt!r} (one of {', '.join(_PARSERS)})")
     name = source_name(uri)
-    source = f"import:{fmt}:{name}"
+    prefix = source or f"import{index}"
+    source = f"{source}:{fmt}:{name}" if source else f"import:{fmt}:{name}"
     for lineno, raw in enumerate(_iter_lines(uri), start=1):
         if not raw.strip():
             continue
-        rid = f"import{index}:{name}:{lineno}"
+        rid = f"{prefix}:{name}:{lineno}"
         try:
             try:
                 text = raw.decode("utf-8")
@@ -175,3 +179,19 @@ def iter_import(uri: str, fmt: str, index: int = 0) -> Iterator[tuple[str, dict]
             continue
         user_id = parsed.pop("id", None)
         yield "row", make_row(id=f"{rid}:{user_id}" if user_id is not None else rid, source=source, **parsed)
+
+
+def check_format(uri: str, fmt: str, what: str) -> None:
+    """Raise :class:`UserError` unless some line of ``uri`` parses as ``fmt`` (stops at the first that does).
+
+    For files that must be usable as a whole (named benchmarks): a file in the wrong format fails
+    before any work, instead of being quarantined line by line.
+    """
+    first_bad = None
+    for kind, row in iter_import(uri, fmt):
+        if kind == "row":
+            return
+        first_bad = first_bad or f"{row['reason']}: {row['detail']}"
+    raise UserError(f"{what}: {source_name(uri)} has no row in {fmt} format"
+                    + (f" ({first_bad})" if first_bad else " (empty file)"))
+

@@ -2,7 +2,8 @@
 
 Top-level keys include ``rows_in``, ``rows_kept``, ``rows_quarantined`` (reason -> count),
 ``ratios`` (domain -> achieved fraction of train), ``counts`` (split -> domain -> rows),
-``files`` (relative path -> sha256/bytes/rows), ``content_hash`` and ``config_hash``. It holds no
+``files`` (relative path -> sha256/bytes/rows), ``content_hash`` and ``config_hash``, and with
+named benchmarks ``benchmarks`` (name -> rows kept, quarantined by reason, shard split). It holds no
 timestamps and no absolute paths (imports appear by file name only), so the same config and seed
 give a byte-identical manifest. :func:`check_accounting` re-verifies the invariant
 ``rows_in == rows_kept + sum(rows_quarantined)``.
@@ -44,7 +45,8 @@ def build_manifest(cfg, out: Path, run, shard_rows: dict[str, int], tokenizer: d
     data_cfg = d.model_dump(mode="json")
     # import URIs may be absolute paths: keep only their file names (see module docstring)
     data_cfg["imports"] = [{"name": n, "format": s.format, "split": s.split} for n, s in zip(import_names, d.imports)]
-    rows_kept = train_n + sum(counts["eval"].values())
+    benchmarks = run.benchmark_report()
+    rows_kept = train_n + sum(counts["eval"].values()) + sum(b["rows_kept"] for b in benchmarks.values())
     quarantined = _sorted(run.quarantined)
     manifest = {
         "format": FORMAT,
@@ -63,12 +65,14 @@ def build_manifest(cfg, out: Path, run, shard_rows: dict[str, int], tokenizer: d
         "sources": _sorted(run.sources),
         "dedup": {"bands": run.hasher.bands, "rows_per_band": run.hasher.rows_per_band,
                   "train_index": run.train.index.stats(), "eval_index": run.eval.index.stats()},
-        "tokenizer": {**tokenizer, "special_tokens": SPECIAL_TOKENS,
+        "tokenizer": {"special_tokens": SPECIAL_TOKENS, **tokenizer,
                       "sha256": files.get("tokenizer.json", {}).get("sha256")},
         "files": files,
         "content_hash": content,
         "data_config": data_cfg,
     }
+    if benchmarks:  # named benchmarks (eval.benchmarks), imported whole: bench/<name>/ shards
+        manifest["benchmarks"] = benchmarks
     check_accounting(manifest)
     return manifest
 

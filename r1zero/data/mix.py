@@ -6,6 +6,9 @@ train/eval shards, a BPE tokenizer and a manifest.
                run_mix(load_config('configs/tiny.yaml'), 'runs/tiny/data')"
 
 Order of work (so that decontamination sees every eval item before any train item):
+0. import each named benchmark (``eval.benchmarks``) whole into ``bench/<name>/``: no quota, no
+   quality filter; only unparseable lines and exact repeats are quarantined (split ``bench/<name>``);
+   a benchmark with no parseable row is a :class:`UserError` before any work (the wrong ``format``);
 1. stream every import file once: bad lines -> quarantine; eval-bound rows are screened into the
    eval split now, train-bound rows are spilled to a temp JSONL (no memory growth);
 2. generate eval items until the per-domain eval quotas are met;
@@ -15,9 +18,13 @@ Quotas: train = ``n_train`` split over ``data.mix`` by largest remainder (so ach
 exact up to one row), eval = ``n_eval`` over the verifiable domains in the same proportions.
 Generated rows fill the slots imports left; a rejected candidate leaves its slot open for the
 next batch. Every candidate is counted: ``rows_in == rows_kept + sum(rows_quarantined)``.
-Screening (per batch of ``data.chunk_rows``): filters -> eval overlap (``contaminated_*``) ->
+Screening (per batch of ``data.chunk_rows``): filters -> overlap with eval and the benchmarks
+(``contaminated_*``, train only) ->
 within-split duplicates (``duplicate_*``) -> quota (``over_quota``, imports only).
 Determinism: each (split, domain) has its own seeded ``random.Random``; no clocks, no paths.
+
+Tokenizer: a byte-level BPE trained on the train split, or, with ``model.base``, the base's own
+tokenizer saved as is (:mod:`r1zero.data.base`).
 """
 
 from __future__ import annotations
@@ -35,10 +42,10 @@ from r1zero.data.batches import BatchProducer, Features, row_features
 from r1zero.data.dedup import DedupIndex, MinHasher, batch_near_pairs
 from r1zero.data.documents import pretrain_text
 from r1zero.data.generators import CellSampler
-from r1zero.data.importers import check_import, iter_import, source_name
+from r1zero.data.importers import check_format, check_import, iter_import, source_name
 from r1zero.data.manifest import build_manifest, write_manifest
 from r1zero.data.schema import DOMAINS, QUARANTINE_SCHEMA, ROW_SCHEMA, VERIFIABLE, quarantine_row
-from r1zero.data.shards import ShardWriter, iter_rows
+from r1zero.data.shards import ShardWriter, bench_split, iter_rows
 from r1zero.data.tokenizer import check_vocab_size, train_tokenizer
 from r1zero.errors import UserError
 from r1zero.progress import print0, progress
@@ -99,6 +106,7 @@ class _MixRun:
         self.eval = _Screen("eval", largest_remainder(d.n_eval, eval_w),
                             ShardWriter(out_dir, "eval", ROW_SCHEMA, d.shard_rows, d.shard_format), d.dedup.num_perm)
         self.qwriter = ShardWriter(out_dir, "quarantine", QUARANTINE_SCHEMA, d.shard_rows, d.shard_format)
+        self.benches: dict[str, _Screen] = {}  # named benchmarks, imported whole (run_benchmarks)
         self.rows_in = 0
         self.quarantined: Counter = Counter()
         self.q_by_split: dict[str, Counter] = {s: Counter() for s in ("import", "eval", "train")}
@@ -112,42 +120,50 @@ class _MixRun:
 
     def quarantine(self, qrow: dict) -> None:
         self.quarantined[qrow["reason"]] += 1
-        self.q_by_split[qrow["split"]][qrow["reason"]] += 1
+        self.q_by_split.setdefault(qrow["split"], Counter())[qrow["reason"]] += 1
         self.qwriter.write(qrow)
 
     # -- screening -------------------------------------------------------------------------
 
-    def screen(self, rows: list[dict], sc: _Screen, enforce_quota: bool, feats: Features | None = None) -> list[bool]:
-        """Filter, decontaminate, deduplicate and keep/quarantine a batch of rows into ``sc``."""
+    def screen(self, rows: list[dict], sc: _Screen, enforce_quota: bool, feats: Features | None = None,
+               whole: bool = False) -> list[bool]:
+        """Filter, decontaminate, deduplicate and keep/quarantine a batch of rows into ``sc``.
+
+        ``whole`` (a named benchmark): no quality filter and no near-duplicate removal, so a
+        benchmark keeps every parseable, distinct row.
+        """
         if not rows:
             return []
         self.rows_in += len(rows)
         dd, thr = self.d.dedup, self.d.dedup.threshold
+        near = dd.near and not whole
         feats = feats or row_features(rows, self.hasher, self.d.filter)
         ekeys_C, sig_CP, bands_CB = feats.ekeys_C, feats.sig_CP, feats.bands_CB
-        against = self.eval.index if sc is self.train else None
-        if against is not None:
-            cont_exact_C = against.exact.contains(ekeys_C).tolist()
-            cont_near_C = against.near_hits(sig_CP, bands_CB, thr).tolist()
+        # train is screened against the eval split and every named benchmark
+        against = [("an eval item", self.eval.index)] if sc is self.train else []
+        if sc is self.train:
+            against += [(f"benchmark {name}", b.index) for name, b in self.benches.items()]
+        cont_C = [(what, idx.exact.contains(ekeys_C).tolist(), idx.near_hits(sig_CP, bands_CB, thr).tolist())
+                  for what, idx in against]
         dup_exact_C = sc.index.exact.contains(ekeys_C).tolist()
-        dup_near_C = sc.index.near_hits(sig_CP, bands_CB, thr).tolist() if dd.near else None
+        dup_near_C = sc.index.near_hits(sig_CP, bands_CB, thr).tolist() if near else None
         ekeys = ekeys_C.tolist()  # Python ints: fast per-row access below
         # earlier rows of this batch that each row is a near duplicate of (kept or not: checked below)
-        near_prev = batch_near_pairs(sig_CP, bands_CB, thr, DedupIndex.CAND_CAP) if dd.near else None
+        near_prev = batch_near_pairs(sig_CP, bands_CB, thr, DedupIndex.CAND_CAP) if near else None
         kept_mask = [False] * len(rows)
         seen_exact: set[int] = set()
         keep: list[int] = []
         for i, row in enumerate(rows):
             ek = ekeys[i]
-            bad = feats.bad[i]
-            if bad is None and against is not None:
-                if cont_exact_C[i]:
-                    bad = ("contaminated_exact", "same normalised prompt as an eval item")
-                elif cont_near_C[i]:
-                    bad = ("contaminated_near", f"MinHash Jaccard >= {thr} with an eval item")
-            if bad is None and dd.exact and (dup_exact_C[i] or ek in seen_exact):
+            bad = None if whole else feats.bad[i]
+            for what, exact_C, near_C in cont_C:
+                if bad is None and exact_C[i]:
+                    bad = ("contaminated_exact", f"same normalised prompt as {what}")
+                elif bad is None and near_C[i]:
+                    bad = ("contaminated_near", f"MinHash Jaccard >= {thr} with {what}")
+            if bad is None and (dd.exact or whole) and (dup_exact_C[i] or ek in seen_exact):
                 bad = ("duplicate_exact", f"same normalised prompt as an earlier {sc.split} row")
-            if bad is None and dd.near:
+            if bad is None and near:
                 if dup_near_C[i] or any(kept_mask[j] for j in near_prev[i]):
                     bad = ("duplicate_near", f"MinHash Jaccard >= {thr} with an earlier {sc.split} row")
             if bad is None and enforce_quota and sc.room(row["domain"]) <= 0:
@@ -165,6 +181,38 @@ class _MixRun:
             sc.index.add(ekeys_C[keep], sig_CP[keep], bands_CB[keep])
         self.bar.update(len(keep))
         return kept_mask
+
+    # -- named benchmarks (evaluated whole) ------------------------------------------------
+
+    def run_benchmarks(self) -> None:
+        d = self.d
+        for b in self.cfg.eval.benchmarks:
+            split = bench_split(b.name)
+            sc = _Screen(split, {}, ShardWriter(self.out, split, ROW_SCHEMA, d.shard_rows, d.shard_format),
+                         d.dedup.num_perm)
+            self.benches[b.name] = sc
+            batch: list[dict] = []
+            for kind, row in iter_import(b.uri, b.format, source=f"bench:{b.name}"):
+                if kind == "bad":
+                    self.rows_in += 1
+                    self.quarantine({**row, "split": split})
+                    continue
+                batch.append(row)
+                if len(batch) >= d.chunk_rows:
+                    self.screen(batch, sc, enforce_quota=False, whole=True)
+                    batch = []
+            self.screen(batch, sc, enforce_quota=False, whole=True)
+
+    def benchmark_report(self) -> dict:
+        """Per benchmark: rows kept and quarantined by reason (every line accounted for)."""
+        out = {}
+        for b in self.cfg.eval.benchmarks:
+            sc = self.benches[b.name]
+            q = self.q_by_split.get(sc.split, Counter())
+            out[b.name] = {"format": b.format, "file": source_name(b.uri), "split": sc.split,
+                           "rows_kept": sum(sc.kept.values()),
+                           "rows_quarantined": {k: int(q[k]) for k in sorted(q) if q[k]}}
+        return out
 
     # -- imports ---------------------------------------------------------------------------
 
@@ -241,6 +289,10 @@ class _MixRun:
     # -- tokenizer + manifest --------------------------------------------------------------
 
     def train_tokenizer(self) -> dict:
+        if self.cfg.model.base:  # the base's tokenizer, never a new BPE (no vocab mismatch)
+            from r1zero.data.base import save_base_tokenizer
+
+            return save_base_tokenizer(self.cfg.model.base, self.out, self.d.chat_template)
         rng = random.Random(f"{self.cfg.seed}/tokenizer")
         frac = self.d.template_fraction
 
@@ -258,7 +310,7 @@ class _MixRun:
         self.bar.close()
         self.producer.close()
         files = {}
-        for w in (self.train.writer, self.eval.writer, self.qwriter):
+        for w in (self.train.writer, self.eval.writer, self.qwriter, *(b.writer for b in self.benches.values())):
             files.update(dict(w.close()))
         return files
 
@@ -270,13 +322,21 @@ def build_mix(cfg, out_dir: str | Path) -> dict:
     d = cfg.data
     if d.n_eval and not any(getattr(d.mix, k) > 0 for k in VERIFIABLE):
         raise UserError("data.n_eval > 0 needs a non-zero mix ratio for math, code or cross")
-    check_vocab_size(d.vocab_size)  # fail fast, before any work or progress output
-    for spec in d.imports:
+    if cfg.model.base:  # fail fast: a base without tokenizer/EOS/pad or of an unknown architecture
+        from r1zero.data.base import check_base
+
+        check_base(cfg.model.base, d.chat_template)
+    else:
+        check_vocab_size(d.vocab_size)  # fail fast, before any work or progress output
+    for spec in [*d.imports, *cfg.eval.benchmarks]:
         check_import(spec.uri)
+    for b in cfg.eval.benchmarks:  # a benchmark in the wrong format fails now, not row by row
+        check_format(b.uri, b.format, f"eval.benchmarks {b.name}")
     run = _MixRun(cfg, out)
     spill_dir = Path(tempfile.mkdtemp(prefix="r1zero-spill-"))
     try:
         spill = spill_dir / "train-imports.jsonl"
+        run.run_benchmarks()
         run.run_imports(spill)
         run.generate(run.eval)
         run.screen_spilled(spill)
@@ -295,6 +355,10 @@ def summary_lines(m: dict) -> list[str]:
     lines = [f"data mix: {m['rows_in']} rows in -> {m['rows_kept']} kept "
              f"(train {sum(m['counts']['train'].values())}, eval {sum(m['counts']['eval'].values())}), "
              f"{sum(q.values())} quarantined" + (" (" + ", ".join(f"{k} {v}" for k, v in q.items()) + ")" if q else "")]
+    for name, b in m.get("benchmarks", {}).items():
+        bq = b["rows_quarantined"]
+        lines.append(f"benchmark {name}: {b['rows_kept']} rows kept whole, {sum(bq.values())} quarantined"
+                     + (" (" + ", ".join(f"{k} {v}" for k, v in bq.items()) + ")" if bq else ""))
     lines.append("train ratios: " + ", ".join(f"{k} {100 * v:.1f}% (target {100 * m['target_ratios'][k]:.1f}%)"
                                               for k, v in m["ratios"].items()))
     for split, doms in m["generation"].items():

@@ -1,4 +1,5 @@
-"""Shard writing and reading for the data artifact (``train/``, ``eval/``, ``quarantine/``).
+"""Shard writing and reading for the data artifact (``train/``, ``eval/``, ``quarantine/``,
+``bench/<name>/`` for each named benchmark).
 
 Writers stream: rows are buffered up to a row group and written, and a new ``part-NNNNN`` file
 starts every ``shard_rows`` rows, so memory stays flat whatever the size. Output bytes depend only
@@ -25,6 +26,12 @@ from r1zero.data.schema import FIELDS
 from r1zero.errors import UserError
 
 SPLITS = ("train", "eval", "quarantine")
+BENCH = "bench/"  # named benchmarks (eval.benchmarks): bench/<name>/part-*
+
+
+def bench_split(name: str) -> str:
+    """The split holding the named benchmark ``name``'s rows."""
+    return BENCH + name
 _ROW_GROUP = 8192  # rows per Parquet row group / write batch: bounded memory, good scan speed
 
 
@@ -102,8 +109,8 @@ def _split_files(root: Path, split: str) -> list[Path]:
 
 def iter_rows(data_dir: str | Path, split: str) -> Iterator[dict]:
     """Stream the rows of ``split`` (train|eval|quarantine) from a data artifact dir or URI."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+    if split not in SPLITS and not (split.startswith(BENCH) and "/" not in split[len(BENCH):]):
+        raise UserError(f"unknown split {split!r} (one of {', '.join(SPLITS)}, or bench/<name>)")
     root = store.materialize(str(data_dir))
     for path in _split_files(Path(root), split):
         # a truncated/corrupt shard or one without the row schema's columns is bad input, not a bug

@@ -12,6 +12,13 @@ Every rate comes with a percentile-bootstrap CI over problems (``eval.bootstrap`
 With ``--baseline`` (a model dir, or the output dir of an earlier ``r1zero eval``) the same
 problems are scored for the baseline and every metric gets a paired-bootstrap difference.
 
+Named benchmarks (``eval.benchmarks``; the data stage imported each whole into ``bench/<name>/``)
+are evaluated whole in the same generation pass (``eval.n_problems`` does not cut them) and
+reported per name under ``"benchmarks"``: rows, every rate with its CI, lengths, and with a
+baseline its rates and the paired differences. maj@k votes are grouped by the verifier's answer
+equivalence (``1/2`` and ``0.5`` are one vote). Prompts are rendered with the model tokenizer's
+chat template when ``data.chat_template`` is set (:func:`r1zero.template.prompt_renderer`).
+
 Outputs in ``--out``: ``metrics.json`` (nested), ``kfp_metrics.json`` (flat name -> float for KFP),
 ``per_problem.jsonl`` (one record per problem with its greedy completion; lets a later eval pair
 against this one) and ``report.html`` (self-contained, see :mod:`r1zero.eval.report`).
@@ -91,6 +98,17 @@ def generate(model, tokenizer, prompts: Sequence[str], n: int, temperature: floa
 # scoring (pure given the verifier)
 
 
+def answer_equivalence(item: dict) -> Callable[[str, str], bool] | None:
+    """The verifier's equivalence of two answers to ``item`` (math, cross); None = string equality."""
+    from r1zero.verify import verify_cross, verify_math
+
+    if item.get("domain") == "math":
+        return lambda a, b: verify_math(a, b).correct
+    if item.get("domain") == "cross":
+        return lambda a, b: verify_cross(a, b).correct
+    return None  # code: answers are programs, judged by running them; votes by normalised text
+
+
 def score_problems(items: Sequence[dict], greedy: Sequence[tuple[str, int, bool]],
                    sampled: Sequence[Sequence[tuple[str, int, bool]]], k: int, strict_format: bool,
                    keywords: Sequence[str], verify_many: Callable | None = None) -> list[dict]:
@@ -118,7 +136,7 @@ def score_problems(items: Sequence[dict], greedy: Sequence[tuple[str, int, bool]
         s_correct = [bool(x.correct) for x in v[1:]]
         c = sum(s_correct)
         texts = [t for t, _, _ in ss]
-        recs.append({
+        rec = {
             "id": str(item.get("id", i)), "domain": item.get("domain", ""),
             "pass@1": float(v[0].correct), "status": v[0].status,
             "answer": answers[0], "gold": str(item.get("answer", "")), "completion": g[0],
@@ -127,13 +145,16 @@ def score_problems(items: Sequence[dict], greedy: Sequence[tuple[str, int, bool]
             "length": g[1], "truncated": float(g[2]),
             "n": n, "c": c,
             "pass@k": M.pass_at_k(n, c, k) if n else float("nan"),
-            "maj@k": float(M.maj_at_k(answers[1:], s_correct, k)) if n else float("nan"),
+            "maj@k": float(M.maj_at_k(answers[1:], s_correct, k, answer_equivalence(item))) if n else float("nan"),
             "mean@n": c / n if n else float("nan"),
             "format_rate_sampled": float(np.mean([format_ok(t, strict=strict_format) for t in texts])) if n else 0.0,
             "reflection_rate": float(np.mean([M.has_reflection(t, keywords) for t in texts])) if n else 0.0,
             "truncated_rate": float(np.mean([tr for _, _, tr in ss])) if n else float(g[2]),
             "sample_lengths": [ln for _, ln, _ in ss],
-        })
+        }
+        if item.get("benchmark"):
+            rec["benchmark"] = item["benchmark"]
+        recs.append(rec)
     return recs
 
 
@@ -173,8 +194,23 @@ def compare(recs: Sequence[dict], base: Sequence[dict], n_boot: int, seed: int) 
     return {"overall": diffs(pairs), "by_domain": {d: diffs([p for p in pairs if p[0]["domain"] == d]) for d in doms}}
 
 
+def by_benchmark(recs: Sequence[dict], base: Sequence[dict] | None, rows: dict, n_boot: int, seed: int) -> dict:
+    """``{NAME: {"rows", rates + lengths, ["baseline", "delta"]}}`` for the named benchmarks' records."""
+    out = {}
+    for name, counts in rows.items():
+        mine = [r for r in recs if r.get("benchmark") == name]
+        block = {"rows": counts, **aggregate(mine, n_boot, seed)}
+        if base is not None:
+            ids = {r["id"] for r in mine}
+            theirs = [r for r in base if r["id"] in ids]
+            block["baseline"] = aggregate(theirs, n_boot, seed)
+            block["delta"] = compare(mine, theirs, n_boot, seed)["overall"] if theirs else None
+        out[name] = block
+    return out
+
+
 def flat_metrics(doc: dict) -> dict[str, float]:
-    """KFP-friendly ``name -> float`` view of ``metrics.json``."""
+    """KFP-friendly ``name -> float`` view of ``metrics.json`` (benchmarks as ``bench/NAME/...``)."""
     out: dict[str, float] = {"accuracy": doc["overall"]["pass@1"]["mean"]}
 
     def put(prefix, block):
@@ -191,6 +227,11 @@ def flat_metrics(doc: dict) -> dict[str, float]:
         put("delta/", doc["delta"]["overall"])
         for d, block in doc["delta"]["by_domain"].items():
             put(f"delta/{d}/", block)
+    for name, block in doc.get("benchmarks", {}).items():
+        put(f"bench/{name}/", block)
+        out[f"bench/{name}/n"] = block["n_problems"]
+        if block.get("delta"):
+            put(f"delta/bench/{name}/", block["delta"])
     return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
 
@@ -203,13 +244,16 @@ def evaluate_model(cfg, model_uri: str, items: list[dict], label: str) -> list[d
     import torch
 
     from r1zero.model import load_causal_lm
-    from r1zero.template import render_prompt
+    from r1zero.template import prompt_renderer
     from r1zero.train.dist import device_for, read_env
 
     torch.manual_seed(cfg.seed)
     model, tok = load_causal_lm(model_uri)
+    if tok.eos_token_id is None or tok.pad_token_id is None:
+        raise UserError(f"{model_uri}: tokenizer needs eos and pad tokens")
     model.to(device_for(read_env()))  # cuda:LOCAL_RANK on a GPU node (untested here), else CPU
-    prompts = [render_prompt(r["prompt"]) for r in items]
+    render = prompt_renderer(tok, cfg.data.chat_template)
+    prompts = [render(r["prompt"]) for r in items]
     e = cfg.eval
     greedy = [g[0] for g in generate(model, tok, prompts, 1, 0.0, e.max_new_tokens, cfg.seed, f"{label} greedy")]
     sampled = generate(model, tok, prompts, e.n_samples, e.temperature, e.max_new_tokens, cfg.seed + 1,
@@ -218,6 +262,28 @@ def evaluate_model(cfg, model_uri: str, items: list[dict], label: str) -> list[d
 
     return score_problems(items, greedy, sampled, e.k, cfg.grpo.reward.format_mode == "strict",
                           cfg.grpo.reflection_keywords, verify_many=verify_many_for(cfg.sandbox))
+
+
+def load_benchmarks(cfg, data_uri: str) -> tuple[list[dict], dict]:
+    """Every row of every named benchmark in the data artifact (whole), tagged with its name.
+
+    Returns ``(items, {NAME: {"in", "evaluated", "not_evaluated"}})``; rows without a gold answer
+    (generic ``general`` rows) are counted, not evaluated.
+    """
+    from r1zero.data.shards import bench_split, read_rows
+
+    items, counts = [], {}
+    for b in cfg.eval.benchmarks:
+        try:
+            rows = read_rows(data_uri, bench_split(b.name))
+        except UserError:
+            raise UserError(f"data {data_uri}: no benchmark {b.name!r} (was the data stage run with this "
+                            "eval.benchmarks entry?)") from None
+        keep = [{**r, "benchmark": b.name} for r in rows if str(r.get("answer", "")).strip()]
+        items += keep
+        counts[b.name] = {"in": len(rows), "evaluated": len(keep),
+                          "not_evaluated": {"no_gold_answer": len(rows) - len(keep)}}
+    return items, counts
 
 
 def _load_baseline(cfg, baseline_uri: str, items: list[dict]) -> tuple[list[dict], str]:
@@ -242,18 +308,23 @@ def run_eval(cfg, model_uri: str, data_uri: str, out_uri: str, baseline_uri: str
     e = cfg.eval
     rows = read_rows(data_uri, "eval")
     items = select_problems(rows, e.domains, e.n_problems, cfg.seed)
-    if not items:
+    bench_items, bench_rows = load_benchmarks(cfg, data_uri)
+    if not items and not bench_items:
         raise UserError(f"data {data_uri}: no eval problems in domains {', '.join(e.domains)}")
-    recs = evaluate_model(cfg, model_uri, items, "model")
+    all_recs = evaluate_model(cfg, model_uri, items + bench_items, "model")
+    recs = [r for r in all_recs if "benchmark" not in r] or all_recs  # headline: the eval split
     doc = {"model": str(model_uri), "data": str(data_uri), "config_hash": cfg.hash(), "seed": cfg.seed,
            "k": min(e.k, e.n_samples), "n_samples": e.n_samples, "temperature": e.temperature,
            "max_new_tokens": e.max_new_tokens, "rows": selection_counts(rows, items, e.domains),
            **by_domain(recs, e.bootstrap, cfg.seed)}
-    base_recs = None
+    base_recs = all_base = None
     if baseline_uri:
-        base_recs, kind = _load_baseline(cfg, baseline_uri, items)
+        all_base, kind = _load_baseline(cfg, baseline_uri, items + bench_items)
+        base_recs = [r for r in all_base if "benchmark" not in r] or all_base
         doc["baseline"] = {"uri": str(baseline_uri), "kind": kind, **by_domain(base_recs, e.bootstrap, cfg.seed)}
         doc["delta"] = compare(recs, base_recs, e.bootstrap, cfg.seed)
+    if bench_rows:
+        doc["benchmarks"] = by_benchmark(all_recs, all_base, bench_rows, e.bootstrap, cfg.seed)
     flat = flat_metrics(doc)
     doc["accuracy"] = flat["accuracy"]
 
@@ -274,7 +345,8 @@ def run_eval(cfg, model_uri: str, data_uri: str, out_uri: str, baseline_uri: str
         d = Path(tmp)
         store.atomic_write_text(d / "metrics.json", json.dumps(doc, indent=1, sort_keys=True) + "\n")
         store.atomic_write_text(d / "kfp_metrics.json", json.dumps(flat, indent=1, sort_keys=True) + "\n")
-        store.atomic_write_text(d / "per_problem.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+        store.atomic_write_text(d / "per_problem.jsonl",
+                                "".join(json.dumps(r, sort_keys=True) + "\n" for r in all_recs))
         store.atomic_write_text(d / "report.html", html)
         store.publish(d, out_uri)
     return flat

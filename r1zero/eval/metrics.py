@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -57,31 +57,58 @@ def normalize_answer(answer: str | None) -> str | None:
     return s or None
 
 
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """Most frequent normalised non-empty answer; ties go to the earliest first occurrence."""
+def vote_classes(answers: Sequence[str | None], equivalent: Callable[[str, str], bool] | None = None) -> list[int | None]:
+    """Equivalence class of each answer (index of its class's first answer; None for no answer).
+
+    Two answers share a class when they normalise equally or ``equivalent(representative, answer)``
+    (the verifier's equivalence, so ``1/2`` and ``0.5`` are one vote). Classes are formed greedily
+    in order: an answer joins the first class whose representative it is equivalent to.
+    """
     normed = [normalize_answer(a) for a in answers]
-    counts = Counter(a for a in normed if a is not None)
+    reps: list[int] = []  # index of each class's first answer
+    out: list[int | None] = []
+    for i, n in enumerate(normed):
+        if n is None:
+            out.append(None)
+            continue
+        cls = next((r for r in reps if normed[r] == n
+                    or (equivalent is not None and equivalent(str(answers[r]), str(answers[i])))), None)
+        if cls is None:
+            reps.append(i)
+            cls = i
+        out.append(cls)
+    return out
+
+
+def majority_vote(answers: Sequence[str | None], equivalent: Callable[[str, str], bool] | None = None) -> str | None:
+    """The normalised representative of the largest answer class; ties go to the earliest class."""
+    classes = vote_classes(answers, equivalent)
+    counts = Counter(c for c in classes if c is not None)
     if not counts:
         return None
     best = max(counts.values())
-    return next(a for a in normed if a is not None and counts[a] == best)
+    return normalize_answer(answers[next(c for c in classes if c is not None and counts[c] == best)])
 
 
-def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int) -> bool:
+def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int,
+             equivalent: Callable[[str, str], bool] | None = None) -> bool:
     """maj@k: is the majority answer among the first ``k`` samples a correct one?
 
-    ``correct[i]`` is the verifier's verdict on ``answers[i]``. The voted answer counts as correct
-    when any sample carrying it was verified correct (answers that normalise equally verify equally).
+    ``correct[i]`` is the verifier's verdict on ``answers[i]``. Votes are grouped by
+    :func:`vote_classes` (``equivalent``: the verifier's answer equivalence; None = normalised
+    string equality); the winning class counts as correct when any sample in it was verified correct.
     """
     if len(answers) != len(correct):
         raise ValueError("answers and correct must have the same length")
     if k < 1:
         raise ValueError(f"maj_at_k needs k >= 1 (got {k})")
-    head = list(answers[:k])
-    winner = majority_vote(head)
-    if winner is None:
+    classes = vote_classes(list(answers[:k]), equivalent)
+    counts = Counter(c for c in classes if c is not None)
+    if not counts:
         return False
-    return any(bool(c) and normalize_answer(a) == winner for a, c in zip(head, correct[:k]))
+    best = max(counts.values())
+    winner = next(c for c in classes if c is not None and counts[c] == best)
+    return any(bool(ok) and c == winner for c, ok in zip(classes, correct[:k]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Built by :func:`r1zero.eval.evaluate.run_eval` (``report.html``); no external assets, so it opens
 from a KFP artifact, an S3 console or an email attachment. Sections: overall and per-domain rates
-with 95% bootstrap CIs, accuracy by domain, base vs RL (with ``--baseline``), response-length
+with 95% bootstrap CIs, accuracy by domain, named benchmarks (each evaluated whole; model,
+baseline and paired difference per benchmark), base vs RL (with ``--baseline``), response-length
 distributions, training curves with detected events (with ``--curves``), a few greedy completions.
 """
 
@@ -61,6 +62,28 @@ def _rate_table(overall: dict, domains: dict, k: int, lengths: bool = True) -> s
         body.append("<tr><td>length mean / p90 (sampled, tokens)</td>" + "".join(
             f"<td>{b['length_sampled']['mean']:.1f} / {b['length_sampled']['p90']:.0f}</td>" for b in blocks.values())
             + "</tr>")
+    return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
+
+
+def _bench_table(benchmarks: dict, k: int) -> str:
+    """One column per benchmark (and per baseline / difference when present)."""
+    cols: dict[str, dict] = {}
+    for name, b in benchmarks.items():
+        cols[name] = b
+        if b.get("baseline") is not None:
+            cols[f"{name} baseline"] = b["baseline"]
+        if b.get("delta") is not None:
+            cols[f"{name} &Delta;"] = b["delta"]
+    head = "".join(f"<th>{html.escape(c).replace('&amp;Delta;', '&Delta;')} <small>(n={b.get('n_problems', b.get('n_paired'))})"
+                   "</small></th>" for c, b in cols.items())
+    body = []
+    for key, label in ROWS:
+        label = label.replace("@k", f"@{k}")
+        body.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{_fmt(b.get(key))}</td>" for b in cols.values())
+                    + "</tr>")
+    body.append("<tr><td>length mean / p90 (sampled, tokens)</td>" + "".join(
+        f"<td>{b['length_sampled']['mean']:.1f} / {b['length_sampled']['p90']:.0f}</td>" if "length_sampled" in b
+        else "<td>&ndash;</td>" for b in cols.values()) + "</tr>")
     return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
 
 
@@ -165,6 +188,10 @@ def render_report(doc: dict, recs: Sequence[dict], base: Sequence[dict] | None =
              f", max {doc['max_new_tokens']} new tokens, k={k}, seed {doc['seed']}. Brackets: 95% bootstrap CI.</p>",
              "<h2>Rates</h2>", _rate_table(doc["overall"], doc["by_domain"], k)]
     parts += ["<h2>Accuracy by domain</h2>", accuracy_figure(doc)]
+    if doc.get("benchmarks"):
+        parts += ["<h2>Named benchmarks</h2><p>each evaluated whole (every imported row with a gold answer)"
+                  + ("; model, baseline and model &minus; baseline (paired)" if "baseline" in doc else "") + ".</p>",
+                  _bench_table(doc["benchmarks"], k)]
     if "baseline" in doc:
         parts += [f"<h2>Base vs RL</h2><p>baseline <code>{html.escape(doc['baseline']['uri'])}</code> "
                   f"({doc['baseline']['kind']}); differences are model &minus; baseline, paired over problems.</p>",

@@ -98,7 +98,8 @@ def max_positions(model) -> int:
     return 1 << 30
 
 
-def prepare_entries(rows: list[dict], tokenizer, max_prompt_tokens: int) -> tuple[list[PromptEntry], dict]:
+def prepare_entries(rows: list[dict], tokenizer, max_prompt_tokens: int,
+                    render=None) -> tuple[list[PromptEntry], dict]:
     """Render + tokenize prompts; rows that cannot be used are counted by reason, never silently lost."""
     from r1zero.template import render_prompt
 
@@ -107,7 +108,7 @@ def prepare_entries(rows: list[dict], tokenizer, max_prompt_tokens: int) -> tupl
         if r.get("domain") not in RL_DOMAINS:
             dropped["not_rl_domain"] = dropped.get("not_rl_domain", 0) + 1
             continue
-        ids = tokenizer(render_prompt(r["prompt"]), add_special_tokens=False)["input_ids"]
+        ids = tokenizer((render or render_prompt)(r["prompt"]), add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_tokens:
             dropped["prompt_too_long"] = dropped.get("prompt_too_long", 0) + 1
             continue
@@ -375,8 +376,14 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
     if budget < 8:
         raise UserError(f"grpo.max_new_tokens ({g.max_new_tokens}) leaves no room for prompts in the "
                         f"policy's context ({max_positions(model)})")
-    entries, dropped = prepare_entries(load_rows(data_dir, "train"), tok, budget)
-    eval_entries, eval_dropped = prepare_entries(load_rows(data_dir, "eval"), tok, budget)
+    from r1zero.data.shards import bench_split
+    from r1zero.template import prompt_renderer
+
+    render = prompt_renderer(tok, cfg.data.chat_template)  # the base's chat template when asked
+    entries, dropped = prepare_entries(load_rows(data_dir, "train"), tok, budget, render)
+    # the periodic held-out curve follows a named benchmark when grpo.eval_benchmark is set
+    eval_split = bench_split(g.eval_benchmark) if g.eval_benchmark else "eval"
+    eval_entries, eval_dropped = prepare_entries(load_rows(data_dir, eval_split), tok, budget, render)
     if not entries:
         raise UserError(f"data artifact {data_uri}: no usable RL prompts in the train split (dropped: {dropped})")
     subset = eval_subset(eval_entries, g.eval_problems, cfg.seed) if g.eval_problems else []

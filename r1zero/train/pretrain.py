@@ -81,9 +81,16 @@ def load_tokenizer(data_dir: Path):
 
 
 def new_model(cfg, tokenizer):
-    """A fresh :class:`R1ZeroForCausalLM` from ``cfg.model``; identical on every rank (seeded)."""
-    from r1zero.model import build_model
+    """A fresh :class:`R1ZeroForCausalLM` from ``cfg.model``; identical on every rank (seeded).
 
+    With ``model.base`` the base checkpoint instead (any transformers causal LM: continued
+    pretraining), loaded in train mode.
+    """
+    from r1zero.model import build_model, load_causal_lm
+
+    if cfg.model.base:
+        model, _ = load_causal_lm(cfg.model.base, require_tokenizer=False)
+        return model.train()
     return build_model(cfg.model, seed=cfg.seed, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
 
@@ -154,12 +161,19 @@ def train(cfg, data_uri: str, work: Path, ckpt_uri: str) -> dict:
     dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size=env.world_size, grad_accum=pre.grad_accum)
     device = rdist.device_for(env)
     check_precision(pre.precision, device)
-    if pre.seq_len > cfg.model.max_seq_len:
-        raise UserError(f"pretrain.seq_len ({pre.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    max_len, vocab = cfg.model.max_seq_len, cfg.model.vocab_size
+    if cfg.model.base:  # the base's own shape (config.json), not the from-scratch fields
+        from r1zero.data.base import check_base
+
+        base_cfg = check_base(cfg.model.base)["config"]
+        max_len = base_cfg.get("max_position_embeddings") or pre.seq_len
+        vocab = base_cfg.get("vocab_size") or vocab
+    if pre.seq_len > max_len:
+        raise UserError(f"pretrain.seq_len ({pre.seq_len}) exceeds the model's max sequence length ({max_len})")
     data_dir = store.materialize(data_uri)
     tokenizer = load_tokenizer(Path(data_dir))
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is {cfg.model.vocab_size}")
+    if len(tokenizer) > vocab:
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
     rows = load_rows(Path(data_dir), "train")
     packed = PackedSequences.from_texts(build_documents(rows, cfg.seed, cfg.data.template_fraction,
                                                         cfg.data.reasoning_fraction, cfg.data.solution_style),
@@ -282,12 +296,29 @@ def _finish(cfg, model, state, tokenizer, work: Path, data_dir, info: dict) -> d
     return summary
 
 
+def publish_base(cfg, out_uri: str) -> dict:
+    """No pretraining (``model.base`` with ``pretrain.steps: 0``): the base itself is the stage's model."""
+    from r1zero.data.base import base_path, check_base
+
+    info = check_base(cfg.model.base, cfg.data.chat_template)
+    with tempfile.TemporaryDirectory(prefix="r1zero-base-") as tmp:
+        work = Path(tmp) / "model"
+        shutil.copytree(base_path(cfg.model.base), work, ignore=shutil.ignore_patterns("checkpoints", ".*"))
+        summary = {"name": cfg.name, "config_hash": cfg.hash(), "seed": cfg.seed, "steps": 0, "skipped": True,
+                   "base_model_type": info["model_type"], "architectures": info["architectures"]}
+        store.atomic_write_text(work / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+        store.publish(work, out_uri)
+    return summary
+
+
 def run_pretrain(cfg, data_uri: str, out_uri: str) -> dict:
     """Pretrain ``cfg.model`` on the data artifact at ``data_uri``; publish the model dir to ``out_uri``.
 
     Collective under a launcher: every rank calls it; rank 0 returns the summary (others None).
     """
     store.configure(cfg.store)
+    if cfg.model.base and cfg.pretrain.steps == 0:
+        return publish_base(cfg, out_uri)
     ckpt_uri = cfg.pretrain.checkpoint_uri or store.join(out_uri, "checkpoints")
     remote = store.is_s3(out_uri)
     work = Path(tempfile.mkdtemp(prefix="r1zero-pretrain-")) if remote else store.local_path(out_uri)

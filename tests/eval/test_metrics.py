@@ -19,6 +19,7 @@ from r1zero.eval.metrics import (
     paired_bootstrap_diff,
     pass_at_k,
     unpaired_bootstrap_diff,
+    vote_classes,
 )
 
 
@@ -121,3 +122,17 @@ def test_length_summary():
     s = length_summary([1, 2, 3, 4, 10])
     assert s["mean"] == pytest.approx(4.0) and s["p50"] == 3.0 and s["max"] == 10.0
     assert length_summary([])["mean"] == 0.0
+
+
+def test_maj_at_k_votes_by_the_verifiers_equivalence():
+    from r1zero.eval.evaluate import answer_equivalence
+
+    answers, correct = ["3", "1/2", "0.5", "\\frac{1}{2}"], [False, True, True, True]
+    # string votes: four singletons, the earliest ("3", wrong) wins
+    assert maj_at_k(answers[:3], correct[:3], k=3) is False
+    eq = answer_equivalence({"domain": "math"})
+    assert vote_classes(answers, eq) == [0, 1, 1, 1]
+    assert maj_at_k(answers[:3], correct[:3], k=3, equivalent=eq) is True
+    assert majority_vote(answers, eq) == "1/2"
+    assert vote_classes(["7", None, "7.0"], answer_equivalence({"domain": "cross"})) == [0, None, 0]
+    assert answer_equivalence({"domain": "code"}) is None
