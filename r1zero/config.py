@@ -174,7 +174,43 @@ class ModelConfig(_Section):
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv})")
         if self.moe.n_dense_layers > self.n_layers:
             raise ValueError("moe.n_dense_layers must be <= n_layers")
+        m = self.moe
+        standard_hf_family(m.router, m.n_experts, m.top_k, m.n_shared, m.n_dense_layers, self.n_layers,
+                           m.capacity_factor, m.bias_update_rate)
         return self
+
+
+def standard_hf_family(router: str, n_experts: int, top_k: int, n_shared: int, n_dense_layers: int,
+                       n_layers: int, capacity_factor: float | None, bias_update_rate: float) -> str:
+    """The stock transformers architecture whose forward equals this MoE layout exactly
+    (r1zero.model.hf_export writes checkpoints in it); ValueError naming the reason if none does.
+
+    llama: every layer dense. glm4_moe: sigmoid routing + selection bias + shared experts
+    (DeepSeek-V3's MoE with plain GQA). mixtral: softmax top-k (k > 1, renormalised), no shared
+    experts, no dense layers. qwen2_moe: softmax routing with shared experts or dense first layers
+    (its shared-expert gate is written as zeros, a constant 0.5 that the export folds into the
+    shared down projection). docs/model.md "Standard checkpoints".
+    """
+    if capacity_factor is not None:
+        raise ValueError("model.moe.capacity_factor drops tokens, which no standard (dropless) HF/vLLM MoE "
+                         "architecture can reproduce at inference; use null (dropless)")
+    if n_dense_layers >= n_layers:
+        return "llama"
+    if router == "sigmoid":
+        if n_shared < 1 or n_experts < 2:
+            raise ValueError("model.moe.router sigmoid maps to Glm4Moe (DeepSeek-V3's MoE), which needs "
+                             "n_shared >= 1 and n_experts >= 2")
+        return "glm4_moe"
+    if bias_update_rate > 0:
+        raise ValueError(f"model.moe.bias_update_rate > 0 with router {router}: no standard architecture has a "
+                         "selection bias on softmax routing; use router sigmoid (Glm4Moe) for aux-loss-free balancing")
+    if n_shared == 0 and n_dense_layers == 0 and (router == "soft" or top_k > 1):
+        return "mixtral"
+    if n_shared >= 1:
+        return "qwen2_moe"
+    raise ValueError(f"model.moe: router {router} with top_k {top_k}, no shared experts and {n_dense_layers} dense "
+                     "layers has no standard HF architecture (Mixtral renormalises top-1 weights to 1 and has no "
+                     "dense layers); use n_shared >= 1 (Qwen2-MoE) or top_k >= 2 with no dense layers (Mixtral)")
 
 
 class ParallelConfig(_Section):

@@ -5,18 +5,28 @@
     model, tok = load_causal_lm("runs/tiny/pretrain")         # or s3://bucket/run/pretrain
 
 ``load_causal_lm`` accepts a local directory or an artifact-store URI (materialised through
-:mod:`r1zero.store`) holding ``config.json`` + weights of *any* transformers causal LM (an r1zero
-MoE, a Llama, ...), plus tokenizer files.
+:mod:`r1zero.store`) holding ``config.json`` + weights of *any* transformers causal LM, plus
+tokenizer files. A checkpoint of a standard family that r1zero's model represents exactly (what
+:mod:`r1zero.model.hf_export` writes: Llama, Mixtral, Qwen2-MoE, Glm4Moe, also when saved by stock
+transformers) is mapped into :class:`R1ZeroForCausalLM` (the inverse of the export's name map), so
+GRPO keeps r1zero's fused MoE kernels, balancing and telemetry; anything else (qkv biases, qk-norm,
+partial RoPE, sliding windows, gated shared experts, grouped routing, other families) runs as the
+stock transformers model. Legacy ``model_type: r1zero_moe`` dirs still load.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import torch
 
 from r1zero.errors import UserError
+
+log = logging.getLogger(__name__)
+MAPPED_FAMILIES = ("llama", "mixtral", "qwen2_moe", "glm4_moe")
 
 
 def build_model(model_cfg, seed: int = 0, **overrides):
@@ -66,11 +76,19 @@ def load_causal_lm(path_or_uri, dtype: torch.dtype = torch.float32, require_toke
         model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path_or_uri}: config.json is not valid JSON ({err})") from None
+    model = None
+    if model_type in MAPPED_FAMILIES:
+        try:
+            model = load_into_r1zero(path, dtype)
+        except NotRepresentable as why:
+            log.info("%s: %s checkpoint runs as the stock transformers model (%s)", path_or_uri, model_type, why)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path_or_uri}: cannot load causal LM (model_type {model_type!r}): {first}") from None
+        raise UserError(f"{path_or_uri}: cannot load causal LM, unsupported architecture "
+                        f"(model_type {model_type!r}): {first}") from None
     except OSError as err:
         raise UserError(f"{path_or_uri}: cannot load model weights: {str(err).splitlines()[0]}") from None
     model.eval()
@@ -78,3 +96,167 @@ def load_causal_lm(path_or_uri, dtype: torch.dtype = torch.float32, require_toke
     if tokenizer is None and require_tokenizer:
         raise UserError(f"{path_or_uri}: no tokenizer files (tokenizer.json) beside the model")
     return model, tokenizer
+
+
+# ---- standard checkpoint -> R1ZeroForCausalLM (the inverse of hf_export.convert_tensor) ----------
+
+
+class NotRepresentable(Exception):
+    """A standard checkpoint whose forward r1zero's model cannot reproduce exactly (the reason)."""
+
+
+def _need(ok: bool, why: str) -> None:
+    if not ok:
+        raise NotRepresentable(why)
+
+
+def r1zero_config_from_hf(path: Path):
+    """(R1ZeroConfig, family) equal to the standard checkpoint's config; NotRepresentable otherwise."""
+    from transformers import AutoConfig
+
+    from r1zero.model.config import R1ZeroConfig
+    from r1zero.model.hf_export import TRAINING_KEY
+
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    hf = AutoConfig.from_pretrained(str(path))
+    family = hf.model_type
+    extra = raw.get(TRAINING_KEY) or {}
+    D, H = hf.hidden_size, hf.num_attention_heads
+    _need(getattr(hf, "hidden_act", "silu") == "silu", f"activation {getattr(hf, 'hidden_act', None)}")
+    _need((getattr(hf, "head_dim", None) or D // H) * H == D, "head_dim * heads != hidden_size")
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    _need(rope.get("rope_type", "default") == "default", f"rope_type {rope.get('rope_type')}")
+    _need(float(rope.get("partial_rotary_factor", 1.0)) == 1.0, "partial rotary embedding")
+    _need(not getattr(hf, "attention_bias", False) and not getattr(hf, "mlp_bias", False), "attention/MLP biases")
+    _need(getattr(hf, "sliding_window", None) is None or not getattr(hf, "use_sliding_window", True),
+          "sliding-window attention")
+    kw = dict(vocab_size=hf.vocab_size, hidden_size=D, num_hidden_layers=hf.num_hidden_layers,
+              num_attention_heads=H, num_key_value_heads=hf.num_key_value_heads,
+              max_position_embeddings=hf.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 10000.0)),
+              rms_norm_eps=hf.rms_norm_eps, initializer_range=getattr(hf, "initializer_range", 0.02),
+              tie_word_embeddings=bool(hf.tie_word_embeddings), bos_token_id=hf.bos_token_id,
+              eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id,
+              **{k: extra[k] for k in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "expert_compute")
+                 if k in extra})
+    L = hf.num_hidden_layers
+    if family == "llama":
+        kw.update(n_experts=1, num_experts_per_tok=1, d_expert=1, n_dense_layers=L, d_dense=hf.intermediate_size)
+    elif family == "mixtral":
+        E, k = hf.num_local_experts, hf.num_experts_per_tok
+        soft = extra.get("router") == "soft" and k == E
+        _need(k > 1, "Mixtral top-1 renormalises the weight to 1")
+        kw.update(n_experts=E, num_experts_per_tok=k, d_expert=hf.intermediate_size,
+                  router="soft" if soft else "softmax")
+    elif family == "qwen2_moe":
+        E, k, F = hf.num_experts, hf.num_experts_per_tok, hf.moe_intermediate_size
+        dense = sorted(hf.mlp_only_layers or [])
+        _need(hf.decoder_sparse_step == 1 and dense == list(range(len(dense))), "MoE layers not after a dense prefix")
+        shared = hf.shared_expert_intermediate_size
+        _need(shared > 0 and shared % F == 0, "shared-expert width not a multiple of the expert width")
+        if k == E and not hf.norm_topk_prob:
+            router = "soft"
+        else:
+            _need(bool(hf.norm_topk_prob) == (k > 1), "norm_topk_prob differs from r1zero's softmax (renormalise iff k > 1)")
+            router = "softmax"
+        kw.update(n_experts=E, num_experts_per_tok=k, d_expert=F,
+                  n_shared=shared // F, n_dense_layers=len(dense), d_dense=hf.intermediate_size, router=router)
+    elif family == "glm4_moe":
+        E, k = hf.n_routed_experts, hf.num_experts_per_tok
+        _need(not hf.use_qk_norm, "qk-norm")
+        _need(hf.topk_group == hf.n_group, "group-limited routing (topk_group < n_group)")
+        _need(bool(hf.norm_topk_prob), "un-normalised sigmoid weights")
+        _need(hf.n_shared_experts >= 1, "no shared experts")
+        kw.update(n_experts=E, num_experts_per_tok=k, d_expert=hf.moe_intermediate_size, n_shared=hf.n_shared_experts,
+                  n_dense_layers=min(hf.first_k_dense_replace, L), d_dense=hf.intermediate_size, router="sigmoid",
+                  route_scale=float(hf.routed_scaling_factor))
+    else:
+        raise NotRepresentable(f"family {family}")
+    try:
+        return R1ZeroConfig(**kw), family
+    except ValueError as err:
+        raise NotRepresentable(str(err)) from None
+
+
+def _tensor_reader(path: Path):
+    """``read(name) -> tensor`` over the dir's safetensors files, and the set of stored names."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    _need(bool(files), "no safetensors weights")
+    where = {}
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    for h in handles:
+        where.update({k: h for k in h.keys()})
+
+    def read(name: str) -> torch.Tensor:
+        if name not in where:
+            raise NotRepresentable(f"tensor {name} missing")
+        return where[name].get_tensor(name)
+
+    return read, set(where)
+
+
+def r1zero_tensor(name: str, cfg, family: str, read) -> torch.Tensor:
+    """The r1zero tensor ``name`` read from a standard checkpoint (inverse of ``convert_tensor``)."""
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return read("model.embed_tokens.weight")
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+    if m is None:
+        return read(name)
+    i, rest = int(m.group(1)), m.group(2)
+    pre = f"model.layers.{i}."
+    moe_pre = pre + ("block_sparse_moe." if family == "mixtral" else "mlp.")
+    if rest == "attn_norm.weight":
+        return read(pre + "input_layernorm.weight")
+    if rest == "ffn_norm.weight":
+        return read(pre + "post_attention_layernorm.weight")
+    if rest.startswith("self_attn.") or i < cfg.n_dense_layers:
+        if family == "qwen2_moe" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                              "self_attn.v_proj.weight"):
+            _need(not bool(read(pre + rest.replace(".weight", ".bias")).any()), "non-zero q/k/v biases")
+        return read(pre + rest)
+    if rest == "mlp.gate.weight":
+        if family == "qwen2_moe":
+            _need(not bool(read(pre + "mlp.shared_expert_gate.weight").any()), "a learned shared-expert gate")
+        return read(moe_pre + "gate.weight")
+    if rest == "mlp.expert_bias_E":
+        if family == "glm4_moe":
+            return read(moe_pre + "gate.e_score_correction_bias")
+        return torch.zeros(cfg.n_experts)
+    em = re.fullmatch(r"mlp\.experts\.(w_gate_up|w_down)\.(\d+)", rest)
+    if em is not None:
+        e = em.group(2)
+        names = {"mixtral": ("w1", "w3", "w2")}.get(family, ("gate_proj", "up_proj", "down_proj"))
+        if em.group(1) == "w_down":
+            return read(f"{moe_pre}experts.{e}.{names[2]}.weight")
+        return torch.cat([read(f"{moe_pre}experts.{e}.{names[0]}.weight"),
+                          read(f"{moe_pre}experts.{e}.{names[1]}.weight")], dim=0)
+    if rest.startswith("mlp.shared."):
+        proj = rest[len("mlp.shared."):]
+        if family == "glm4_moe":
+            return read(pre + "mlp.shared_experts." + proj)
+        t = read(pre + "mlp.shared_expert." + proj)
+        return t / 2 if proj == "down_proj.weight" else t  # the export folded sigmoid(0) = 0.5 in
+    raise NotRepresentable(f"no source for {name}")
+
+
+def load_into_r1zero(path: Path, dtype: torch.dtype = torch.float32):
+    """R1ZeroForCausalLM (eval mode) holding a standard checkpoint's weights; NotRepresentable if the
+    checkpoint's forward differs from r1zero's (a reason the stock model must run instead)."""
+    from r1zero.model.modeling import R1ZeroForCausalLM
+
+    cfg, family = r1zero_config_from_hf(path)
+    read, stored = _tensor_reader(path)
+    model = R1ZeroForCausalLM(cfg)
+    state = {}
+    for name, ref in model.state_dict().items():
+        t = r1zero_tensor(name, cfg, family, read)
+        _need(tuple(t.shape) == tuple(ref.shape), f"{name}: shape {tuple(t.shape)} != {tuple(ref.shape)}")
+        state[name] = t.to(torch.float32 if name.endswith("expert_bias_E") else dtype)
+    model.load_state_dict(state, strict=True)
+    if dtype != torch.float32:
+        model.to(dtype)
+        for m in model.moe_layers():  # router state stays fp32, as the routing math
+            m.expert_bias_E.data = m.expert_bias_E.data.float()
+            m.tokens_per_expert_E.data = m.tokens_per_expert_E.data.float()
+    return model.eval()

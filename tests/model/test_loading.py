@@ -1,4 +1,5 @@
-"""load_causal_lm: r1zero and foreign (Llama) model dirs with tokenizers; bad input -> UserError."""
+"""load_causal_lm: r1zero and foreign (Llama) model dirs with tokenizers; bad input -> UserError.
+Standard-architecture export/mapping and stock-saved MoE checkpoints: test_hf_export.py."""
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def save_tokenizer(path):
 def test_loads_r1zero_model_dir(tmp_path):
     torch.manual_seed(0)
     m = R1ZeroForCausalLM(R1ZeroConfig(vocab_size=80, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                       n_experts=2, num_experts_per_tok=1, d_expert=8))
+                                       n_experts=2, num_experts_per_tok=1, n_shared=1, d_expert=8))
     m.save_pretrained(tmp_path)
     save_tokenizer(tmp_path)
     model, tok = load_causal_lm(str(tmp_path))
@@ -36,10 +37,14 @@ def test_loads_a_foreign_llama_dir(tmp_path):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    stock = LlamaForCausalLM(cfg).eval()
+    stock.save_pretrained(tmp_path)
     save_tokenizer(tmp_path)
     model, tok = load_causal_lm(tmp_path)
-    assert isinstance(model, LlamaForCausalLM)
+    # a plain Llama is exactly r1zero's all-dense layout: mapped into R1ZeroForCausalLM
+    assert isinstance(model, R1ZeroForCausalLM) and model.config.n_dense_layers == 1
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert torch.allclose(model(ids).logits, stock(ids).logits, atol=1e-6)
     out = model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 6)
 
@@ -59,7 +64,7 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
 
 def test_missing_tokenizer_is_reported(tmp_path):
     R1ZeroForCausalLM(R1ZeroConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                   n_experts=2, num_experts_per_tok=1, d_expert=4)).save_pretrained(tmp_path)
+                                   n_experts=2, num_experts_per_tok=2, d_expert=4)).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="no tokenizer"):
         load_causal_lm(tmp_path)
     model, tok = load_causal_lm(tmp_path, require_tokenizer=False)

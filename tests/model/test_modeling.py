@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from r1zero.config import load_config
-from r1zero.model import R1ZeroConfig, R1ZeroForCausalLM, build_model
+from r1zero.model import R1ZeroConfig, R1ZeroForCausalLM, build_model, load_causal_lm
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, n_experts=4,
             num_experts_per_tok=2, n_shared=1, d_expert=16, max_position_embeddings=64, eos_token_id=1,
@@ -26,8 +26,8 @@ def test_from_model_config_maps_the_typed_config():
     assert hf.n_shared == 1 and hf.d_expert == 128 and hf.vocab_size == 512 and hf.router == "softmax"
     assert hf.aux_loss_coef == cfg.model.moe.aux_loss_coef and hf.capacity_factor is None
     assert hf.expert_compute == "loop"
-    other = load_config("configs/tiny.yaml", ["model.moe.expert_compute=padded", "model.moe.capacity_factor=1.25"])
-    hf = R1ZeroConfig.from_model_config(other.model)
+    other = load_config("configs/tiny.yaml", ["model.moe.expert_compute=padded"])
+    hf = R1ZeroConfig.from_model_config(other.model, capacity_factor=1.25)
     assert hf.expert_compute == "padded" and hf.capacity_factor == 1.25
 
 
@@ -140,13 +140,17 @@ def test_save_pretrained_round_trip_through_auto_classes(tmp_path):
     with torch.no_grad():
         m.model.layers[1].mlp.expert_bias_E.copy_(torch.tensor([0.1, -0.1, 0.0, 0.0]))
     m.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
-    assert AutoConfig.from_pretrained(tmp_path).model_type == "r1zero_moe"
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (tmp_path / "model.safetensors.index.json").is_file() and (tmp_path / "config.json").is_file()
+    # a standard architecture (sigmoid + bias + shared experts = Glm4Moe), loaded by the Auto classes
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "glm4_moe"
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(stock).__name__ == "Glm4MoeForCausalLM"
+    ids = torch.randint(2, 64, (2, 8))
+    assert torch.allclose(stock(ids).logits, m(ids).logits, atol=1e-5)
+    loaded, _ = load_causal_lm(tmp_path, require_tokenizer=False)  # mapped back into r1zero's model
     assert isinstance(loaded, R1ZeroForCausalLM)
     assert torch.equal(loaded.model.layers[1].mlp.expert_bias_E, m.model.layers[1].mlp.expert_bias_E)
     assert torch.equal(loaded.model.rotary.inv_freq, m.model.rotary.inv_freq)
-    ids = torch.randint(2, 64, (2, 8))
     assert torch.allclose(loaded(ids).logits, m(ids).logits, atol=1e-6)
     kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(loaded.generate(ids, **kw), m.generate(ids, **kw))
