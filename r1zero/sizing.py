@@ -31,7 +31,13 @@ the estimates were printed next to Megatron-LM 2021 Table 1 and BLOOM-176B, and 
 was lowered from 0.72 to 0.66 (inside the cited sustained-GEMM range) and three terms were added
 (unfused attention-score traffic, the last stage's logit GEMM, overlap interference). The tests
 against those runs are therefore consistency checks within 15%, not held-out validation; only the
-ZeRO memory figures are exact formulas.
+ZeRO memory figures are exact formulas. Held out: the OPT-175B row (FSDP + TP 8 on 992 A100s,
+arXiv:2205.01068) was added after the constants were fixed and changed none of them.
+
+Engines: ``Layout.engine="fsdp2"`` (default) is r1zero's engine as :mod:`r1zero.train.parallelize`
+builds it (FSDP2-sharded fp32 states, bf16 all-gathered units, experts split over ep and
+replicated over tp, 1F1B or interleaved pipeline; :func:`stage_memory`); ``"megatron"`` is the
+replica-plus-ZeRO engine of the published runs, used only to compare with them.
 """
 
 from __future__ import annotations
