@@ -182,6 +182,15 @@ def convert_tensor(name: str, tensor: torch.Tensor, cfg, family: str) -> Iterato
         raise ValueError(f"unexpected r1zero tensor {name!r}")
 
 
+def to_hf_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(r1zero name, tensor)`` -> ``(checkpoint name, tensor)`` of the standard architecture, lazily:
+    what vLLM's ``model.load_weights(...)`` takes for an in-place weight update (no disk round trip)."""
+    cfg = r1zero_config(model_cfg)
+    family = hf_family(cfg)
+    for name, tensor in named_tensors:
+        yield from convert_tensor(name, tensor, cfg, family)
+
+
 class _ShardWriter:
     """Accumulate tensors into safetensors shards of at most ``max_bytes`` (one held at a time)."""
 
@@ -246,9 +255,8 @@ def export_hf(named_full_tensors: Iterable[tuple[str, torch.Tensor]], model_cfg,
     tmp = Path(tempfile.mkdtemp(prefix=".hf-export-", dir=out))
     try:
         writer = _ShardWriter(tmp, max_shard_bytes, dtype)
-        for name, tensor in named_full_tensors:
-            for hf_name, t in convert_tensor(name, tensor, cfg, family):
-                writer.add(hf_name, t)
+        for hf_name, t in to_hf_tensors(named_full_tensors, cfg):
+            writer.add(hf_name, t)
         index = writer.finish()
         _check_complete(index["weight_map"], hf)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

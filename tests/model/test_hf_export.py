@@ -74,7 +74,7 @@ def random_model(fields: dict, seed: int = 0) -> R1ZeroForCausalLM:
     torch.manual_seed(seed)
     m = R1ZeroForCausalLM(R1ZeroConfig(**{**BASE, **fields})).eval()
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if p.dim() == 1 else 0.15 * torch.randn_like(p))
         for moe in m.moe_layers():
             if moe.kind == "sigmoid":
@@ -157,6 +157,18 @@ def test_streamed_sharded_bf16_export(tmp_path):
     # re-exporting into the same dir replaces the shards: no stale files from the larger shard count
     export_hf(m.state_dict().items(), m.config, out)
     assert not list(out.glob("model-*-of-*.safetensors")) and (out / "model.safetensors").is_file()
+
+
+def test_to_hf_tensors_gives_the_checkpoint_names(tmp_path):
+    from r1zero.model.hf_export import to_hf_tensors
+
+    m = random_model(LAYOUTS["glm4_moe"][0])
+    m.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    live = dict(to_hf_tensors(m.state_dict().items(), m.config))
+    assert set(live) == set(index["weight_map"])
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), t) for k, t in live.items())
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path):
