@@ -102,6 +102,17 @@ DEFAULT_HEADROOM = 0.10
 _CONTEXT_GB = 1.0
 
 
+def gpu_of_device(device_name: str) -> GPU | None:
+    """The :data:`GPUS` entry of a CUDA device name (``torch.cuda.get_device_name``), or None.
+    H200 has the H100 SXM's compute (NVIDIA H200 datasheet: 989 TFLOP/s dense BF16)."""
+    name = device_name.upper()
+    if "H100" in name or "H200" in name:
+        return GPUS["h100-80gb"]
+    if "A100" in name:
+        return GPUS["a100-40gb" if "40GB" in name else "a100-80gb"]
+    return None
+
+
 def usable_bytes(gpu: GPU, headroom: float = DEFAULT_HEADROOM) -> float:
     """Device bytes a rank may fill: HBM less the headroom fraction and the CUDA context reserve."""
     return (gpu.hbm_gb * (1 - headroom) - _CONTEXT_GB) * GB

@@ -29,7 +29,7 @@ import warnings
 from r1zero.telemetry.comm import CommTimer
 from r1zero.telemetry.exporter import GAUGE_KEYS, JSONL_COUNTERS, JSONL_KEYS, Metrics, Server, push, serve
 
-__all__ = ["start", "Telemetry", "NullTelemetry", "CommTimer"]
+__all__ = ["start", "mfu_inputs", "Telemetry", "NullTelemetry", "CommTimer"]
 
 _COUNTERS = {"aha_events": "aha_events", "nan_skips": "nan_skips", "tokens": "tokens"}
 _MOE_NAME = re.compile(r"^moe/L(\d+)/(\w+)$")
@@ -226,6 +226,15 @@ class _NullComm(contextlib.nullcontext):
     def snapshot(self) -> dict:
         return {}
 
+    def purposes(self) -> dict:
+        return {}
+
+    def name_group(self, group, kind: str) -> None:
+        pass
+
+    def name_mesh(self, mesh, kinds: dict) -> None:
+        pass
+
     def total_seconds(self) -> float:
         return 0.0
 
@@ -273,6 +282,30 @@ class NullTelemetry:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+def mfu_inputs(cfg, device, world_size: int = 1) -> dict[str, float | None]:
+    """``flops_per_token`` and ``peak_flops`` for :func:`start`'s MFU gauge.
+
+    FLOPs per token are the planner's model FLOPs (forward + backward, no recompute: 6·N_active
+    plus attention, :func:`r1zero.sizing.flops_per_step`) of ``cfg.model`` at ``pretrain.seq_len``;
+    the peak is the device's dense peak at ``pretrain.precision`` (datasheet table in
+    :mod:`r1zero.sizing`) times ``world_size``, because the engines report the whole job's tokens
+    per step. None on a CPU or an unknown GPU (no datasheet peak): the gauge then stays unset.
+    """
+    from r1zero.sizing import flops_per_step, gpu_of_device
+    from r1zero.sizing_cli import spec_from_config
+
+    spec = spec_from_config(cfg)
+    fpt = flops_per_step(spec, 1, "none") / spec.seq
+    peak = None
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        gpu = gpu_of_device(torch.cuda.get_device_name(device))
+        tflops = gpu.peak_tflops.get(cfg.pretrain.precision) if gpu else None
+        peak = tflops * 1e12 * world_size if tflops else None
+    return {"flops_per_token": fpt, "peak_flops": peak}
 
 
 def start(tcfg, job: str, rank: int, stage: str, *, local_rank: int | None = None,

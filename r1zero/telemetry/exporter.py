@@ -115,6 +115,22 @@ class _CommCollector:
                     calls.add_metric([*base, op], n)
         yield sec
         yield calls
+        names = [*LABELS, "purpose"]
+        psec = CounterMetricFamily("r1zero_comm_purpose_seconds",
+                                   "Seconds in collectives by what they are for (fsdp_all_gather, fsdp_reduce_scatter, "
+                                   "tp, pipeline_send_recv, expert_all_to_all, grpo_weight_sync, other).", labels=names)
+        pbytes = CounterMetricFamily("r1zero_comm_purpose_bytes", "Bytes handed to collectives, by purpose.",
+                                     labels=names)
+        pcalls = CounterMetricFamily("r1zero_comm_purpose_calls", "Collective calls, by purpose.", labels=names)
+        if not empty:
+            for purpose, (seconds, n, nbytes) in self.timer.purposes().items():
+                if n:
+                    psec.add_metric([*base, purpose], seconds)
+                    pbytes.add_metric([*base, purpose], nbytes)
+                    pcalls.add_metric([*base, purpose], n)
+        yield psec
+        yield pbytes
+        yield pcalls
 
 
 class Metrics:

@@ -169,6 +169,10 @@ def dashboard(cfg) -> dict:
         _panel("Comm time ratio (budget 12%)", [(f"r1zero_comm_time_ratio{{{_SEL}}}", r)], "percentunit", 1),
         _panel("Comm seconds / s by op", [
             (f"sum by (op) (rate(r1zero_comm_seconds_total{{{_SEL}}}[5m]))", "{{op}}")], "s"),
+        _panel("Comm seconds / s by purpose (FSDP, TP, pipeline, experts, weight sync)", [
+            (f"sum by (purpose) (rate(r1zero_comm_purpose_seconds_total{{{_SEL}}}[5m]))", "{{purpose}}")], "s"),
+        _panel("Comm bytes / s by purpose", [
+            (f"sum by (purpose) (rate(r1zero_comm_purpose_bytes_total{{{_SEL}}}[5m]))", "{{purpose}}")], "Bps"),
         _row("GRPO"),
         _panel("Reward", [(f"r1zero_grpo_reward{{{_SEL}}}", r)]),
         _panel("Accuracy / format / reflection", [

@@ -8,6 +8,8 @@ Scenarios:
 - ``delay``: steps of known cost (rank 0 "computes" C s, rank 1 C + D s, then an all-reduce, so
   rank 0 waits D s in the collective), under torch.profiler; writes the exported per-step comm
   ratio, the profiler's collective time and the step times to ``OUT_DIR/delay-<rank>.json``.
+- ``purposes``: FSDP2, DTensor TP, pipeline P2P and expert all-to-all on tagged groups; writes
+  ``CommTimer.purposes()`` per rank to ``OUT_DIR/purposes-<rank>.json``.
 - ``train``: a small DDP model trained until ``OUT_DIR/stop`` appears, exporting on an ephemeral
   loopback port written to ``OUT_DIR/port-<rank>``.
 """
@@ -107,11 +109,51 @@ def scenario_train(out: Path, rank: int) -> None:
     tel.close()
 
 
+def scenario_purposes(out: Path, rank: int) -> None:
+    """One FSDP2 step, one DTensor tensor-parallel forward, pipeline P2P and an expert all-to-all,
+    each on a group tagged with what it is for; writes ``timer.purposes()`` per rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    timer = CommTimer().install()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
+    timer.name_mesh(mesh, {"dp": "fsdp"})
+    tp = dist.new_group([0, 1])
+    pp = dist.new_group([0, 1])
+    ep = dist.new_group([0, 1])
+    timer.name_group(tp, "tp")
+    timer.name_group(pp, "pipeline")
+    timer.name_group(ep, "expert")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    fully_shard(model, mesh=mesh)
+    model(torch.randn(4, 16)).sum().backward()  # FSDP2: all-gather forward, reduce-scatter backward
+    before_tp = timer.purposes()
+    from torch.distributed.device_mesh import DeviceMesh
+
+    tp_mesh = DeviceMesh.from_group(tp, "cpu", mesh_dim_names=("tp",))
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    parallelize_module(mlp, tp_mesh, {"0": ColwiseParallel(), "1": RowwiseParallel()})
+    mlp(torch.randn(4, 16))  # RowwiseParallel's output all-reduce: a functional collective on tp
+    t = torch.ones(64)
+    peer = 1 - rank
+    ops = [dist.P2POp(dist.isend, t, peer, group=pp), dist.P2POp(dist.irecv, torch.zeros(64), peer, group=pp)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    dist.all_to_all_single(torch.zeros(8), torch.ones(8), group=ep)
+    dist.all_reduce(torch.ones(2))  # untagged default group: "other"
+    snap = timer.purposes()
+    timer.uninstall()
+    (out / f"purposes-{rank}.json").write_text(json.dumps({"fsdp_only": before_tp, "all": snap}))
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    {"ops": scenario_ops, "delay": scenario_delay, "train": scenario_train}[scenario](out, rank)
+    {"ops": scenario_ops, "delay": scenario_delay, "train": scenario_train,
+     "purposes": scenario_purposes}[scenario](out, rank)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch.distributed as dist
 
-from r1zero.telemetry.comm import OPS, CommTimer
+from r1zero.telemetry.comm import OPS, PURPOSES, CommTimer, host_time, purpose_of
 
 
 def test_interval_union_counts_overlap_once():
@@ -80,3 +80,49 @@ def test_comm_ratio_matches_injected_delay_and_profiler(tmp_path, torchrun):
     # rank 1 arrives last and barely waits: its ratio is far below rank 0's
     d1 = json.loads((tmp_path / "delay-1.json").read_text())
     assert statistics.median(d1["ratios"]) < 0.5 * statistics.median(d["ratios"])
+
+
+def test_purpose_of_each_group_kind():
+    assert purpose_of("fsdp", "all_gather") == "fsdp_all_gather"
+    assert purpose_of("fsdp", "reduce_scatter") == "fsdp_reduce_scatter"
+    assert purpose_of("tp", "all_reduce") == "tp" == purpose_of("tp", "all_gather")
+    assert purpose_of("pipeline", "send_recv") == "pipeline_send_recv" == purpose_of("pipeline", "recv")
+    assert purpose_of("expert", "all_to_all") == "expert_all_to_all"
+    assert purpose_of("weight_sync", "broadcast") == "grpo_weight_sync"
+    assert purpose_of(None, "all_reduce") == "other" == purpose_of("fsdp", "all_reduce")
+    assert set(PURPOSES) >= {"fsdp_all_gather", "fsdp_reduce_scatter", "tp", "pipeline_send_recv",
+                             "expert_all_to_all", "grpo_weight_sync", "other"}
+    with pytest.raises(ValueError, match="unknown group kind"):
+        CommTimer().name_group(object(), "data")
+
+
+def test_cuda_events_land_in_the_window_the_gpu_ran_them():
+    """Event times map onto the host clock from a reference event (t_ref + elapsed): an op the GPU
+    finished during step 1 is charged to step 1's window even when resolved during step 2."""
+    t_ref = 100.0
+    assert host_time(t_ref, 250.0) == pytest.approx(100.25)
+    t = CommTimer()
+    # resolved late (at t = 102), but ran 100.2-100.5 and 100.4-100.6 on two streams: union 0.4 s
+    for t0_ms, t1_ms in ((200.0, 500.0), (400.0, 600.0)):
+        t.add_interval("all_gather", host_time(t_ref, t0_ms), host_time(t_ref, t1_ms), "fsdp_all_gather", 10)
+    assert t.seconds_between(100.0, 101.0) == pytest.approx(0.4)  # step 1's window
+    assert t.seconds_between(101.0, 102.0) == 0.0  # nothing leaks into step 2
+    assert t.purposes()["fsdp_all_gather"] == (pytest.approx(0.4), 2, 20)
+
+
+@pytest.mark.slow
+def test_fsdp_tp_pipeline_and_expert_traffic_is_labelled(tmp_path, torchrun):
+    torchrun("purposes", tmp_path)
+    for rank in (0, 1):
+        d = json.loads((tmp_path / f"purposes-{rank}.json").read_text())
+        fsdp, snap = d["fsdp_only"], d["all"]
+        # FSDP2 step: the root unit's all-gather in forward, reduce-scatter of its gradients in backward
+        assert fsdp["fsdp_all_gather"][1] >= 1 and fsdp["fsdp_reduce_scatter"][1] >= 1
+        full = (16 * 32 + 32 + 32 * 16 + 16) * 4  # the unsharded parameters, fp32
+        assert fsdp["fsdp_all_gather"][2] == full and fsdp["fsdp_reduce_scatter"][2] == full
+        assert fsdp["tp"][1] == 0
+        assert snap["tp"][1] >= 1 and snap["tp"][2] > 0  # DTensor's functional all-reduce
+        assert snap["pipeline_send_recv"][1] == 1 and snap["pipeline_send_recv"][2] == 64 * 4
+        assert snap["expert_all_to_all"][1] == 1 and snap["expert_all_to_all"][2] == 8 * 4
+        assert snap["other"][1] >= 1
+        assert all(s >= 0 for s, _, _ in snap.values())

@@ -185,3 +185,37 @@ def test_unreachable_pushgateway_warns_and_training_goes_on():
     with pytest.warns(RuntimeWarning, match="push to"):
         assert tel.push() is False
     tel.close()
+
+
+def test_mfu_inputs_from_the_model_and_the_device_peak():
+    import torch
+
+    from r1zero.config import load_config
+    from r1zero.sizing import GPUS, flops_per_step, gpu_of_device
+    from r1zero.sizing_cli import spec_from_config
+    from r1zero.telemetry import mfu_inputs
+
+    cfg = load_config("configs/a100-13b.yaml")
+    got = mfu_inputs(cfg, torch.device("cpu"), world_size=8)
+    spec = spec_from_config(cfg)
+    assert got["flops_per_token"] == pytest.approx(flops_per_step(spec, 1, "none") / spec.seq)
+    # 6 x active parameters plus attention: 4.42B active -> a bit above 6 x 4.42e9 per token
+    assert 6 * 4.4e9 < got["flops_per_token"] < 6 * 4.4e9 * 1.3
+    assert got["peak_flops"] is None  # a CPU has no datasheet peak: the gauge stays unset
+    assert gpu_of_device("NVIDIA A100-SXM4-80GB") is GPUS["a100-80gb"]
+    assert gpu_of_device("NVIDIA A100-PCIE-40GB") is GPUS["a100-40gb"]
+    assert gpu_of_device("NVIDIA H200") is GPUS["h100-80gb"] and gpu_of_device("Tesla T4") is None
+
+
+def test_comm_time_and_bytes_by_purpose_over_http():
+    with telemetry.start(LOOP, job="tiny", rank=0, stage="pretrain", local_rank=0, comm=False) as tel:
+        timer = tel.comm_timer()
+        timer.add_interval("all_gather", 1.0, 1.5, "fsdp_all_gather", 4096)
+        timer.add_interval("all_to_all", 2.0, 2.25, "expert_all_to_all", 512)
+        s = scrape(tel)
+    lab = {"job": "tiny", "rank": "0", "stage": "pretrain"}
+    assert value(s, "r1zero_comm_purpose_seconds_total", purpose="fsdp_all_gather", **lab) == 0.5
+    assert value(s, "r1zero_comm_purpose_bytes_total", purpose="fsdp_all_gather", **lab) == 4096
+    assert value(s, "r1zero_comm_purpose_calls_total", purpose="expert_all_to_all", **lab) == 1
+    assert value(s, "r1zero_comm_purpose_seconds_total", purpose="expert_all_to_all", **lab) == 0.25
+    assert "tp" not in {lab_["purpose"] for lab_, _ in s["r1zero_comm_purpose_calls_total"]}  # zero: absent

@@ -77,7 +77,8 @@ def test_dashboard_panels(objects):
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
     for name in ("r1zero_step_duration_seconds_bucket", "r1zero_comm_time_ratio", "r1zero_loss",
                  "r1zero_gpu_utilization_ratio", "r1zero_grpo_reward", "r1zero_moe_max_load_ratio",
-                 "r1zero_aha_events_total", "r1zero_mfu_ratio", "r1zero_comm_seconds_total"):
+                 "r1zero_aha_events_total", "r1zero_mfu_ratio", "r1zero_comm_seconds_total",
+                 "r1zero_comm_purpose_seconds_total", "r1zero_comm_purpose_bytes_total"):
         assert name in exprs
     assert ("DCGM_FI_DEV_GPU_UTIL" in exprs) == (cm["metadata"]["name"].startswith("a100"))
     ids = [p["id"] for p in dash["panels"]]
