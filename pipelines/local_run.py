@@ -74,6 +74,15 @@ def print_summary(s: dict) -> None:
         t.add_row(label, fmt(s[f"{key}_accuracy"], s.get(f"{key}_ci")), _num(s[key].get("format_rate")),
                   _num(s[key].get("accuracy_formatted")))
     console.print(t)
+    if s.get("benchmarks"):  # eval.benchmarks, each evaluated whole
+        b = Table(title="named benchmarks: greedy pass@1 (95% bootstrap CI)")
+        for col in ("benchmark", "n", "base", "RL (GRPO)", "RL - base"):
+            b.add_column(col)
+        for name, r in s["benchmarks"].items():
+            base = r.get("base") or {}
+            b.add_row(name, str(r["rl"].get("n")), fmt(base.get("accuracy"), base.get("ci")),
+                      fmt(r["rl"].get("accuracy"), r["rl"].get("ci")), _num(r.get("improvement")))
+        console.print(b)
     e = Table(title=f"insight events ({len(s['events'])})")
     for col in ("kind", "metric", "step", "before -> after", "score"):
         e.add_column(col)

@@ -294,3 +294,37 @@ def test_plan_takes_the_base_shape(tmp_path, capsys):
         (2, 64, 4, 2, 4, 2, 96)
     assert spec.vocab == json.loads((base / "config.json").read_text())["vocab_size"]
     assert not spec.tied_embeddings
+
+
+@pytest.mark.slow
+def test_base_and_benchmarks_on_s3(s3_bucket, tmp_path):
+    from r1zero import store
+    from r1zero.data.shards import read_rows
+    from r1zero.model import load_causal_lm
+
+    base = make_base(tmp_path / "base", "llama")
+    gsm, _ = write_benchmarks(tmp_path / "in")
+    store.publish(base, f"s3://{s3_bucket}/bases/tiny-llama")
+    store.write_bytes(f"s3://{s3_bucket}/bench/gsm8k_test.jsonl", gsm.read_bytes())
+    common = [*FAST, "--set", f"model.base=s3://{s3_bucket}/bases/tiny-llama",
+              "--set", f"eval.benchmarks=[{{name: gsm8k, uri: 's3://{s3_bucket}/bench/gsm8k_test.jsonl', "
+                       "format: gsm8k}]"]
+    data = f"s3://{s3_bucket}/runs/data"
+    assert main(["data", "mix", "--out", data, *DATA, *common]) == 0
+    assert len(read_rows(data, "bench/gsm8k")) == 12
+    pre = f"s3://{s3_bucket}/runs/pretrain"
+    assert main(["pretrain", "--data", data, "--out", pre, *common, "--set", "pretrain.steps=0"]) == 0
+    model, tok = load_causal_lm(pre)
+    assert type(model).__name__ in ("LlamaForCausalLM", "R1ZeroForCausalLM") and tok.eos_token == "</s>"
+    assert main(["data", "mix", "--out", str(tmp_path / "x"), *DATA, "--set",
+                 f"model.base=s3://{s3_bucket}/bases/missing"]) == 2
+    assert not (tmp_path / "x").exists()
+    # a base uploaded by another tool (no _SUCCESS manifest): downloaded object by object
+    cli = store.s3_client()
+    for f in sorted(base.iterdir()):
+        cli.upload_file(str(f), s3_bucket, f"synced/tiny-llama/{f.name}")
+    synced = ["--set", f"model.base=s3://{s3_bucket}/synced/tiny-llama"]
+    assert main(["data", "mix", "--out", str(tmp_path / "d2"), *FAST, *DATA, *synced]) == 0
+    assert main(["pretrain", "--data", str(tmp_path / "d2"), "--out", str(tmp_path / "p2"), *FAST, *synced,
+                 "--set", "pretrain.steps=0"]) == 0
+    assert (tmp_path / "p2" / "config.json").read_text() == (base / "config.json").read_text()

@@ -23,7 +23,11 @@ later stage tokenizes exactly as the base was trained (no vocabulary mismatch).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from r1zero import store
@@ -33,10 +37,52 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def base_path(uri: str) -> Path:
-    """The base materialised on this machine (a local dir is used in place)."""
-    if not store.is_s3(uri) and not store.local_path(uri).is_dir():
-        raise UserError(f"model.base {uri}: no such directory")
-    return Path(store.materialize(str(uri)))
+    """The base materialised on this machine (a local dir is used in place).
+
+    An ``s3://`` prefix written by :func:`r1zero.store.publish` (with its ``_SUCCESS`` manifest) is
+    materialised with its checksums; one uploaded by other tools (``aws s3 sync``, a model hub
+    mirror) is downloaded object by object, and reused while its listing (keys, sizes, ETags) is
+    unchanged.
+    """
+    if not store.is_s3(uri):
+        p = store.local_path(uri)
+        if not p.is_dir():
+            raise UserError(f"model.base {uri}: no such directory")
+        return p
+    bucket, prefix = store.split_s3(uri.rstrip("/"))
+    client = store.s3_client()
+    listing = store._with_retries(lambda: _list_prefix(client, bucket, prefix), f"list {uri}")
+    if not listing:
+        raise UserError(f"model.base {uri}: no objects under this prefix")
+    if store.SUCCESS_MARKER in {rel for rel, _ in listing}:
+        return Path(store.materialize(uri))
+    dest = store.cache_dir() / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    stamp = json.dumps(listing, sort_keys=True)
+    if (dest / ".r1zero-listing.json").is_file() and (dest / ".r1zero-listing.json").read_text() == stamp:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".dl."))
+    for rel, _ in listing:
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        key = f"{prefix}/{rel}" if prefix else rel
+        store._with_retries(lambda k=key, t=target: client.download_file(bucket, k, str(t)), f"download s3://{bucket}/{key}")
+    (tmp / ".r1zero-listing.json").write_text(stamp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _list_prefix(client, bucket: str, prefix: str) -> list[tuple[str, str]]:
+    """``[(relative key, "size/etag")]`` of every object under ``prefix/`` (sorted)."""
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix) + 1:] if prefix else obj["Key"]
+            if rel and not rel.endswith("/"):
+                out.append((rel, f"{obj['Size']}/{obj.get('ETag', '')}"))
+    return sorted(out)
 
 
 def read_config(uri: str) -> dict:

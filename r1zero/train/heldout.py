@@ -37,8 +37,9 @@ def _verifier():
 
 def heldout_accuracy(model, tokenizer, rows: list[dict], cfg) -> dict:
     from r1zero.generate import sample
-    from r1zero.template import extract_answer, format_ok, render_prompt
+    from r1zero.template import extract_answer, format_ok, prompt_renderer
 
+    render_prompt = prompt_renderer(tokenizer, cfg.data.chat_template)  # a base's chat template when asked
     n = cfg.pretrain.heldout_per_domain
     verify, verifier_name = _verifier()
     by_domain: dict[str, list[dict]] = {d: [] for d in cfg.eval.domains}

@@ -89,7 +89,9 @@ def new_model(cfg, tokenizer):
     from r1zero.model import build_model, load_causal_lm
 
     if cfg.model.base:
-        model, _ = load_causal_lm(cfg.model.base, require_tokenizer=False)
+        from r1zero.data.base import base_path
+
+        model, _ = load_causal_lm(base_path(cfg.model.base), require_tokenizer=False)
         return model.train()
     return build_model(cfg.model, seed=cfg.seed, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
