@@ -328,3 +328,23 @@ def test_base_and_benchmarks_on_s3(s3_bucket, tmp_path):
     assert main(["pretrain", "--data", str(tmp_path / "d2"), "--out", str(tmp_path / "p2"), *FAST, *synced,
                  "--set", "pretrain.steps=0"]) == 0
     assert (tmp_path / "p2" / "config.json").read_text() == (base / "config.json").read_text()
+
+
+def test_sizing_and_rendered_jobs_take_the_base_shape_from_config_json(tmp_path):
+    """Llama-2-7B's published config.json (no weights needed): 6.74B parameters, and the rendered
+    jobs' scratch volume is sized from it instead of the from-scratch model fields."""
+    from r1zero.cluster.render import scratch_size
+    from r1zero.config import load_config
+    from r1zero.sizing_cli import spec_from_config
+
+    base = tmp_path / "llama-2-7b"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False}))
+    cfg = load_config(None, [f"model.base={base}"])
+    spec = spec_from_config(cfg)
+    assert spec.layers == 32 and not spec.moe and abs(spec.total_params() / 6.74e9 - 1) < 0.01
+    assert scratch_size(load_config(None), "eval") == "2Gi"
+    assert scratch_size(cfg, "eval") == f"{-(-int(1.25 * (2 * spec.total_params() + 2**30)) // 2**30)}Gi"

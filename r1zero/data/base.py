@@ -86,13 +86,21 @@ def _list_prefix(client, bucket: str, prefix: str) -> list[tuple[str, str]]:
 
 
 def read_config(uri: str) -> dict:
-    """The base's ``config.json`` as a dict."""
-    f = base_path(uri) / "config.json"
-    if not f.is_file():
-        raise UserError(f"model.base {uri}: no config.json (not a transformers checkpoint)")
+    """The base's ``config.json`` as a dict (on S3 only that object is read: sizing and rendering
+    need the shape, not the weights)."""
+    if store.is_s3(uri):
+        cfg_uri = store.join(uri.rstrip("/"), "config.json")
+        if not store.exists(cfg_uri):
+            raise UserError(f"model.base {uri}: no config.json (not a transformers checkpoint)")
+        text = store.read_bytes(cfg_uri).decode("utf-8", "replace")
+    else:
+        f = base_path(uri) / "config.json"
+        if not f.is_file():
+            raise UserError(f"model.base {uri}: no config.json (not a transformers checkpoint)")
+        text = f.read_text(encoding="utf-8", errors="replace")
     try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
+        doc = json.loads(text)
+    except ValueError as err:
         raise UserError(f"model.base {uri}: config.json is not valid JSON ({err})") from None
     if not isinstance(doc, dict):
         raise UserError(f"model.base {uri}: config.json is not a JSON object")
