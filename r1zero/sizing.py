@@ -332,6 +332,7 @@ class Layout:
     # "megatron": Megatron-LM/DeepSpeed ZeRO-style replicas, used only for the published comparisons.
     engine: str = "fsdp2"
     interleave: int = 1  # virtual pipeline stages per rank (interleaved 1F1B); 1 = plain 1F1B
+    schedule: str = "1f1b"  # "1f1b" | "gpipe" (all micro-batches forward, then all backward)
 
 
 def fsdp2_state_bytes_per_param(n_shard: int) -> dict[str, float]:
@@ -364,6 +365,8 @@ def stage_memory(spec: ModelSpec, layout: Layout, micro_batches: int, precision:
     sp = L.sequence_parallel and t > 1
     layers = math.ceil(spec.layers / p)
     in_flight = min(p, micro_batches) if first else 1  # 1F1B: stage i holds p - i micro-batches
+    if L.schedule == "gpipe" and p > 1:  # GPipe: every stage holds all m micro-batches
+        in_flight = micro_batches
     if L.interleave > 1 and first and p > 1:  # interleaved 1F1B: (1 + (p-1)/(p·v)) x ([Korthikanti] sec. 4.2.3)
         in_flight *= 1 + (p - 1) / (p * L.interleave)
     split = L.engine != "fsdp2"

@@ -182,8 +182,11 @@ def activation_bytes(cfg, layers: int, stage_index: int, holds_logits: bool) -> 
     p, pre = cfg.parallel, cfg.pretrain
     recompute = "full" if pre.activation_checkpointing else "none"
     sp = p.tp > 1
-    # 1F1B: stage i keeps (pp - i) micro-batches in flight (Narayanan et al. 2021 sec. 2.2).
+    # 1F1B: stage i keeps (pp - i) micro-batches in flight (Narayanan et al. 2021 sec. 2.2);
+    # GPipe keeps all of them.
     in_flight = min(p.pp - stage_index, pre.grad_accum) if p.pp > 1 else 1
+    if p.pp > 1 and getattr(p, "pp_schedule", "1f1b") == "gpipe":
+        in_flight = pre.grad_accum
     # routed experts run on the tp-gathered sequence (r1zero.train.parallelize): not split over tp
     act = activation_bytes_per_layer(spec, pre.micro_batch, p.tp, recompute, sp, False) * layers * in_flight
     if recompute == "full" and layers:  # the layer being recomputed holds its full activations once
@@ -223,6 +226,10 @@ def measure_rank(cfg, rank: int, world_size: int, stage: str = "pretrain") -> di
         dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size=world_size,
                                         grad_accum=cfg.pretrain.grad_accum)
         mesh = P.build_mesh(dims, "cpu")
+        if cfg.pretrain.precision == "fp8":
+            # torchao's float8 training casts inside the matmuls and keeps bf16 compute copies of
+            # the same shapes: size it as bf16 (fp8 conversion needs a Hopper GPU to run at all)
+            cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"precision": "bf16"})})
         pm = P.parallelize(P.build_meta_model(cfg), mesh, cfg)
         modules = [pm.model]
         optimizer = _optimizer(pm, cfg)
