@@ -127,3 +127,36 @@ def test_run_eval_bad_inputs(eval_base, tmp_path):
     with pytest.raises(UserError, match="baseline"):
         run_eval(_cfg("eval.n_samples=1", "eval.k=1"), str(trained), str(data), str(tmp_path / "o"),
                  baseline_uri=str(data))
+
+
+@pytest.mark.slow
+def test_named_benchmark_evaluated_whole_and_reported_apart(eval_env, tmp_path):
+    """A benchmark holding the eval problems: its own figures (not cut by n_problems) match the
+    fitted model's skill, the baseline's and the paired difference come with it."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from r1zero.data.schema import ROW_SCHEMA
+    from r1zero.data.shards import read_rows
+
+    data, trained, untrained = eval_env
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    rows = [{**r, "id": f"bench:mine:{i}"} for i, r in enumerate(read_rows(data, "eval")) if r["answer"]]
+    (mine / "bench" / "mine").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), mine / "bench" / "mine" / "part-00000.parquet")
+    cfg = _cfg("eval.n_problems=2", "eval.benchmarks=[{name: mine, uri: mine.jsonl, format: generic}]")
+    flat = run_eval(cfg, str(trained), str(mine), str(tmp_path / "eval"), baseline_uri=str(untrained))
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert doc["overall"]["n_problems"] == 2  # the eval split is sampled ...
+    b = doc["benchmarks"]["mine"]  # ... the benchmark is not
+    assert b["rows"] == {"in": 8, "evaluated": 8, "not_evaluated": {"no_gold_answer": 0}} and b["n_problems"] == 8
+    assert b["pass@1"]["mean"] >= 0.6 and b["baseline"]["pass@1"]["mean"] <= 0.1 and b["delta"]["pass@1"]["lo"] > 0
+    assert flat["bench/mine/pass@1"] == b["pass@1"]["mean"] and flat["bench/mine/n"] == 8
+    assert flat["delta/bench/mine/pass@1"] == b["delta"]["pass@1"]["mean"]
+    assert "Named benchmarks" in (tmp_path / "eval" / "report.html").read_text()
+    with pytest.raises(UserError, match="no benchmark 'other'"):
+        run_eval(_cfg("eval.benchmarks=[{name: other, uri: x.jsonl, format: gsm8k}]"), str(trained), str(data),
+                 str(tmp_path / "e3"))
