@@ -4,11 +4,17 @@ cluster, and record what the stage did. Plain Python (no kfp import) so it is un
 Each component body is a few lines importing from here (KFP serialises only the function body,
 so the code it calls must be installed in the image: the runtime image installs this package).
 
-Targets:
-- ``local``: run the stage in-process on this machine (``kfp.local``, ``make run``).
-- ``cluster``: render the sized PyTorchJob for the stage with :mod:`r1zero.cluster`, submit it
-  with the Training Operator SDK and wait; the job reads and writes the same artifact URIs
-  through :mod:`r1zero.store` (S3).
+One door into a stage (:func:`run_stage`): the ``r1zero <stage> --config F ...`` command line
+that the rendered job's pods run (:func:`r1zero.cluster.render.stage_args`), with the config file
+in the one serialisation (:meth:`r1zero.config.Config.to_yaml`). Targets:
+- ``local``: that command line runs in this process (``kfp.local``, ``make run``);
+- ``cluster``: the stage's PyTorchJob (pretrain, GRPO: sized; eval: one GPU) is rendered with
+  :mod:`r1zero.cluster`, submitted with the Training Operator SDK and waited for; the job reads
+  and writes the artifact URIs through :mod:`r1zero.store` (S3).
+
+Stages pass only what they read: models travel as URIs (the KFP launcher would download every
+``Input[Model]`` into the CPU pod), the training curves as a small ``curves`` artifact
+(``metrics.jsonl``, ``summary.json``, ``stage.json``).
 """
 
 from __future__ import annotations
@@ -19,19 +25,15 @@ import time
 from pathlib import Path
 
 STAGE_FILE = "stage.json"  # every stage output dir records its wall seconds here
+CURVE_FILES = ("metrics.jsonl", "summary.json")  # what insight detection and the summary read
 
 
 def load_cfg(config_yaml: str, overrides: list[str] | None = None):
-    """Build the typed config from the YAML text passed as a pipeline parameter."""
-    import yaml
-
+    """The typed config from the pipeline parameter (text of :meth:`Config.to_yaml`)."""
     from r1zero import store
-    from r1zero.config import apply_override, build_config
+    from r1zero.config import config_from_yaml
 
-    tree = yaml.safe_load(config_yaml) or {}
-    for ov in overrides or []:
-        apply_override(tree, ov)
-    cfg = build_config(tree)
+    cfg = config_from_yaml(config_yaml, overrides)
     store.configure(cfg.store)
     return cfg
 
@@ -60,7 +62,9 @@ def record_stage(out_dir: str | os.PathLike, name: str, seconds: float, **extra)
                                                      sort_keys=True))
 
 
-def read_stage_seconds(path: str | os.PathLike) -> float | None:
+def read_stage_seconds(path: str | os.PathLike | None) -> float | None:
+    if path is None:
+        return None
     f = Path(path) / STAGE_FILE
     if f.is_file():
         return float(json.loads(f.read_text())["seconds"])
@@ -79,15 +83,86 @@ def log_metrics(metrics, values: dict) -> None:
 # stages
 
 
-def run_data_mix(config_yaml: str, data, metrics) -> None:
-    from r1zero.data.mix import run_mix
-
+def run_data_mix(config_yaml: str, data, metrics) -> tuple[str, float]:
+    """Mix the data into the Dataset artifact; returns (its URI, seconds): later stages get the
+    URI, not the artifact, so no CPU pod downloads the whole data set."""
     cfg = load_cfg(config_yaml)
     t0 = time.perf_counter()
-    manifest = run_mix(cfg, artifact_uri(data))
-    record_stage(data.path, "data_mix", time.perf_counter() - t0)
+    uri = artifact_uri(data)
+    run_stage(cfg, "data", "local", {"out": uri})
+    manifest = json.loads(_read(store_join(uri, "manifest.json")))
+    seconds = time.perf_counter() - t0
+    record_stage(data.path, "data_mix", seconds)
     log_metrics(metrics, {"rows_in": manifest["rows_in"], "rows_kept": manifest["rows_kept"],
                           **{f"ratio_{k}": v for k, v in manifest["ratios"].items()}})
+    return uri, round(seconds, 3)
+
+
+def store_join(uri: str, name: str) -> str:
+    from r1zero import store
+
+    return store.join(uri, name)
+
+
+def _read(uri: str) -> bytes:
+    from r1zero import store
+
+    return store.read_bytes(uri)
+
+
+def stage_argv(stage: str, uris: dict[str, str], config_file: str) -> list[str]:
+    """The ``r1zero`` arguments of a stage: the rendered job's, with a local config file."""
+    if stage == "data":
+        return ["data", "mix", "--config", config_file, "--out", uris["out"]]
+    from r1zero.cluster.render import stage_args
+
+    return stage_args(stage, uris, config_file=config_file)
+
+
+def run_stage(cfg, stage: str, target: str, uris: dict[str, str], run_id: str = "", curves=None) -> None:
+    """Run one stage through the one door: the ``r1zero`` command line of the rendered pods.
+
+    ``local``: that command line in this process (the config written once, in the one YAML form,
+    to a temp file). ``cluster``: the stage's job, rendered from the same config and arguments.
+    A non-zero exit is an error naming the command.
+    """
+    if target == "cluster":
+        _launch_on_cluster(cfg, stage, uris, run_id)
+        return
+    import tempfile
+
+    from r1zero.cli import main
+
+    with tempfile.TemporaryDirectory(prefix="r1zero-stage-") as tmp:
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(cfg.to_yaml(), encoding="utf-8")
+        argv = stage_argv(stage, uris, str(config_file))
+        if curves:
+            argv += ["--curves", *curves]
+        code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"`r1zero {' '.join(argv[:2])}` exited {code}")
+
+
+def _prepare(artifact) -> Path:
+    p = Path(artifact.path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def write_curves(out_uri: str, curves, stage: str, seconds: float) -> dict:
+    """Copy the stage's small files (CURVE_FILES) from its output into the ``curves`` artifact and
+    record the stage time there; returns the stage's summary.json."""
+    from r1zero import store
+
+    dst = _prepare(curves)
+    for name in CURVE_FILES:
+        src = store.join(out_uri, name)
+        if store.exists(src):
+            store.atomic_write_bytes(dst / name, store.read_bytes(src))
+    record_stage(dst, stage, seconds)
+    f = dst / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 RUN_LABEL = "r1zero/pipeline-run"
@@ -111,90 +186,104 @@ def stage_job_docs(cfg, stage: str, uris: dict[str, str], run_id: str) -> list[d
     return docs
 
 
-def _launch_on_cluster(cfg, stage: str, args: dict[str, str], run_id: str = "") -> dict:
+def _launch_on_cluster(cfg, stage: str, args: dict[str, str], run_id: str = "") -> None:
     """Render the stage's PyTorchJob, create it with the Training Operator SDK and wait.
 
     ``launch_cluster`` waits with ``wait_timeout`` (not the API request timeout) and raises with
-    the job conditions and the master's last log lines when the job fails.
+    the job conditions and the master's last log lines when the job fails. The job writes the
+    artifact's object-store URI itself; the task's local output path stays (nearly) empty, so
+    KFP's upload of it adds only the small stage record.
     """
-    from r1zero import store
     from r1zero.cluster.launch import launch_cluster
 
     launch_cluster(stage_job_docs(cfg, stage, args, run_id), namespace=cfg.cluster.namespace)
-    return json.loads(store.read_bytes(store.join(args["out"], "summary.json")))
 
 
-def _sync_back(uri: str, artifact) -> None:
-    """The job wrote the artifact to object storage; mirror it into the task's output path so
-    KFP's own upload of that path re-puts the same content instead of an empty directory."""
+def run_pretrain(config_yaml: str, target: str, data_uri: str, model, curves, metrics, run_id: str = "") -> str:
+    """Pretrain into the Model artifact; returns its URI (what later stages read)."""
+    cfg = load_cfg(config_yaml)
+    t0 = time.perf_counter()
+    uri = artifact_uri(model)
+    _prepare(model)
+    # a base with no continued pretraining is copied, not trained: no job to launch
+    if cfg.model.base and cfg.pretrain.steps == 0:
+        target = "local"
+    run_stage(cfg, "pretrain", target, {"data": data_uri, "out": uri}, run_id)
+    seconds = time.perf_counter() - t0
+    record_stage(model.path, "pretrain", seconds)
+    log_metrics(metrics, _flat(write_curves(uri, curves, "pretrain", seconds)))
+    return uri
+
+
+def run_grpo(config_yaml: str, target: str, policy_uri: str, data_uri: str, model, curves, metrics,
+             run_id: str = "") -> str:
+    """GRPO from ``policy_uri`` into the Model artifact; returns its URI."""
+    cfg = load_cfg(config_yaml)
+    t0 = time.perf_counter()
+    uri = artifact_uri(model)
+    _prepare(model)
+    run_stage(cfg, "grpo", target, {"policy": policy_uri, "data": data_uri, "out": uri}, run_id)
+    seconds = time.perf_counter() - t0
+    record_stage(model.path, "grpo", seconds)
+    log_metrics(metrics, _flat(write_curves(uri, curves, "grpo", seconds)))
+    return uri
+
+
+def run_evaluate(config_yaml: str, target: str, model_uri: str, data_uri: str, result, report, metrics,
+                 baseline=None, curves=None, run_id: str = "", stage_name: str = "evaluate") -> float:
+    """Evaluate ``model_uri`` on the eval split of ``data_uri`` into the ``result`` artifact; returns
+    greedy pass@1. ``cluster``: a one-GPU eval job writes the result's URI and only its small files
+    (metrics, per-problem records, report) come back into this pod."""
     from r1zero import store
 
-    if store.is_s3(uri):
-        store.materialize(uri, artifact.path)
-
-
-def run_pretrain(config_yaml: str, target: str, data, model, metrics, run_id: str = "") -> None:
     cfg = load_cfg(config_yaml)
     t0 = time.perf_counter()
-    # a base with no continued pretraining is copied, not trained: no job to launch
-    if target == "cluster" and not (cfg.model.base and cfg.pretrain.steps == 0):
-        summary = _launch_on_cluster(cfg, "pretrain", {"data": artifact_uri(data), "out": artifact_uri(model)},
-                                     run_id)
-        _sync_back(artifact_uri(model), model)
-    else:
-        from r1zero.train.pretrain import run_pretrain as _run
-
-        summary = _run(cfg, artifact_uri(data), artifact_uri(model))
-    record_stage(model.path, "pretrain", time.perf_counter() - t0)
-    log_metrics(metrics, _flat(summary))
-
-
-def run_grpo(config_yaml: str, target: str, policy_uri: str, data, model, metrics, run_id: str = "") -> None:
-    cfg = load_cfg(config_yaml)
-    t0 = time.perf_counter()
-    if target == "cluster":
-        summary = _launch_on_cluster(cfg, "grpo", {"policy": policy_uri, "data": artifact_uri(data),
-                                                   "out": artifact_uri(model)}, run_id)
-        _sync_back(artifact_uri(model), model)
-    else:
-        from r1zero.grpo.trainer import run_grpo as _run
-
-        summary = _run(cfg, policy_uri, artifact_uri(data), artifact_uri(model))
-    record_stage(model.path, "grpo", time.perf_counter() - t0)
-    log_metrics(metrics, _flat(summary))
-
-
-def run_evaluate(config_yaml: str, model, data, result, report, metrics, baseline=None) -> float:
-    from r1zero.eval.evaluate import run_eval
-
-    cfg = load_cfg(config_yaml)
-    t0 = time.perf_counter()
-    curves = [str(p) for p in [Path(model.path) / "metrics.jsonl"] if p.is_file()]
-    out = run_eval(cfg, artifact_uri(model), artifact_uri(data), artifact_uri(result),
-                   baseline_uri=artifact_uri(baseline) if baseline is not None else None, curves=curves or None)
-    record_stage(result.path, "evaluate", time.perf_counter() - t0)
+    out = artifact_uri(result)
+    _prepare(result)
+    uris = {"model": model_uri, "data": data_uri, "out": out}
+    if baseline is not None:
+        uris["baseline"] = artifact_uri(baseline)
+    local_curves = [str(p) for p in [Path(curves.path) / "metrics.jsonl"] if p.is_file()] if curves else []
+    run_stage(cfg, "eval", target, uris, run_id, curves=local_curves if target != "cluster" else None)
+    if store.is_s3(out):
+        store.materialize(out, result.path)
+    record_stage(result.path, stage_name, time.perf_counter() - t0)
     html = Path(result.path) / "report.html"
     if html.is_file():
         Path(report.path).write_text(html.read_text(encoding="utf-8"), encoding="utf-8")
-    acc = float(out["accuracy"])
-    log_metrics(metrics, out)
-    return acc
+    flat = json.loads((Path(result.path) / "kfp_metrics.json").read_text())
+    log_metrics(metrics, flat)
+    return float(flat["accuracy"])
 
 
-def run_insight(config_yaml: str, rl_model, result, metrics) -> None:
+def run_insight(config_yaml: str, curves, result, metrics) -> None:
+    """Detect events in the GRPO run's metrics.jsonl (the small curves artifact, not the model)."""
     from r1zero.insight.detect import run_detect
 
     cfg = load_cfg(config_yaml)
     t0 = time.perf_counter()
-    out_dir = Path(result.path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    src = Path(rl_model.path) / "metrics.jsonl"
+    out_dir = _prepare(result)
+    src = Path(curves.path) / "metrics.jsonl"
     report = run_detect(str(src), str(out_dir / "insights.json"), cfg)
     record_stage(out_dir, "detect_insight", time.perf_counter() - t0)
     kinds: dict[str, int] = {}
     for e in report.get("events", []):
         kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
     log_metrics(metrics, {f"events_{k}": v for k, v in kinds.items()} | {"events": len(report.get("events", []))})
+
+
+def run_champion_eval(config_yaml: str, target: str, registry_uri: str, data_uri: str, result, report, metrics,
+                      run_id: str = "") -> float:
+    """The promotion gate's other side: the current champion re-evaluated on THIS run's eval split
+    (its stored accuracy came from another run's split); -1 when nothing was promoted yet."""
+    cfg = load_cfg(config_yaml)
+    uri = champion_model_uri(registry_uri)
+    if not uri:
+        _prepare(result)
+        Path(report.path).write_text("<p>no champion yet</p>", encoding="utf-8")
+        return -1.0
+    return run_evaluate(cfg.to_yaml(), target, uri, data_uri, result, report, metrics, run_id=run_id,
+                        stage_name="evaluate_champion")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,15 +314,36 @@ def champion_model_uri(registry_uri: str) -> str:
     return json.loads(store.read_bytes(uri))["model_uri"]
 
 
-def promote(registry_uri: str, model, accuracy: float, run_name: str) -> str:
-    """Copy the model under the registry and point ``promoted.json`` at it (written last)."""
+def promote(registry_uri: str, model_uri: str, accuracy: float, run_name: str) -> str:
+    """Copy the model under the registry and point ``promoted.json`` at it (written last).
+    S3 to S3 is a server-side copy (boto3's managed copy): the weights never pass this pod."""
     from r1zero import store
 
     dest = store.join(registry_uri, "models", run_name)
-    store.publish(model.path, dest)
+    if store.is_s3(model_uri) and store.is_s3(dest):
+        copy_prefix_s3(model_uri, dest)
+    else:
+        store.publish(store.materialize(model_uri), dest)
     store.write_bytes(store.join(registry_uri, "promoted.json"),
                       json.dumps({"model_uri": dest, "accuracy": accuracy, "run": run_name}, sort_keys=True).encode())
     return dest
+
+
+def copy_prefix_s3(src_uri: str, dest_uri: str) -> int:
+    """Server-side copy of every object under ``src_uri`` to ``dest_uri``; the object count."""
+    from r1zero import store
+
+    client = store.s3_client()
+    sb, sk = store.split_s3(src_uri.rstrip("/") + "/")
+    db, dk = store.split_s3(dest_uri.rstrip("/") + "/")
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=sb, Prefix=sk):
+        for obj in page.get("Contents", []):
+            client.copy({"Bucket": sb, "Key": obj["Key"]}, db, dk + obj["Key"][len(sk):])
+            n += 1
+    if n == 0:
+        raise RuntimeError(f"nothing to promote under {src_uri}")
+    return n
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -327,12 +437,15 @@ def _accuracy_formatted(per_problem: Path) -> float | None:
     return sum(r["pass@1"] for r in fmt) / len(fmt) if fmt else None
 
 
-def build_summary(data_dir, base_dir, rl_dir, base_eval_dir, rl_eval_dir, insight_dir) -> dict:
+def build_summary(data_dir, base_dir, rl_dir, base_eval_dir, rl_eval_dir, insight_dir,
+                  data_seconds: float | None = None) -> dict:
+    """``base_dir``/``rl_dir``: the training stages' curves (their stage.json); ``data_dir`` may be
+    None with ``data_seconds`` given (the data artifact itself is not downloaded for this)."""
     base = _eval_summary(base_eval_dir)
     rl = _eval_summary(rl_eval_dir)
     ins_file = Path(insight_dir) / "insights.json"
     events = json.loads(ins_file.read_text()).get("events", []) if ins_file.is_file() else []
-    stages = {}
+    stages = {} if data_seconds is None else {"data_mix": data_seconds}
     for name, d in [("data_mix", data_dir), ("pretrain", base_dir), ("grpo", rl_dir),
                     ("evaluate_base", base_eval_dir), ("evaluate_rl", rl_eval_dir), ("detect_insight", insight_dir)]:
         s = read_stage_seconds(d)
@@ -376,10 +489,11 @@ def summary_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(data, base, rl, base_eval, rl_eval, insight, summary, table) -> None:
+def write_summary(data_seconds: float, base_curves, rl_curves, base_eval, rl_eval, insight, summary, table) -> None:
     from r1zero.store import atomic_write_text
 
-    s = build_summary(data.path, base.path, rl.path, base_eval.path, rl_eval.path, insight.path)
+    s = build_summary(None, base_curves.path, rl_curves.path, base_eval.path, rl_eval.path, insight.path,
+                      data_seconds=data_seconds)
     Path(summary.path).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(summary.path) / "summary.json", json.dumps(s, indent=2, sort_keys=True))
     Path(table.path).write_text(summary_markdown(s), encoding="utf-8")

@@ -6,7 +6,8 @@
         --registry s3://models/r1zero [--schedule "0 3 * * 0"] [--dry-run]
 
 These live under ``pipelines/`` (not the core library) because they import kfp; ``r1zero.cli``
-loads this module by name.
+finds them through the ``r1zero.commands`` entry points (``pyproject.toml``): ``run`` ->
+:func:`register_run`, ``pipeline`` -> :func:`register_pipeline`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def _submit(args) -> int:
 
 
 def register(sub) -> None:
+    """Both groups (idempotent)."""
+    register_run(sub)
+    register_pipeline(sub)
+
+
+def register_run(sub) -> None:
     if "run" not in sub.choices:
         p = sub.add_parser("run", help="run the whole pipeline locally through kfp.local (CPU)")
         add_config_args(p, required=True)
@@ -61,6 +68,9 @@ def register(sub) -> None:
                        "(default: OUT/registry)")
         p.add_argument("--warm-start", action="store_true", help="GRPO starts from the last promoted model")
         p.set_defaults(func=_run)
+
+
+def register_pipeline(sub) -> None:
     if "pipeline" in sub.choices:
         return
     psub = add_group(sub, "pipeline", "compile or submit the Kubeflow pipeline")

@@ -15,8 +15,6 @@ import time
 import warnings
 from pathlib import Path
 
-import yaml
-
 from r1zero.errors import UserError
 
 
@@ -110,7 +108,7 @@ def run_local(cfg, out: Path, registry_uri: str | None = None, warm_start: bool 
     out.mkdir(parents=True, exist_ok=True)
     kfp_root = out / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root), raise_on_error=True)
-    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
+    config_yaml = cfg.to_yaml()  # the one serialisation (r1zero.config)
     (out / "config.yaml").write_text(config_yaml)
     t0 = time.perf_counter()
     with warnings.catch_warnings():

@@ -43,7 +43,7 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
 
 def pipeline_arguments(cfg, registry_uri: str, params: list[str], warm_start: bool) -> dict[str, object]:
     args: dict[str, object] = {
-        "config_yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=True),
+        "config_yaml": cfg.to_yaml(),  # the one serialisation (r1zero.config)
         "target": "cluster",
         "registry_uri": registry_uri,
         "warm_start": warm_start,
@@ -78,8 +78,10 @@ def submit(cfg, *, host: str | None, namespace: str | None, experiment: str, par
     arguments = pipeline_arguments(cfg, registry_uri, params, warm_start=warm_start or schedule is not None)
     cron = to_kfp_cron(schedule) if schedule else None
     name = run_name or (f"{cfg.name}-retrain" if cron else f"{cfg.name}-run")
+    # the run's pods use the service account the manifests bind to the launcher Role
     plan = {"host": host, "namespace": namespace, "experiment": experiment, "name": name, "cron": cron,
-            "parameters": sorted(arguments), "package": str(package)}
+            "parameters": sorted(arguments), "package": str(package),
+            "service_account": cfg.cluster.kfp_service_account}
     if dry_run:
         return {"dry_run": True, **plan}
     if not host and not token and not Path(_SA_TOKEN).is_file():
@@ -92,11 +94,12 @@ def submit(cfg, *, host: str | None, namespace: str | None, experiment: str, par
             exp = client.create_experiment(experiment, namespace=namespace)
             job = client.create_recurring_run(
                 experiment_id=exp.experiment_id, job_name=name, cron_expression=cron, max_concurrency=1,
-                no_catchup=True, params=arguments, pipeline_package_path=str(package), enabled=True)
+                no_catchup=True, params=arguments, pipeline_package_path=str(package), enabled=True,
+                service_account=cfg.cluster.kfp_service_account)
             return {**plan, "recurring_run_id": job.recurring_run_id}
         res = client.create_run_from_pipeline_package(
             str(package), arguments=arguments, run_name=name, experiment_name=experiment, namespace=namespace,
-            enable_caching=True)
+            enable_caching=True, service_account=cfg.cluster.kfp_service_account)
         return {**plan, "run_id": res.run_id}
     except UserError:
         raise

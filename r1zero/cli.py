@@ -3,38 +3,128 @@
     r1zero config show --config configs/tiny.yaml --set data.mix.math=0.35
     r1zero data mix --config configs/tiny.yaml --out out/data
 
-Each stage module exposes ``register(subparsers)`` which adds its parser and sets
-``func=<callable(args) -> int>``. Modules are imported lazily per command group so that
-``r1zero config show`` does not import torch. A :class:`r1zero.errors.UserError` anywhere becomes
-one line on stderr and exit code 2.
+Each command group is registered explicitly below by a function that imports its module only
+when that group is used (so ``r1zero config show`` does not import torch) and calls the module's
+``register(subparsers)``, which adds the parser and sets ``func=<callable(args) -> int>``.
+Groups from layers above the core (``run`` and ``pipeline`` import kfp, in ``pipelines/``) come
+through the ``r1zero.commands`` entry-point group of the installed package (``pyproject.toml``):
+the core never names them. A :class:`r1zero.errors.UserError` anywhere becomes one line on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from r1zero.errors import EXIT_USAGE, UserError
 
-# command group -> module providing ``register(subparsers)``. Keep one line per group.
-COMMANDS: dict[str, str] = {
-    "config": "r1zero.config_cli",
-    "data": "r1zero.data.cli",
-    "sandbox": "r1zero.sandbox.cli",
-    "eval": "r1zero.eval.cli",
-    "insight": "r1zero.insight.cli",
-    "experiment": "r1zero.insight.experiment_cli",
-    "pretrain": "r1zero.train.cli",
-    "grpo": "r1zero.grpo.cli",
-    "plan": "r1zero.sizing_cli",
-    "render": "r1zero.cluster.cli_render",
-    "validate": "r1zero.cluster.cli_validate",
-    "launch": "r1zero.cluster.cli_launch",
-    # kfp lives above the core: these commands are loaded by name from the pipelines layer.
-    "run": "pipelines.cli",
-    "pipeline": "pipelines.cli",
+ENTRY_POINT_GROUP = "r1zero.commands"  # name = command group, value = its register(subparsers)
+
+
+@dataclass(frozen=True)
+class Group:
+    help: str
+    register: Callable  # register(subparsers): imports the group's module and adds its parser
+
+
+def _config(sub):
+    from r1zero.config_cli import register
+    register(sub)
+
+
+def _data(sub):
+    from r1zero.data.cli import register
+    register(sub)
+
+
+def _sandbox(sub):
+    from r1zero.sandbox.cli import register
+    register(sub)
+
+
+def _eval(sub):
+    from r1zero.eval.cli import register
+    register(sub)
+
+
+def _insight(sub):
+    from r1zero.insight.cli import register
+    register(sub)
+
+
+def _experiment(sub):
+    from r1zero.insight.experiment_cli import register
+    register(sub)
+
+
+def _pretrain(sub):
+    from r1zero.train.cli import register
+    register(sub)
+
+
+def _grpo(sub):
+    from r1zero.grpo.cli import register
+    register(sub)
+
+
+def _plan(sub):
+    from r1zero.sizing_cli import register
+    register(sub)
+
+
+def _render(sub):
+    from r1zero.cluster.cli import register_render
+    register_render(sub)
+
+
+def _validate(sub):
+    from r1zero.cluster.cli import register_validate
+    register_validate(sub)
+
+
+def _launch(sub):
+    from r1zero.cluster.cli import register_launch
+    register_launch(sub)
+
+
+CORE_GROUPS: dict[str, Group] = {
+    "config": Group("show or check the resolved config", _config),
+    "data": Group("mix, inspect and tokenize the task data", _data),
+    "sandbox": Group("run untrusted code in the sandbox", _sandbox),
+    "eval": Group("evaluate a model (pass@k, maj@k, CIs, report)", _eval),
+    "insight": Group("detect aha moments in training curves", _insight),
+    "experiment": Group("aha experiments across model sizes", _experiment),
+    "pretrain": Group("MoE pretraining (dp/tp/pp/ep, ZeRO)", _pretrain),
+    "grpo": Group("GRPO reinforcement learning", _grpo),
+    "plan": Group("size a parallel layout for a cluster", _plan),
+    "render": Group("write Kubernetes manifests for a stage", _render),
+    "validate": Group("validate manifests offline", _validate),
+    "launch": Group("run a rendered job on a cluster or locally", _launch),
 }
+
+
+def _entry_point(ep) -> Callable:
+    def register(sub):
+        ep.load()(sub)
+    return register
+
+
+def plugin_groups() -> dict[str, Group]:
+    """Command groups that installed packages declare under the ``r1zero.commands`` entry points."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: Group(f"{ep.name} commands ({ep.value.split(':')[0]})", _entry_point(ep))
+            for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in CORE_GROUPS}
+
+
+def command_groups() -> dict[str, Group]:
+    return {**CORE_GROUPS, **plugin_groups()}
+
+
+COMMANDS: dict[str, Group] = command_groups()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,13 +163,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="r1zero", description="R1-Zero-style reasoning training pipeline.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    wanted = [m for n, m in COMMANDS.items() if only is None or n == only]
-    for module in dict.fromkeys(wanted):  # a module may register several groups
-        importlib.import_module(module).register(sub)
-    for name in COMMANDS:
+    for name, group in COMMANDS.items():
+        if (only is None or name == only) and name not in sub.choices:
+            group.register(sub)
+    for name, group in COMMANDS.items():
         if name not in sub.choices:
             # cheap placeholder so the name shows in --help without importing heavy modules
-            sub.add_parser(name, help=f"{name} commands (see r1zero {name} --help)")
+            sub.add_parser(name, help=f"{group.help} (see r1zero {name} --help)")
     return parser
 
 

@@ -13,7 +13,6 @@ the field path and what is allowed (see :func:`load_config`).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,6 +220,9 @@ class ParallelConfig(_Section):
     pp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 0
+    # pipeline schedule (torch.distributed.pipelining): 1F1B keeps at most pp micro-batches of
+    # activations per stage; GPipe (all micro-batches forward, then all backward) as an option
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
 
 
 class PretrainConfig(_Section):
@@ -494,10 +496,18 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def to_yaml(self) -> str:
+        """The one serialisation of a config: the values that differ from the defaults, keys sorted
+        (the text changes when the run changes, not when an unrelated default is added; the code
+        version, i.e. the image tag, pins the defaults). It is the pipeline's ``config_yaml``
+        parameter, the rendered jobs' ConfigMap and the file a stage's command line reads;
+        :func:`config_from_yaml` reads it back to an equal config."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True,
+                              default_flow_style=False)
+
     def hash(self) -> str:
-        """Stable sha256 of the resolved config (sorted JSON)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """The one config hash: sha256 of :meth:`to_yaml` (names ConfigMaps, tags checkpoints)."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +560,19 @@ def build_config(tree: dict | None) -> Config:
         return Config.model_validate(tree or {})
     except ValidationError as err:
         raise UserError(format_validation_error(err)) from None
+
+
+def config_from_yaml(text: str, overrides: list[str] | None = None) -> Config:
+    """Parse :meth:`Config.to_yaml` text (a pipeline parameter, a ConfigMap) and apply overrides."""
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config: not valid YAML: {str(err).strip().splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"config: top level must be a mapping, got {type(tree).__name__}")
+    for ov in overrides or []:
+        apply_override(tree, ov)
+    return build_config(tree)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

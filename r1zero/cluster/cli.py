@@ -5,8 +5,8 @@
     r1zero validate manifests/ --crd-dir ../shared/crds
     r1zero launch out/k8s/pretrain-pytorchjob.yaml [--local]
 
-``r1zero.cli`` imports one module per command group; ``cli_render``, ``cli_validate`` and
-``cli_launch`` each expose one of the ``register_*`` functions below as ``register``.
+``r1zero.cli`` registers each command group explicitly with one of the ``register_*`` functions
+below (imported only when that group is used).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ Output is deterministic: stable names from the config name and stage, ``sort_key
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 from pathlib import Path
@@ -84,9 +83,10 @@ def default_uris(cfg, stage: str) -> dict[str, str]:
     return uris
 
 
-def stage_args(stage: str, uris: dict[str, str]) -> list[str]:
-    """``r1zero <stage>`` arguments (config from the mounted ConfigMap)."""
-    args = [stage, "--config", CONFIG_FILE]
+def stage_args(stage: str, uris: dict[str, str], config_file: str = CONFIG_FILE) -> list[str]:
+    """``r1zero <stage>`` arguments: the command line of the pods (config from the mounted
+    ConfigMap) and of a local run (components/runtime.py passes its own config file)."""
+    args = [stage, "--config", config_file]
     if stage == "grpo":
         args += ["--policy", uris["policy"]]
     if stage == "eval":
@@ -133,21 +133,11 @@ def _str(dumper, data: str):
 _Dumper.add_representer(str, _str)
 
 
-def config_yaml(cfg) -> str:
-    """The config as the pods load it: only the values that differ from the defaults, so the
-    text changes when the run changes, not when an unrelated default is added."""
-    return yaml.dump(cfg.model_dump(mode="json", exclude_defaults=True), Dumper=_Dumper, sort_keys=True)
-
-
-def config_hash(cfg) -> str:
-    return hashlib.sha256(config_yaml(cfg).encode()).hexdigest()
-
-
 def config_map(cfg, name: str) -> dict:
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": name, "namespace": cfg.cluster.namespace, "labels": {**PART_OF, "r1zero/run": dns1035(cfg.name)}},
-        "data": {"config.yaml": config_yaml(cfg)},
+        "data": {"config.yaml": cfg.to_yaml()},  # the one serialisation (r1zero.config)
     }
 
 
@@ -328,7 +318,7 @@ def _job_meta(cfg, stage: str, name: str, uris: dict[str, str]) -> dict:
     labels.update(kueue_labels(cfg))
     # Checkpoints live under the stage output (the trainers' default <out>/checkpoints unless the
     # config names another URI); a restarted pod resumes from the newest complete one.
-    annotations = {"r1zero/config-hash": config_hash(cfg)[:16], "r1zero/output": uris["out"]}
+    annotations = {"r1zero/config-hash": cfg.hash()[:16], "r1zero/output": uris["out"]}
     if stage != "eval":
         annotations["r1zero/checkpoints"] = ((cfg.pretrain.checkpoint_uri if stage == "pretrain" else None)
                                              or f"{uris['out'].rstrip('/')}/checkpoints")
@@ -453,7 +443,7 @@ def render_stage(cfg, stage: str, kind: str, uris: dict[str, str] | None = None)
         cfg.parallel.dp = cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.ep = 1
     cfg = fit_parallel(cfg)
     uris = {**default_uris(cfg, stage), **(uris or {})}
-    cm_name = f"{job_name(cfg, stage)}-config-{config_hash(cfg)[:8]}"
+    cm_name = f"{job_name(cfg, stage)}-config-{cfg.hash()[:8]}"
     return [config_map(cfg, cm_name), RENDERERS[kind](cfg, stage, uris, cm_name)]
 
 

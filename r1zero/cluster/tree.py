@@ -32,7 +32,6 @@ from r1zero.cluster.render import (
     PART_OF,
     RUN_AS,
     STAGES,
-    config_yaml,
     dump_yaml,
     render_stage,
 )
@@ -190,7 +189,7 @@ def network_policies(cfg) -> list[dict]:
 def config_configmap(cfg) -> dict:
     return _wave({"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": {"name": CONFIG_CM, "namespace": cfg.cluster.namespace, "labels": dict(PART_OF)},
-                  "data": {"config.yaml": config_yaml(cfg), "KFP_HOST": cfg.cluster.kfp_host}}, 0)
+                  "data": {"config.yaml": cfg.to_yaml(), "KFP_HOST": cfg.cluster.kfp_host}}, 0)
 
 
 def retrain_cronjob(cfg) -> dict:
@@ -275,7 +274,7 @@ def _patch(target: dict, body: dict) -> dict:
 def overlay_kustomization(base_cfg, cfg) -> dict:
     patches = [_patch({"kind": "ConfigMap", "name": CONFIG_CM},
                       {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": CONFIG_CM},
-                       "data": {"config.yaml": config_yaml(cfg)}})]
+                       "data": {"config.yaml": cfg.to_yaml()}})]
     if namespace(cfg) != namespace(base_cfg):  # e.g. RDMA: Pod Security level privileged
         patches.append(_patch({"kind": "Namespace", "name": base_cfg.cluster.namespace},
                               {"apiVersion": "v1", "kind": "Namespace",

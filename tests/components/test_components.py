@@ -33,15 +33,21 @@ def test_runs_on_the_runtime_image(comp):
 
 
 def test_typed_artifacts():
-    assert _io(data_mix)[1] == {"data": "system.Dataset@0.0.1", "metrics": "system.Metrics@0.0.1"}
+    assert _io(data_mix)[1] == {"data": "system.Dataset@0.0.1", "metrics": "system.Metrics@0.0.1",
+                                "uri": "String", "seconds": "Float"}
     ins, outs = _io(pretrain)
-    assert ins["data"] == "system.Dataset@0.0.1" and outs["model"] == "system.Model@0.0.1"
+    # models and data travel as URIs (an input artifact would be downloaded into the CPU pod)
+    assert ins["data_uri"] == "String" and outs["model"] == "system.Model@0.0.1" and outs["Output"] == "String"
+    assert outs["curves"] == "system.Artifact@0.0.1"
     ins, outs = _io(grpo)
-    assert ins["base"] == "system.Model@0.0.1" and outs["model"] == "system.Model@0.0.1"
+    assert ins["base_uri"] == "String" and outs["model"] == "system.Model@0.0.1"
     ins, outs = _io(evaluate)
+    assert ins["model_uri"] == "String" and ins["target"] == "String"
     assert outs["report"] == "system.HTML@0.0.1" and outs["Output"] == "Float"
-    assert comp_optional(evaluate, "baseline")
+    assert comp_optional(evaluate, "baseline") and comp_optional(evaluate, "curves")
+    assert _io(detect_insight)[0]["curves"] == "system.Artifact@0.0.1"
     assert _io(summarize)[1]["table"] == "system.Markdown@0.0.1"
+    assert not {t for t in _io(summarize)[0].values()} & {"system.Model@0.0.1", "system.Dataset@0.0.1"}
 
 
 def comp_optional(comp, name: str) -> bool:

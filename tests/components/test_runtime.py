@@ -33,7 +33,7 @@ def _model(tmp_path, name="m"):
 def test_promotion_registry_local(tmp_path):
     reg = str(tmp_path / "registry")
     assert runtime.champion_accuracy(reg) == -1.0 and runtime.champion_model_uri(reg) == ""
-    dest = runtime.promote(reg, _model(tmp_path), 0.42, "run1")
+    dest = runtime.promote(reg, _model(tmp_path).path, 0.42, "run1")
     assert runtime.champion_accuracy(reg) == 0.42
     assert runtime.champion_model_uri(reg) == dest
     assert (Path(dest) / "config.json").is_file()
@@ -43,9 +43,17 @@ def test_promotion_registry_local(tmp_path):
 def test_promotion_registry_s3(s3_server, s3_bucket, tmp_path):
     reg = f"s3://{s3_bucket}/registry"
     assert runtime.champion_accuracy(reg) == -1.0
-    runtime.promote(reg, _model(tmp_path), 0.5, "run2")
+    runtime.promote(reg, _model(tmp_path).path, 0.5, "run2")
     assert runtime.champion_accuracy(reg) == 0.5
     assert runtime.champion_model_uri(reg) == f"s3://{s3_bucket}/registry/models/run2"
+    # S3 to S3: a server-side copy of every object (the weights never pass through this process)
+    runtime.promote(reg, f"s3://{s3_bucket}/registry/models/run2", 0.6, "run3")
+    from r1zero import store
+
+    assert store.read_bytes(f"s3://{s3_bucket}/registry/models/run3/config.json") == b"{}"
+    assert runtime.champion_model_uri(reg) == f"s3://{s3_bucket}/registry/models/run3"
+    with pytest.raises(RuntimeError, match="nothing to promote"):
+        runtime.promote(reg, f"s3://{s3_bucket}/nothing-here", 0.7, "run4")
 
 
 def _eval_dir(tmp_path, name, acc):
@@ -118,3 +126,39 @@ def test_delete_run_jobs_uses_the_run_label():
     assert out == ["pytorchjobs/pyt-job"]
     assert api.deleted == [("r1zero", "pytorchjobs", "pyt-job")]
     assert {c[1] for c in api.calls} == {"r1zero/pipeline-run=run-123"}
+
+
+def test_summary_without_the_data_artifact(tmp_path):
+    """The summary takes the data stage's seconds as a number: the data set is not downloaded."""
+    for n in ["base", "rl", "ins"]:
+        (tmp_path / n).mkdir()
+    runtime.record_stage(tmp_path / "base", "pretrain", 2.0)
+    runtime.record_stage(tmp_path / "rl", "grpo", 3.0)
+    s = runtime.build_summary(None, str(tmp_path / "base"), str(tmp_path / "rl"), _eval_dir(tmp_path, "be", 0.2),
+                              _eval_dir(tmp_path, "re", 0.3), str(tmp_path / "ins"), data_seconds=1.25)
+    assert s["stage_seconds"]["data_mix"] == 1.25 and s["stage_seconds"]["grpo"] == 3.0
+
+
+def test_local_stage_runs_the_pods_command_line(tmp_path, monkeypatch):
+    """run_stage's local door is `r1zero <stage>` with render's arguments and a config file holding
+    Config.to_yaml: a bad config value surfaces as that command's error."""
+    from r1zero.cluster.render import stage_args
+    from r1zero.config import load_config
+
+    cfg = load_config("configs/tiny.yaml")
+    seen = {}
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        seen["config"] = open(argv[argv.index("--config") + 1]).read()
+        return 0
+
+    monkeypatch.setattr("r1zero.cli.main", fake_main)
+    uris = {"data": "s3://b/d", "out": "s3://b/o"}
+    runtime.run_stage(cfg, "pretrain", "local", uris)
+    cfg_file = seen["argv"][seen["argv"].index("--config") + 1]
+    assert seen["argv"] == stage_args("pretrain", uris, config_file=cfg_file)
+    assert seen["config"] == cfg.to_yaml()
+    monkeypatch.setattr("r1zero.cli.main", lambda argv: 2)
+    with pytest.raises(RuntimeError, match="r1zero pretrain.*exited 2"):
+        runtime.run_stage(cfg, "pretrain", "local", uris)

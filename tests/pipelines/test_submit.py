@@ -57,6 +57,12 @@ def test_run_request_body(cfg):
     assert params["target"] == "cluster" and params["registry_uri"] == "s3://models/r1zero"
     assert params["warm_start"] is False
     assert yaml.safe_load(params["config_yaml"])["name"] == "tiny"
+    # the one serialisation: the parameter is Config.to_yaml and reads back to the same config
+    from r1zero.config import config_from_yaml
+
+    assert params["config_yaml"] == cfg.to_yaml() and config_from_yaml(params["config_yaml"]).hash() == cfg.hash()
+    # the run's pods use the service account the manifests bind to the launcher Role
+    assert run["service_account"] == cfg.cluster.kfp_service_account == "pipeline-runner"
     assert all(r["auth"] == "Bearer s3cret" for r in srv.requests)
 
 
@@ -69,6 +75,7 @@ def test_recurring_run_warm_starts_with_six_field_cron(cfg):
     assert rr["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
     assert rr["max_concurrency"] in ("1", 1)
     assert rr["runtime_config"]["parameters"]["warm_start"] is True
+    assert rr["service_account"] == "pipeline-runner"
     assert rr["experiment_id"] in srv.experiments
 
 

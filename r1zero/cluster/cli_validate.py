@@ -1,5 +1,0 @@
-"""``r1zero validate``: command-group entry for r1zero.cli (the implementation is in r1zero.cluster.cli)."""
-
-from r1zero.cluster.cli import register_validate as register
-
-__all__ = ["register"]
