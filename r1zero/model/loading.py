@@ -181,7 +181,11 @@ def _tensor_reader(path: Path):
     """``read(name) -> tensor`` over the dir's safetensors files, and the set of stored names."""
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # only the shards the index names (a dir may hold other safetensors files)
+        files = sorted({path / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    else:
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
     _need(bool(files), "no safetensors weights")
     where = {}
     handles = [safe_open(str(f), framework="pt") for f in files]

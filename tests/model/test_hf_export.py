@@ -171,6 +171,18 @@ def test_to_hf_tensors_gives_the_checkpoint_names(tmp_path):
         assert all(torch.equal(f.get_tensor(k), t) for k, t in live.items())
 
 
+def test_legacy_r1zero_moe_dirs_still_load(tmp_path):
+    from transformers import PreTrainedModel
+
+    m = random_model(LAYOUTS["qwen2_moe"][0])
+    PreTrainedModel.save_pretrained(m, tmp_path)  # what save_pretrained wrote before standard checkpoints
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "r1zero_moe"
+    back, _ = load_causal_lm(tmp_path, require_tokenizer=False)
+    ids = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        assert isinstance(back, R1ZeroForCausalLM) and torch.equal(back(ids).logits, m(ids).logits)
+
+
 def test_a_failed_export_leaves_nothing_behind(tmp_path):
     m = random_model(LAYOUTS["mixtral"][0])
 
