@@ -73,16 +73,37 @@ def render_chat_prompt(question: str, tokenizer) -> str:
     return text + THINK_OPEN
 
 
+def _bos_prefix(tokenizer) -> str:
+    """The BOS token's text when ``tokenizer`` adds one by default (Llama-style bases), else "".
+
+    Prompts are tokenized with ``add_special_tokens=False`` everywhere (one code path for every
+    tokenizer), so a base trained with BOS at the start of each document gets it as text here.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    if tokenizer is None or not bos:
+        return ""
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos if ids[:1] == [tokenizer.bos_token_id] else ""
+
+
 def prompt_renderer(tokenizer=None, chat_template: bool = False):
-    """``question -> prompt``: :func:`render_chat_prompt` with ``chat_template``, else :func:`render_prompt`.
+    """``question -> prompt``: :func:`render_chat_prompt` with ``chat_template``, else :func:`render_prompt`
+    (after the BOS token for tokenizers that add one, see :func:`_bos_prefix`).
 
     GRPO, eval and the held-out check all render through this (``cfg.data.chat_template``).
     """
+    bos = _bos_prefix(tokenizer)
+
+    def with_bos(text: str) -> str:
+        return text if not bos or text.startswith(bos) else bos + text
+
     if chat_template:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("data.chat_template is true but the model's tokenizer has no chat template")
-        return lambda question: render_chat_prompt(question, tokenizer)
-    return render_prompt
+        return lambda question: with_bos(render_chat_prompt(question, tokenizer))
+    if not bos:
+        return render_prompt
+    return lambda question: with_bos(render_prompt(question))
 
 
 def render_completion(solution: str, answer: str) -> str:

@@ -90,3 +90,22 @@ def test_prompt_renderer_plain_or_in_the_tokenizers_chat_template():
     assert p.startswith("[user] ") and "<answer> </answer>" in p and "What is 2 + 3?\n" in p
     assert p.endswith("[assistant] <think>")
     assert format_ok(" 2 + 3 = 5 </think> <answer> 5 </answer>", strict=True)  # same completion contract
+
+
+def test_prompt_renderer_prefixes_bos_for_tokenizers_that_add_it():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from r1zero.template import prompt_renderer
+
+    raw = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "x": 3}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert prompt_renderer(plain)("Q") == render_prompt("Q")  # has a BOS but never adds it
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    p = prompt_renderer(llama_like)("Q")
+    assert p == "<s>" + render_prompt("Q")
+    assert llama_like(p, add_special_tokens=False)["input_ids"][0] == 1  # one BOS, as the base was trained
+    llama_like.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert prompt_renderer(llama_like, True)("Q").count("<s>") == 1
