@@ -162,3 +162,53 @@ def test_local_stage_runs_the_pods_command_line(tmp_path, monkeypatch):
     monkeypatch.setattr("r1zero.cli.main", lambda argv: 2)
     with pytest.raises(RuntimeError, match="r1zero pretrain.*exited 2"):
         runtime.run_stage(cfg, "pretrain", "local", uris)
+
+
+def test_cluster_stages_move_only_small_files_through_the_pod(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """target=cluster: the job writes the artifact's S3 URI; the task's pod keeps only the stage
+    record (no weights), copies the curves, and an eval result's small files come back."""
+    from r1zero import store
+    from r1zero.config import load_config
+
+    launched = []
+
+    def fake_job(cfg, stage, uris, run_id=""):  # what the rendered job's pods write to S3
+        launched.append((stage, dict(uris)))
+        src = tmp_path / f"job-{stage}"
+        src.mkdir()
+        if stage == "eval":
+            (src / "metrics.json").write_text(json.dumps({"accuracy": 0.25, "overall": {}}))
+            (src / "kfp_metrics.json").write_text(json.dumps({"accuracy": 0.25}))
+            (src / "report.html").write_text("<html>r</html>")
+        else:
+            (src / "model.safetensors").write_bytes(b"\0" * 4096)
+            (src / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+            (src / "summary.json").write_text(json.dumps({"steps": 1, "final_loss": 2.0}))
+        store.publish(src, uris["out"])
+
+    monkeypatch.setattr(runtime, "_launch_on_cluster", fake_job)
+    cfg_yaml = load_config("configs/tiny.yaml").to_yaml()
+
+    def art(name):
+        return SimpleNamespace(path=str(tmp_path / "pod" / name), uri=f"minio://{s3_bucket}/run/{name}",
+                               metadata={})
+
+    class M:
+        def __init__(self):
+            self.logged = {}
+
+        def log_metric(self, k, v):
+            self.logged[k] = v
+
+    model, curves = art("model"), art("curves")
+    uri = runtime.run_pretrain(cfg_yaml, "cluster", f"s3://{s3_bucket}/data", model, curves, M(), run_id="r1")
+    assert uri == f"s3://{s3_bucket}/run/model" and launched[0] == ("pretrain", {"data": f"s3://{s3_bucket}/data",
+                                                                                 "out": uri})
+    assert sorted(p.name for p in Path(model.path).iterdir()) == ["stage.json"]  # no weights in the pod
+    assert sorted(p.name for p in Path(curves.path).iterdir()) == ["metrics.jsonl", "stage.json", "summary.json"]
+    result, report, metrics = art("result"), art("report"), M()
+    acc = runtime.run_evaluate(cfg_yaml, "cluster", uri, f"s3://{s3_bucket}/data", result, report, metrics,
+                               run_id="r1")
+    assert acc == 0.25 and metrics.logged["accuracy"] == 0.25
+    assert launched[1] == ("eval", {"model": uri, "data": f"s3://{s3_bucket}/data", "out": f"s3://{s3_bucket}/run/result"})
+    assert Path(report.path).read_text() == "<html>r</html>"
