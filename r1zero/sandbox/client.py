@@ -12,6 +12,7 @@ The GRPO reward (:class:`r1zero.grpo.rewards.RewardScorer`) and the eval use it 
 
 Failure handling, so a dead or overloaded service never hangs a training step:
 
+- batches are at most the service's capacity (``/healthz``), so none is refused for its size;
 - each batch has a deadline computed from its programs' own timeouts and the service's worker
   count (``/healthz``), so a request never waits longer than its programs can run;
 - connection errors, timeouts, 5xx and ``503 overloaded`` are retried ``retries`` times with
@@ -28,6 +29,7 @@ service costs the rewards of the batches it missed, not wrong rewards later.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -91,6 +93,7 @@ class SandboxClient:
         self._failures = 0  # consecutive batches that failed every retry
         self._open_until = 0.0
         self._workers: int | None = None  # the service's worker count, from /healthz
+        self._capacity: int | None = None  # programs it admits at once: no batch may be larger
         self.attempts = 0  # requests sent (for tests and the load benchmark: retries show here)
 
     # -- circuit ------------------------------------------------------------------------------
@@ -125,6 +128,7 @@ class SandboxClient:
         if r.status != 200 or not isinstance(doc, dict):
             raise _Failure("http", f"GET /healthz: HTTP {r.status}")
         self._workers = int(doc.get("workers", 1)) or 1
+        self._capacity = int(doc.get("capacity", MAX_BATCH)) or 1
         return doc
 
     def _deadline_s(self, payload: list[dict]) -> float:
@@ -158,6 +162,7 @@ class SandboxClient:
         if r.status >= 500:
             raise _Failure("http", f"HTTP {r.status}: {doc.get('reason', r.data[:200])}")
         if r.status != 200:
+            self._workers = None  # e.g. a batch over a (restarted, smaller) service's capacity: re-read it
             raise _Failure("rejected", f"HTTP {r.status}: {doc.get('reason', r.data[:200])}", retry=False)
         verdicts = doc.get("verdicts") if isinstance(doc, dict) else None
         if not isinstance(verdicts, list) or len(verdicts) != len(payload):
@@ -217,8 +222,12 @@ class SandboxClient:
                 continue
             payload.append(item)
             where.append(i)
-        for s in range(0, len(payload), self.batch_size):
-            for i, res in zip(where[s:s + self.batch_size], self._batch(payload[s:s + self.batch_size])):
+        if payload and self._capacity is None and not self.circuit_open():
+            with contextlib.suppress(_Failure):
+                self.health()
+        size = min(self.batch_size, self._capacity or self.batch_size)
+        for s in range(0, len(payload), size):
+            for i, res in zip(where[s:s + size], self._batch(payload[s:s + size])):
                 out[i] = res
         return out  # type: ignore[return-value]
 

@@ -156,6 +156,10 @@ class SandboxService:
         self.m_inflight.set_function(lambda: self._admitted)
 
     def admit(self, n: int) -> None:
+        if n > self.capacity:  # could never be admitted: a client error, not a busy service
+            raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"{n} programs in one request, more than this service's capacity {self.capacity} "
+                             "(see /healthz)")
         with self._lock:
             if self._admitted + n > self.capacity:
                 raise Overloaded(f"{self._admitted} programs admitted, capacity {self.capacity}")
@@ -337,3 +341,62 @@ def serve(host: str, port: int, workers: int, queue: int) -> None:
     finally:
         srv.server_close()
         srv.service.close()
+
+
+class ServiceProcess:
+    """``r1zero sandbox serve`` in a child process, for benchmarks, tests and local runs.
+
+        with ServiceProcess(port=0, workers=2) as svc:
+            SandboxClient(svc.url).run("print(1)")
+        svc.kill(); svc.start()      # a crash and a restart on the same port
+    """
+
+    def __init__(self, port: int = 0, workers: int = 2, queue: int = 8, host: str = "127.0.0.1",
+                 env: dict | None = None, argv: list[str] | None = None):
+        import sys
+
+        self.port, self.host, self.env = port, host, env
+        self.argv = argv or [sys.executable, "-m", "r1zero.cli", "sandbox", "serve"]
+        self.args = ["--host", host, "--workers", str(workers), "--queue", str(queue)]
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> ServiceProcess:
+        import subprocess
+
+        self.proc = subprocess.Popen([*self.argv, *self.args, "--port", str(self.port)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=self.env)
+        line = self.proc.stdout.readline()  # {"listening": ...} once bound, or EOF if it failed
+        if not line:
+            err = self.proc.stderr.read()
+            self.proc.wait(timeout_s)
+            raise RuntimeError(f"sandbox service did not start: {err.strip()[-300:]}")
+        self.port = int(json.loads(line)["listening"].rsplit(":", 1)[1])
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed or evicted pod."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc:
+            self.proc.wait(30)
+
+    def stop(self) -> int | None:
+        """SIGTERM: in-flight programs finish, then it exits."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(45)
+            except Exception:  # noqa: BLE001 - a stuck shutdown still ends the process
+                self.proc.kill()
+                self.proc.wait(30)
+        return self.proc.returncode if self.proc else None
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -203,3 +203,14 @@ def test_reward_latency_and_errors_reach_the_ranks_metrics_endpoint(service):
         RewardScorer(RewardConfig(), 16).attach_metrics(tel)  # no service: nothing registered, no error
     finally:
         tel.close()
+
+
+def test_batches_are_cut_to_the_services_capacity():
+    srv = _serve(workers=1, queue=2)  # capacity 3
+    try:
+        c = SandboxClient(f"http://127.0.0.1:{srv.port}", batch_size=32)
+        res = c.run_many([f"print({i})" for i in range(7)], timeout_s=1.0)
+        assert [r.stdout for r in res] == [f"{i}\n" for i in range(7)]
+        assert c.attempts == 3  # 3 + 3 + 1, none refused
+    finally:
+        _stop(srv)

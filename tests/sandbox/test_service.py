@@ -154,8 +154,8 @@ def test_overloaded_is_answered_at_once_not_parked(service):
 
 
 def test_a_batch_larger_than_the_capacity_is_refused_not_deadlocked(service):
-    code, doc = _run(service, [{"source": "print(1)"}] * 5)  # capacity 4
-    assert code == 503 and "capacity 4" in doc["reason"]
+    code, doc = _run(service, [{"source": "print(1)"}] * 5)  # capacity 4: never admissible, so not a 503
+    assert code == 413 and "capacity 4" in doc["reason"]
 
 
 def test_parse_request_is_pure():
