@@ -207,10 +207,12 @@ def test_base_through_data_grpo_eval_insight(tmp_path, kind, chat):
     rl = tmp_path / "grpo"
     assert main(["grpo", "--policy", str(pre), "--data", str(data), "--out", str(rl), *common,
                  "--set", "grpo.steps=2", "--set", "grpo.prompts_per_step=2", "--set", "grpo.group_size=2",
-                 "--set", "grpo.max_new_tokens=8", "--set", "grpo.eval_every=1", "--set", "grpo.eval_problems=4",
+                 "--set", "grpo.max_new_tokens=8", "--set", "grpo.eval_every=1", "--set", "grpo.eval_problems=50",
                  "--set", "grpo.eval_benchmark=gsm8k"]) == 0
     names = {json.loads(x)["name"] for x in (rl / "metrics.jsonl").read_text().splitlines()}
     assert "eval/accuracy" in names
+    # the periodic curve followed the gsm8k benchmark (12 rows), not the 6-row eval split
+    assert json.loads((rl / "summary.json").read_text())["eval_subset"] == 12
 
     ev_base, ev_rl = tmp_path / "eval_base", tmp_path / "eval_rl"
     ev = ["--set", "eval.n_samples=2", "--set", "eval.k=2", "--set", "eval.max_new_tokens=8",
