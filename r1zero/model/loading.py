@@ -247,20 +247,25 @@ def r1zero_tensor(name: str, cfg, family: str, read) -> torch.Tensor:
 def load_into_r1zero(path: Path, dtype: torch.dtype = torch.float32):
     """R1ZeroForCausalLM (eval mode) holding a standard checkpoint's weights; NotRepresentable if the
     checkpoint's forward differs from r1zero's (a reason the stock model must run instead)."""
+    from r1zero.model.layers import RotaryEmbedding
     from r1zero.model.modeling import R1ZeroForCausalLM
 
     cfg, family = r1zero_config_from_hf(path)
-    read, stored = _tensor_reader(path)
-    model = R1ZeroForCausalLM(cfg)
+    read, _ = _tensor_reader(path)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        model = R1ZeroForCausalLM(cfg)
     state = {}
     for name, ref in model.state_dict().items():
         t = r1zero_tensor(name, cfg, family, read)
         _need(tuple(t.shape) == tuple(ref.shape), f"{name}: shape {tuple(t.shape)} != {tuple(ref.shape)}")
+        # router state stays fp32, as the routing math
         state[name] = t.to(torch.float32 if name.endswith("expert_bias_E") else dtype)
-    model.load_state_dict(state, strict=True)
-    if dtype != torch.float32:
-        model.to(dtype)
-        for m in model.moe_layers():  # router state stays fp32, as the routing math
-            m.expert_bias_E.data = m.expert_bias_E.data.float()
-            m.tokens_per_expert_E.data = m.tokens_per_expert_E.data.float()
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for mod in model.modules():  # non-persistent buffers: not in the checkpoint, rebuilt here
+        if isinstance(mod, RotaryEmbedding):
+            mod.inv_freq = mod.compute_inv_freq()
+        elif hasattr(mod, "tokens_per_expert_E"):
+            mod.tokens_per_expert_E = torch.zeros(cfg.n_experts)
     return model.eval()
