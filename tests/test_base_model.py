@@ -184,7 +184,7 @@ def test_bad_bases_and_benchmark_files(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,chat", [("llama", False), ("mixtral", True)])
-def test_base_through_data_grpo_eval_insight(tmp_path, kind, chat):
+def test_base_through_data_grpo_eval_insight(tmp_path, capsys, kind, chat):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = make_base(tmp_path / "base", kind)
@@ -218,8 +218,11 @@ def test_base_through_data_grpo_eval_insight(tmp_path, kind, chat):
     ev = ["--set", "eval.n_samples=2", "--set", "eval.k=2", "--set", "eval.max_new_tokens=8",
           "--set", "eval.bootstrap=50", "--set", "eval.n_problems=3"]
     assert main(["eval", "--model", str(pre), "--data", str(data), "--out", str(ev_base), *common, *ev]) == 0
+    capsys.readouterr()
     assert main(["eval", "--model", str(rl), "--data", str(data), "--out", str(ev_rl), "--baseline", str(ev_base),
                  *common, *ev]) == 0
+    printed = capsys.readouterr().out
+    assert "gsm8k: pass@1" in printed and "(n=12)" in printed and "math500: pass@1" in printed
     doc = json.loads((ev_rl / "metrics.json").read_text())
     assert doc["overall"]["n_problems"] == 3  # n_problems cuts the eval split ...
     for name, n in (("gsm8k", 12), ("math500", 8)):  # ... never a benchmark

@@ -1,4 +1,5 @@
-"""``r1zero eval``: evaluate a model on the eval split, optionally against a baseline.
+"""``r1zero eval``: evaluate a model on the eval split (and the named benchmarks), optionally
+against a baseline.
 
     r1zero eval --config configs/tiny.yaml --model runs/tiny/grpo --data runs/tiny/data --out runs/tiny/eval
     r1zero eval --config configs/tiny.yaml --model runs/tiny/grpo --data runs/tiny/data --out runs/tiny/eval \\
@@ -27,6 +28,12 @@ def _eval(args) -> int:
         line = f"{key.replace('@k', f'@{k}'):>16}: {flat[key]:.4f}"
         if f"delta/{key if key != 'accuracy' else 'pass@1'}" in flat:
             line += f"  (vs baseline {flat['delta/' + (key if key != 'accuracy' else 'pass@1')]:+.4f})"
+        print(line)
+    for name in (b.name for b in cfg.eval.benchmarks):  # each named benchmark, evaluated whole
+        pre = f"bench/{name}/"
+        line = f"{name:>16}: pass@1 {flat[pre + 'pass@1']:.4f} (n={flat[pre + 'n']:.0f})"
+        if f"delta/{pre}pass@1" in flat:
+            line += f"  (vs baseline {flat[f'delta/{pre}pass@1']:+.4f})"
         print(line)
     print(f"wrote metrics.json, kfp_metrics.json, per_problem.jsonl, report.html to {args.out}")
     return 0
