@@ -169,14 +169,15 @@ RUN_LABEL = "r1zero/pipeline-run"
 
 
 def stage_job_docs(cfg, stage: str, uris: dict[str, str], run_id: str) -> list[dict]:
-    """The stage's [ConfigMap, PyTorchJob], named and labelled for this pipeline run.
+    """The stage's [ConfigMap, job] (``cluster.job_kind``: PyTorchJob or TrainJob), named and
+    labelled for this pipeline run.
 
     Names get the run id's first 8 characters so concurrent runs never collide; the label lets
     the exit handler find and delete what this run left behind.
     """
     from r1zero.cluster.render import dns1035, render_stage
 
-    docs = render_stage(cfg, stage, "pytorchjob", uris=uris)
+    docs = render_stage(cfg, stage, cfg.cluster.job_kind, uris=uris)
     suffix = "".join(c for c in run_id.lower() if c.isalnum())[:8]
     for d in docs:
         meta = d["metadata"]
@@ -369,11 +370,12 @@ def cleanup(cfg, target: str, state: str, run_name: str) -> str:
     return f"{state}: deleted {len(deleted)} job(s): {', '.join(deleted) or '-'}"
 
 
-JOB_RESOURCES = [("kubeflow.org", "v1", "pytorchjobs"), ("kubeflow.org", "v2beta1", "mpijobs")]
+JOB_RESOURCES = [("kubeflow.org", "v1", "pytorchjobs"), ("kubeflow.org", "v2beta1", "mpijobs"),
+                 ("trainer.kubeflow.org", "v1alpha1", "trainjobs")]
 
 
 def delete_run_jobs(namespace: str, run_id: str, api=None) -> list[str]:
-    """Delete the PyTorchJobs/MPIJobs labelled with this pipeline run (the exit handler's job)."""
+    """Delete the PyTorchJobs/MPIJobs/TrainJobs labelled with this pipeline run (the exit handler's job)."""
     from kubernetes import client, config
     from kubernetes.client.rest import ApiException
 

@@ -3,7 +3,8 @@
     r1zero launch out/k8s/pretrain-pytorchjob.yaml                  # TrainingClient, kube context
     r1zero launch out/k8s/pretrain-pytorchjob.yaml --local          # processes on this machine
 
-Cluster (:func:`launch_cluster`): creates the manifest's ConfigMaps, then the PyTorchJob through
+Cluster (:func:`launch_cluster`; a TrainJob goes to :func:`launch_trainjob`, Kubernetes API
+directly): creates the manifest's ConfigMaps, then the PyTorchJob through
 kubeflow-training's ``TrainingClient``; waits with ``wait_timeout`` (the SDK's ``timeout`` is the
 per-request API timeout, a common mistake in the KFP launcher sample), streams the pods' new log
 lines at every poll (incrementally: ``since_seconds`` + timestamps), raises :class:`JobFailed` with the conditions and the master's last log
@@ -81,21 +82,26 @@ def _log_time(stamp: str) -> tuple[str, int]:
     return whole, int((frac + "000000000")[:9])
 
 
-def _log_streamer(client, namespace: str, name: str, out, clock=time.time):
+def _log_streamer(client, namespace: str, name: str, out, clock=time.time, list_pods=None, container: str = "pytorch"):
     """A wait callback printing each pod's log lines that appeared since the last poll.
 
     Incremental: after a pod's first read, each poll asks only for ``since_seconds`` (the time
     since that pod's previous read, plus one second of overlap) with ``timestamps``; lines at or
     before the last printed timestamp are the overlap and are skipped. A week-long job's log is
-    thus read once, not once per poll.
+    thus read once, not once per poll. ``list_pods`` (default: TrainingClient.get_job_pods) and
+    ``container`` serve other kinds (a TrainJob's JobSet pods, container ``node``).
     """
+    if list_pods is None:
+        def list_pods():
+            return client.get_job_pods(name=name, namespace=namespace)
+
     last_read: dict[str, float] = {}
     last_key: dict[str, tuple[str, int]] = {}
     seen_at_last: dict[str, set[str]] = {}  # lines printed with exactly the last timestamp
 
     def callback(_job) -> None:
         try:
-            pods = client.get_job_pods(name=name, namespace=namespace)
+            pods = list_pods()
         except (RuntimeError, TimeoutError):
             return
         for pod in pods:
@@ -107,7 +113,7 @@ def _log_streamer(client, namespace: str, name: str, out, clock=time.time):
                 kwargs["since_seconds"] = max(1, math.ceil(clock() - last_read[pname]) + 1)
             started = clock()
             try:
-                text = client.core_api.read_namespaced_pod_log(name=pname, namespace=namespace, container="pytorch",
+                text = client.core_api.read_namespaced_pod_log(name=pname, namespace=namespace, container=container,
                                                                timestamps=True, **kwargs)
             except Exception:  # noqa: BLE001 - a pod that is not ready yet: try next poll
                 continue
@@ -153,6 +159,10 @@ def launch_cluster(docs: list[dict], *, client=None, namespace: str | None = Non
         raise UserError(f"--delete {delete!r}: choose on-success, always or never")
     job = find_job(docs)
     kind = job["kind"]
+    if kind == "TrainJob":
+        return launch_trainjob(docs, api_client=client.api_client if client is not None else None,
+                               namespace=namespace, wait_timeout=wait_timeout, polling_interval=polling_interval,
+                               delete=delete, tail_lines=tail_lines, out=out)
     if kind not in JOB_KINDS:
         raise UserError(f"launch on a cluster supports {', '.join(sorted(JOB_KINDS))} (kubeflow-training "
                         f"TrainingClient); apply a {kind} with `kubectl apply --server-side -f`")
@@ -187,6 +197,88 @@ def launch_cluster(docs: list[dict], *, client=None, namespace: str | None = Non
             client.delete_job(name=name, namespace=ns, job_kind=kind)
             print(f"deleted {kind} {ns}/{name}", file=out, flush=True)
     print(f"{kind} {ns}/{name} succeeded", file=out, flush=True)
+    return {"name": name, "namespace": ns, "status": status}
+
+
+TRAINJOB_API = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"  # Trainer v2 runs a TrainJob as a JobSet of its name
+
+
+class _CoreClient:
+    """The member of TrainingClient the log streamer reads logs with, for a plain CoreV1Api."""
+
+    def __init__(self, core_api):
+        self.core_api = core_api
+
+
+def launch_trainjob(docs: list[dict], *, api_client=None, namespace: str | None = None,
+                    wait_timeout: float = 7 * 24 * 3600, polling_interval: float = 15, delete: str = "on-success",
+                    tail_lines: int = 20, out=sys.stdout, clock=time.monotonic) -> dict:
+    """Kubeflow Trainer v2: create the TrainJob (and its ConfigMaps) with the Kubernetes API, wait
+    for its ``Complete`` or ``Failed`` condition, stream its JobSet pods' logs (container ``node``)
+    incrementally, raise :class:`JobFailed` with the conditions and the last log lines on failure,
+    and delete it per ``delete``. (kubeflow-training's TrainingClient 1.9 speaks only v1 kinds.)"""
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+    from kubernetes.client.rest import ApiException
+
+    if delete not in ("on-success", "always", "never"):
+        raise UserError(f"--delete {delete!r}: choose on-success, always or never")
+    job = find_job(docs, kinds=("TrainJob",))
+    name = job["metadata"]["name"]
+    ns = namespace or job["metadata"].get("namespace") or "default"
+    if api_client is None:
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config()
+        api_client = k8s.ApiClient()
+    core, custom = k8s.CoreV1Api(api_client), k8s.CustomObjectsApi(api_client)
+    group, version, plural = TRAINJOB_API
+    for cm in (d for d in docs if d.get("kind") == "ConfigMap"):
+        try:
+            core.create_namespaced_config_map(namespace=ns, body={**cm, "metadata": {**cm["metadata"], "namespace": ns}})
+        except ApiException as err:
+            if err.status != 409:  # names carry the config hash: an existing one has this content
+                raise RuntimeError(f"cannot create ConfigMap {ns}/{cm['metadata']['name']}: {err.reason}") from None
+    custom.create_namespaced_custom_object(group, version, ns, plural,
+                                           {**job, "metadata": {**job["metadata"], "namespace": ns}})
+    print(f"created TrainJob {ns}/{name}", file=out, flush=True)
+
+    def pods():
+        return core.list_namespaced_pod(ns, label_selector=f"{JOBSET_LABEL}={name}").items
+
+    stream = _log_streamer(_CoreClient(core), ns, name, out, list_pods=pods, container="node")
+    status, start = "Failed", clock()
+    try:
+        while True:
+            obj = custom.get_namespaced_custom_object(group, version, ns, plural, name)
+            stream(obj)
+            conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []
+                     if c.get("status") == "True"}
+            if "Complete" in conds:
+                status = "Succeeded"
+                break
+            if "Failed" in conds:
+                tail: list[str] = []
+                for pod in pods():
+                    try:
+                        text = core.read_namespaced_pod_log(pod.metadata.name, ns, container="node",
+                                                            tail_lines=tail_lines)
+                    except ApiException:
+                        continue
+                    tail += text.strip().splitlines()
+                why = "; ".join(f"{t}: {c.get('reason', '')} {c.get('message', '')}".strip() for t, c in conds.items())
+                raise JobFailed(f"TrainJob {ns}/{name} failed ({why}); last log lines: "
+                                f"{' | '.join(tail[-tail_lines:]) or '<none>'}")
+            if clock() - start > wait_timeout:
+                raise TimeoutError(f"TrainJob {ns}/{name}: no Complete/Failed condition after {wait_timeout:.0f} s")
+            time.sleep(polling_interval)
+    finally:
+        if delete == "always" or (delete == "on-success" and status == "Succeeded"):
+            custom.delete_namespaced_custom_object(group, version, ns, plural, name)
+            print(f"deleted TrainJob {ns}/{name}", file=out, flush=True)
+    print(f"TrainJob {ns}/{name} succeeded", file=out, flush=True)
     return {"name": name, "namespace": ns, "status": status}
 
 

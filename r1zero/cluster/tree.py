@@ -109,6 +109,8 @@ def rbac(cfg) -> list[dict]:
         # delete_run_jobs (components/runtime.py, the exit handler): list by run label + delete
         {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["create", "get", "list", "delete"]},
         {"apiGroups": ["kubeflow.org"], "resources": ["mpijobs"], "verbs": ["list", "delete"]},
+        # launch_trainjob (Kubernetes API): create, get while waiting, delete; the exit handler: list
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "list", "delete"]},
         # the log stream: TrainingClient.get_job_pods (list) and read_namespaced_pod_log (pods/log get)
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},

@@ -17,7 +17,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/?]+))?")
+JOBS = re.compile(r"^/apis/(?:kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs"
+                  r"|trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs)(?:/([^/?]+))?")
 CMS = re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/?]+)/log)?")
 EVENTS = re.compile(r"^/api/v1/namespaces/([^/]+)/events")
@@ -63,7 +64,9 @@ class FakeK8s:
         i = min(self.gets, len(self.conditions) - 1)
         self.gets += 1
         job = dict(self.jobs[name])
-        conds = [{"type": t, "status": "True", "reason": f"PyTorchJob{t}",
+        trainjob = job.get("kind") == "TrainJob"  # Trainer v2 condition types: Complete / Failed
+        conds = [{"type": "Complete" if trainjob and t == "Succeeded" else t, "status": "True",
+                  "reason": f"{job.get('kind', 'PyTorchJob')}{t}",
                   "message": self.fail_message if t == "Failed" else f"job is {t.lower()}",
                   "lastTransitionTime": "2026-01-01T00:00:00Z", "lastUpdateTime": "2026-01-01T00:00:00Z"}
                  for t in self.conditions[i]]
@@ -107,16 +110,19 @@ def _handler(state: FakeK8s):
 
         def do_GET(self):  # noqa: N802
             state.requests.append(("GET", self.path))
-            if (m := JOBS.match(self.path)) and m.group(2):
-                if m.group(2) not in state.jobs:
+            if (m := JOBS.match(self.path)) and m.group(3):
+                if m.group(3) not in state.jobs:
                     return self._send(404, {"kind": "Status", "code": 404})
-                return self._send(200, state.job_view(m.group(2)))
+                return self._send(200, state.job_view(m.group(3)))
             if (m := PODS.match(self.path)) and m.group(2):
                 return self._send(200, state.log_answer(parse_qs(urlparse(self.path).query)), "text/plain")
             if m := PODS.match(self.path):
                 name = next(iter(state.jobs), "job")
-                pod = {"metadata": {"name": f"{name}-master-0", "namespace": m.group(1),
-                                    "labels": {"training.kubeflow.org/job-name": name}},
+                trainjob = state.jobs.get(name, {}).get("kind") == "TrainJob"
+                pod = {"metadata": {"name": f"{name}-node-0-0" if trainjob else f"{name}-master-0",
+                                    "namespace": m.group(1),
+                                    "labels": {"jobset.sigs.k8s.io/jobset-name" if trainjob
+                                               else "training.kubeflow.org/job-name": name}},
                        "status": {"phase": "Running"}}
                 return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod]})
             if self.path.startswith("/apis/apiextensions.k8s.io/v1/customresourcedefinitions"):
@@ -128,9 +134,9 @@ def _handler(state: FakeK8s):
 
         def do_DELETE(self):  # noqa: N802
             state.requests.append(("DELETE", self.path))
-            if (m := JOBS.match(self.path)) and m.group(2):
-                state.deleted.append(m.group(2))
-                state.jobs.pop(m.group(2), None)
+            if (m := JOBS.match(self.path)) and m.group(3):
+                state.deleted.append(m.group(3))
+                state.jobs.pop(m.group(3), None)
                 return self._send(200, {"kind": "Status", "status": "Success"})
             self._send(404, {"kind": "Status", "code": 404})
 

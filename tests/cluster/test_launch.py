@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -196,3 +197,33 @@ def test_local_launch_trains_tiny_through_the_rendered_manifest(tmp_path):
     assert summary["world_size"] == 2 and summary["layout"].startswith("dp=2")
     assert summary["steps"] == 3 and summary["final_loss"] < summary["first_loss"] + 1.0
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "metrics.jsonl").exists()
+
+
+def test_trainjob_is_launched_waited_streamed_and_deleted(fake_k8s):
+    """Kubeflow Trainer v2: the rendered TrainJob goes through the Kubernetes API (TrainingClient 1.9
+    knows only v1 kinds), its JobSet pods' logs stream incrementally, Complete ends it."""
+    state, conf = fake_k8s([["Created"], ["Created"], ["Created", "Succeeded"]],
+                           ["", "rank 0 step 1\n", "rank 0 step 1\nrank 0 done\n"])
+    from kubernetes import client as k8s
+
+    docs = render_stage(load_config("configs/tiny.yaml"), "pretrain", "trainjob")
+    out = io.StringIO()
+    res = launch_cluster(docs, client=SimpleNamespace(api_client=k8s.ApiClient(conf)), wait_timeout=5,
+                         polling_interval=0.05, out=out)
+    assert res == {"name": "tiny-pretrain", "namespace": "r1zero", "status": "Succeeded"}
+    assert ("POST", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/r1zero/trainjobs") in state.requests
+    assert state.jobs == {} and state.deleted == ["tiny-pretrain"]
+    text = out.getvalue()
+    assert text.count("[tiny-pretrain-node-0-0] rank 0 step 1") == 1 and "[tiny-pretrain-node-0-0] rank 0 done" in text
+    assert [c["metadata"]["name"] for c in state.configmaps] == [docs[0]["metadata"]["name"]]
+
+
+def test_trainjob_failure_raises_with_conditions(fake_k8s):
+    state, conf = fake_k8s([["Created"], ["Created", "Failed"]], ["boom\n"], fail_message="jobset failed")
+    from kubernetes import client as k8s
+
+    docs = render_stage(load_config("configs/tiny.yaml"), "grpo", "trainjob")
+    with pytest.raises(JobFailed, match="TrainJob r1zero/tiny-grpo failed .*jobset failed.*boom"):
+        launch_cluster(docs, client=SimpleNamespace(api_client=k8s.ApiClient(conf)), wait_timeout=5,
+                       polling_interval=0.05, out=io.StringIO())
+    assert state.deleted == []  # on-success: a failed job stays for inspection

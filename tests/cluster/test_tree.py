@@ -57,8 +57,8 @@ def test_launcher_rbac_is_least_privilege():
     rules = docs[1]["rules"]
     granted = {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
     # exactly what launch_cluster and the exit handler call (verbs per rule: tests/reliability/test_security.py)
-    assert granted == {("kubeflow.org", "pytorchjobs"), ("kubeflow.org", "mpijobs"), ("", "pods"), ("", "pods/log"),
-                       ("", "configmaps")}
+    assert granted == {("kubeflow.org", "pytorchjobs"), ("kubeflow.org", "mpijobs"), ("trainer.kubeflow.org", "trainjobs"),
+                       ("", "pods"), ("", "pods/log"), ("", "configmaps")}
     for rule in rules:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
         if rule["resources"][0] in ("pods", "pods/log"):

@@ -212,3 +212,15 @@ def test_cluster_stages_move_only_small_files_through_the_pod(s3_server, s3_buck
     assert acc == 0.25 and metrics.logged["accuracy"] == 0.25
     assert launched[1] == ("eval", {"model": uri, "data": f"s3://{s3_bucket}/data", "out": f"s3://{s3_bucket}/run/result"})
     assert Path(report.path).read_text() == "<html>r</html>"
+
+
+def test_stage_job_docs_follow_cluster_job_kind():
+    """cluster.job_kind trainjob: the pipeline launches Kubeflow Trainer v2 TrainJobs."""
+    from r1zero.config import load_config
+
+    cfg = load_config("configs/tiny.yaml", ["cluster.job_kind=trainjob"])
+    cm, job = runtime.stage_job_docs(cfg, "eval", {"model": "s3://b/m", "data": "s3://b/d", "out": "s3://b/e"},
+                                     "run-abc12345")
+    assert job["kind"] == "TrainJob" and job["metadata"]["labels"][runtime.RUN_LABEL] == "run-abc12345"
+    assert job["metadata"]["name"].endswith("-runabc12") and job["spec"]["trainer"]["numNodes"] == 1
+    assert ("trainer.kubeflow.org", "v1alpha1", "trainjobs") in runtime.JOB_RESOURCES
