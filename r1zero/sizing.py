@@ -397,9 +397,18 @@ def stage_memory(spec: ModelSpec, layout: Layout, micro_batches: int, precision:
     expert_bpp = fsdp2_state_bytes_per_param(d // e) if fsdp else dense_bpp
     mem = {k: dense * dense_bpp[k] + experts * expert_bpp[k] for k in dense_bpp}
     compute_bytes = 4 if precision == "fp32" else 2
-    block = (spec.dense_params_per_layer() / t + spec.expert_params_per_layer() / e) * compute_bytes
-    root = embed / t * compute_bytes  # the root unit stays gathered from its forward to its backward
-    mem["fsdp_buffers"] = 0.0 if not fsdp else (root + 2 * block) if L.zero_stage == 3 else (root + layers * block)
+    block_params = spec.dense_params_per_layer() / t + spec.expert_params_per_layer() / e
+    block, root = block_params * compute_bytes, embed / t * compute_bytes  # the root stays gathered
+    # ZeRO-3 reshards after forward (2 blocks gathered: current + prefetched); stages < 3 keep
+    # every block gathered from forward to backward, and so does a pipeline stage with ZeRO-3
+    # (torch.distributed.pipelining sets reshard_after_backward=False between micro-batches):
+    # an upper bound there.
+    keep_all = L.zero_stage < 3 or p > 1
+    mem["fsdp_buffers"] = 0.0 if not fsdp else (root + layers * block) if keep_all else (root + 2 * block)
+    # Gradient accumulation without sync (the engine and the pipeline schedule both turn FSDP's
+    # gradient sync off until the last micro-batch): FSDP2 keeps each unit's unsharded gradient,
+    # upcast to reduce_dtype (fp32), until the reduce-scatter of the last micro-batch.
+    mem["unsharded_grads"] = (layers * block_params + embed / t) * 4 if fsdp and micro_batches > 1 else 0.0
     # Logits: the compute-dtype output, its fp32 copy and the fp32 log-softmax cross_entropy saves.
     logits = spec.seq * b * spec.vocab / t * (compute_bytes + 8) if last else 0.0
     mem["activations"] = act + logits

@@ -138,7 +138,8 @@ def _dry_run(args) -> int:
         for r in out["ranks"]:
             print(f"rank {r['rank']} (pp stage {r['pp_stage']}): params {r['params_bytes'] / 1e9:.2f} GB, grads "
                   f"{r['grads_bytes'] / 1e9:.2f} GB, optimizer {r['optimizer_bytes'] / 1e9:.2f} GB, FSDP buffers "
-                  f"{r['fsdp_buffers_bytes'] / 1e9:.2f} GB, activations {r['activations_bytes'] / 1e9:.2f} GB, "
+                  f"{r['fsdp_buffers_bytes'] / 1e9:.2f} GB, unsharded grads {r['unsharded_grads_bytes'] / 1e9:.2f} GB, "
+                  f"activations {r['activations_bytes'] / 1e9:.2f} GB, "
                   f"total {r['total_bytes'] / 1e9:.2f} GB")
         print(f"planner: {out['planner_total_bytes'] / 1e9:.2f} GB per rank; device {out['device_bytes'] / 1e9:.0f} GB, "
               f"usable {out['usable_bytes'] / 1e9:.1f} GB: fits")

@@ -113,9 +113,9 @@ def test_fsdp2_engine_memory_rules():
     two (ZeRO-3), the interleaved schedule shrinks the bubble."""
     spec = ModelSpec(layers=8, hidden=1024, heads=8, kv_heads=8, vocab=1000, seq=512, experts=8, top_k=2,
                      expert_ffn=512, gated=True, learned_positions=False, tied_embeddings=False)
-    L = Layout(tp=2, pp=2, dp=4, ep=2, zero_stage=3, micro_batch=1, recompute="full")
+    L = Layout(tp=2, pp=1, dp=4, ep=2, zero_stage=3, micro_batch=1, recompute="full")
     first = stage_memory(spec, L, 8, first=True, last=False)
-    layers, t, e, d = 4, 2, 2, 4
+    layers, t, e, d = 8, 2, 2, 4
     dense = layers * spec.dense_params_per_layer() / t + spec.vocab * spec.hidden / t
     experts = layers * spec.expert_params_per_layer() / e
     assert first["weights"] == pytest.approx(4 * (dense / d + experts / (d // e)))
@@ -124,7 +124,13 @@ def test_fsdp2_engine_memory_rules():
     assert first["fsdp_buffers"] == pytest.approx(spec.vocab * spec.hidden / t * 2 + 2 * block)
     kept = stage_memory(spec, Layout(**{**L.__dict__, "zero_stage": 1}), 8, first=True, last=False)
     assert kept["fsdp_buffers"] == pytest.approx(spec.vocab * spec.hidden / t * 2 + layers * block)
+    staged = stage_memory(spec, Layout(**{**L.__dict__, "pp": 2}), 8, first=True, last=False)
+    assert staged["fsdp_buffers"] == pytest.approx(spec.vocab * spec.hidden / t * 2 + 4 * block)  # kept whole
+    # 8 micro-batches: every unit's unsharded fp32 gradient stays until the last one; 1: none
+    assert first["unsharded_grads"] == pytest.approx((layers * block / 2 + spec.vocab * spec.hidden / t) * 4)
+    assert stage_memory(spec, L, 1, first=True, last=False)["unsharded_grads"] == 0
     hw = Hardware(A100_80, 16)
+    L = Layout(**{**L.__dict__, "pp": 2})
     plain = estimate(spec, hw, L, 64)
     inter = estimate(spec, hw, Layout(**{**L.__dict__, "interleave": 2}), 64)
     assert inter.bubble_fraction == pytest.approx(bubble_fraction(2, 16 * 2))

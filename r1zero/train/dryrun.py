@@ -20,6 +20,9 @@ What is measured and what is computed:
 - ``fsdp_buffers_bytes``: *computed* from the measured FSDP units: the unsharded compute-dtype
   copy of the largest unit twice (the current one and the prefetched next), or of every unit when
   parameters stay unsharded between forward and backward (``reshard_after_forward=False``).
+- ``unsharded_grads_bytes``: *computed* from the measured FSDP units: with gradient accumulation
+  the engine (and the pipeline schedule) turn FSDP's gradient sync off until the last micro-batch,
+  and FSDP2 keeps every unit's unsharded gradient in fp32 (``reduce_dtype``) until then.
 - ``activations_bytes``: *computed* with the planner's per-layer formula
   (:func:`r1zero.sizing.activation_bytes_per_layer`: Korthikanti et al. 2022, with the configured
   micro-batch, sequence length, tensor/sequence parallelism and activation checkpointing), times
@@ -130,40 +133,48 @@ def count_state_bytes(modules, optimizer) -> dict[str, int]:
     }
 
 
-def fsdp_buffer_bytes(modules) -> int:
-    """Unsharded bytes FSDP2 all-gathers (compute dtype, tp-local shapes): every unit that stays
-    gathered between forward and backward (``reshard_after_forward=False``, and the root), plus,
-    for resharding units, twice the largest decoder block (the current one and the prefetched
-    next; a block = its own unit + its experts' unit)."""
+def fsdp_buffer_bytes(modules, grad_accum: int = 1, pipeline: bool = False) -> tuple[int, int]:
+    """(gathered, unsharded-gradient) bytes of FSDP2's unsharded copies, from the measured units
+    (tp-local shapes).
+
+    Gathered parameters (compute dtype): every unit that stays gathered between forward and
+    backward (``reshard_after_forward=False``, the root, and every unit of a pipeline stage, whose
+    schedule sets ``reshard_after_backward=False`` between micro-batches: an upper bound), plus,
+    for resharding units, twice the largest decoder block (current + prefetched; a block = its own
+    unit + its experts' unit). Unsharded gradients: with ``grad_accum > 1`` the engine and the
+    pipeline schedule turn gradient sync off until the last micro-batch, and FSDP2 keeps every
+    unit's unsharded gradient in ``reduce_dtype`` (fp32) until then.
+    """
     from torch.distributed.fsdp import FSDPModule
 
     from r1zero.model.modeling import DecoderLayer
 
-    def unit_bytes(m) -> tuple[int, bool]:
+    def unit(m) -> tuple[int, int, bool]:
         group = m._get_fsdp_state()._fsdp_param_group
         if group is None:
-            return 0, False
+            return 0, 0, False
         dtype = group.mp_policy.param_dtype
-        total = 0
-        for fp in group.fsdp_params:
-            size = (dtype or fp.sharded_param.dtype).itemsize
-            total += fp._orig_size.numel() * size
-        return total, group.post_forward_mesh_info is None
+        numel = sum(fp._orig_size.numel() for fp in group.fsdp_params)
+        size = (dtype or group.fsdp_params[0].sharded_param.dtype).itemsize if group.fsdp_params else 0
+        return numel * size, numel, group.post_forward_mesh_info is None
 
-    held, blocks = 0, []
+    held, blocks, numel_all = 0, [], 0
     for root in modules:
         in_blocks = set()
         for m in root.modules():
             if isinstance(m, DecoderLayer):
-                units = [unit_bytes(u) for u in m.modules() if isinstance(u, FSDPModule)]
+                units = [unit(u) for u in m.modules() if isinstance(u, FSDPModule)]
                 in_blocks.update(id(u) for u in m.modules())
-                kept = sum(b for b, keep in units if keep)
-                held += kept
-                blocks.append(sum(b for b, keep in units if not keep))
+                numel_all += sum(n for _, n, _ in units)
+                held += sum(b for b, _, keep in units if keep or pipeline)
+                blocks.append(sum(b for b, _, keep in units if not (keep or pipeline)))
         for m in root.modules():
             if isinstance(m, FSDPModule) and id(m) not in in_blocks:
-                held += unit_bytes(m)[0]  # the root stays gathered from its forward to its backward
-    return held + 2 * max(blocks, default=0)
+                b, n, _ = unit(m)
+                held += b  # the root stays gathered from its forward to its backward
+                numel_all += n
+    gathered = held + 2 * max(blocks, default=0)
+    return gathered, (numel_all * 4 if grad_accum > 1 else 0)
 
 
 def rank_layers(modules) -> int:
@@ -239,13 +250,15 @@ def measure_rank(cfg, rank: int, world_size: int, stage: str = "pretrain") -> di
                     prm.grad = torch.zeros_like(prm)
         optimizer.step()  # AdamW allocates exp_avg / exp_avg_sq (meta) on its first step
         out = count_state_bytes(modules, optimizer)
-        out["fsdp_buffers_bytes"] = fsdp_buffer_bytes(modules) if pm.fsdp else 0
+        gathered, grads = (fsdp_buffer_bytes(modules, cfg.pretrain.grad_accum, pipeline=dims.pp > 1) if pm.fsdp
+                           else (0, 0))
+        out["fsdp_buffers_bytes"], out["unsharded_grads_bytes"] = gathered, grads
         stage_index = pm.pp_rank
         holds_logits = pm.last
         out["layers"] = rank_layers(modules)
         out["activations_bytes"] = activation_bytes(cfg, out["layers"], stage_index, holds_logits)
         out["total_bytes"] = sum(out[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes",
-                                                  "fsdp_buffers_bytes", "activations_bytes"))
+                                                  "fsdp_buffers_bytes", "unsharded_grads_bytes", "activations_bytes"))
         return {"rank": rank, "pp_stage": stage_index, **out}
     finally:
         dist.destroy_process_group()

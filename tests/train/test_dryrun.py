@@ -62,9 +62,11 @@ def _hand_count(stage: int) -> dict[str, int]:
     ends = (V * h // 2) // 4 if stage == 0 else (V * h // 2) // 4 + h // 4  # embed | lm_head + final norm
     n = layers + ends
     # FSDP2 gathers bf16 copies (tp-local shapes): stages keep them between forward and backward
-    # (zero_stage 1): all units of the stage.
-    gathered = 2 * (2 * (dense_layer + experts_layer) + (V * h // 2 if stage == 0 else V * h // 2 + h))
-    return {"params_bytes": 4 * n, "grads_bytes": 4 * n, "optimizer_bytes": 8 * n, "fsdp_buffers_bytes": gathered}
+    # (zero_stage 1, and any pipeline stage): all units of the stage.
+    unsharded = 2 * (dense_layer + experts_layer) + (V * h // 2 if stage == 0 else V * h // 2 + h)
+    # grad_accum 2: FSDP2 keeps every unit's unsharded gradient in fp32 until the last micro-batch
+    return {"params_bytes": 4 * n, "grads_bytes": 4 * n, "optimizer_bytes": 8 * n,
+            "fsdp_buffers_bytes": 2 * unsharded, "unsharded_grads_bytes": 4 * unsharded}
 
 
 @pytest.mark.slow
@@ -79,8 +81,9 @@ def test_small_model_bytes_equal_a_hand_count(tmp_path):
         got = {k: r[k] for k in want}
         assert got == want, (r["rank"], got, want)
         assert r["layers"] == 2
-        assert r["total_bytes"] == sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes",
-                                                      "buffers_bytes", "fsdp_buffers_bytes", "activations_bytes"))
+        assert r["total_bytes"] == sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes",
+                                                      "fsdp_buffers_bytes", "unsharded_grads_bytes",
+                                                      "activations_bytes"))
     cfg = load_config(cfg_path)
     planner = planner_layout_bytes(cfg)
     largest = max(r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in out["ranks"])
