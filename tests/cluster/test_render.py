@@ -235,3 +235,29 @@ def test_eval_stage_is_one_gpu_pod():
                                                       "baseline": "s3://b/base-eval"})
     args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
     assert args[-2:] == ["--baseline", "s3://b/base-eval"]
+
+
+def test_mpijob_worker_matches_the_train_image():
+    """The MPIJob worker's sshd command, config path, key mount and uid are the train image's
+    (images/train.Dockerfile, images/sshd_config): one uid for images and manifests."""
+    import re
+    from pathlib import Path
+
+    from r1zero.cluster.render import RUN_AS
+
+    root = Path(__file__).resolve().parents[2]
+    dockerfile = (root / "images" / "train.Dockerfile").read_text()
+    sshd = (root / "images" / "sshd_config").read_text()
+    _, _, job = _job(TINY, kind="mpijob")
+    w = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    c = w["containers"][0]
+    assert c["command"] == ["/usr/sbin/sshd"] and "openssh-server" in dockerfile
+    config_path = c["args"][c["args"].index("-f") + 1]
+    assert re.search(rf"COPY\s.*images/sshd_config\s+{re.escape(config_path)}\s*$", dockerfile, re.M), config_path
+    host_key = re.search(r"^HostKey\s+(\S+)", sshd, re.M).group(1)
+    assert str(Path(host_key).parent) == job["spec"]["sshAuthMountPath"]
+    assert int(re.search(r"^ARG UID=(\d+)", dockerfile, re.M).group(1)) == RUN_AS
+    assert w["securityContext"]["runAsUser"] == c["securityContext"]["runAsUser"] == RUN_AS
+    import r1zero.images as images
+
+    assert getattr(images, "UID", RUN_AS) == RUN_AS
