@@ -121,7 +121,8 @@ class SandboxClient:
 
     def health(self, timeout_s: float = 2.0) -> dict:
         try:
-            r = self._http.request("GET", self.url + "/healthz", timeout=urllib3.Timeout(CONNECT_TIMEOUT_S, timeout_s))
+            r = self._http.request("GET", self.url + "/healthz",
+                                   timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout_s))
             doc = json.loads(r.data)
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
             raise _Failure("connect", f"GET /healthz: {type(err).__name__}: {err}") from None
@@ -146,7 +147,7 @@ class SandboxClient:
                 self.health()
             r = self._http.request("POST", self.url + "/run", body=body,
                                    headers={"Content-Type": "application/json"},
-                                   timeout=urllib3.Timeout(CONNECT_TIMEOUT_S, self._deadline_s(payload)))
+                                   timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=self._deadline_s(payload)))
         except _Failure:
             raise
         except (urllib3.exceptions.HTTPError, OSError) as err:

@@ -214,3 +214,16 @@ def test_batches_are_cut_to_the_services_capacity():
         assert c.attempts == 3  # 3 + 3 + 1, none refused
     finally:
         _stop(srv)
+
+
+def test_a_batch_may_run_longer_than_the_connect_timeout():
+    # 3 programs of ~0.9 s on one worker: ~3 s of reading, past the 2 s connect timeout
+    srv = _serve(workers=1, queue=4)
+    try:
+        c = SandboxClient(f"http://127.0.0.1:{srv.port}", retries=0)
+        t0 = time.monotonic()
+        res = c.run_many(["import time; time.sleep(0.9); print('done')"] * 3 + ["print('x')"], timeout_s=2.0)
+        assert [r.status for r in res] == ["ok"] * 4, [r.stderr for r in res]
+        assert time.monotonic() - t0 > 2.7 and c.attempts == 1
+    finally:
+        _stop(srv)
