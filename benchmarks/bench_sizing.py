@@ -3,6 +3,7 @@ and the full-scale dry run of the a100-13b preset and two other layouts next to 
 
     .venv/bin/python benchmarks/bench_sizing.py            # published runs
     .venv/bin/python benchmarks/bench_sizing.py --dry-run  # dry run vs planner (about 2 minutes)
+    .venv/bin/python benchmarks/bench_sizing.py --activations  # one real layer's saved bytes vs formula
 
 Peers: Megatron-LM 2021 Table 1 (Narayanan et al., arXiv:2104.04473; A100-80GB, seq 2048,
 vocab 51200, full recompute), BLOOM-176B (arXiv:2211.05100), and the ZeRO paper's memory figures
@@ -88,7 +89,47 @@ def dry_run_table() -> None:
               f"| {out['planner_states_bytes'] / states:.3f} | {'yes' if out['fits'] else 'no'} |")
 
 
+def activation_check() -> None:
+    """Saved-for-backward bytes of one real r1zero decoder layer (bf16, world 1, no recompute),
+    measured with saved-tensor hooks (parameters excluded), against the planner's per-layer
+    formula that the dry run uses. Shapes: d_model 256, 4 heads, 8 experts top-2 of width 256."""
+    import torch
+
+    from r1zero.config import build_config
+    from r1zero.model import build_model
+    from r1zero.sizing import activation_bytes_per_layer
+    from r1zero.sizing_cli import spec_from_config
+
+    print("| seq x micro-batch | measured bytes | formula bytes | measured / formula |")
+    print("|---|---|---|---|")
+    for seq, b in ((256, 2), (512, 2), (512, 4)):
+        cfg = build_config({"model": {"vocab_size": 512, "d_model": 256, "n_layers": 1, "n_heads": 4,
+                                      "max_seq_len": seq, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 256}},
+                            "pretrain": {"seq_len": seq, "micro_batch": b, "precision": "bf16"}})
+        model = build_model(cfg.model).to(torch.bfloat16)
+        layer = model.model.layers[0]
+        x_BSD = torch.randn(b, seq, 256, dtype=torch.bfloat16, requires_grad=True)
+        cos_sin = model.model.rotary(torch.arange(seq)[None].expand(b, seq), torch.bfloat16)
+        seen: dict[int, int] = {}
+
+        def pack(t, seen=seen):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x_BSD, cos_sin, None)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        measured = sum(v for k, v in seen.items() if k not in params)
+        formula = activation_bytes_per_layer(spec_from_config(cfg), b, 1, "none", False)
+        print(f"| {seq} x {b} | {measured} | {formula:.0f} | {measured / formula:.2f} |")
+
+
 if __name__ == "__main__":
     import sys
 
-    dry_run_table() if "--dry-run" in sys.argv[1:] else main()
+    if "--dry-run" in sys.argv[1:]:
+        dry_run_table()
+    elif "--activations" in sys.argv[1:]:
+        activation_check()
+    else:
+        main()
