@@ -264,7 +264,10 @@ def export_hf(named_full_tensors: Iterable[tuple[str, torch.Tensor]], model_cfg,
         conf = json.loads((tmp / "config.json").read_text())
         conf[TRAINING_KEY] = training_settings(cfg)
         # older readers (vLLM builds pinned to transformers 4.x) look for the top-level rope_theta
+        # and partial_rotary_factor (Glm4MoeConfig's 4.x default is 0.5)
         conf.setdefault("rope_theta", float(cfg.rope_theta))
+        if family == "glm4_moe":
+            conf.setdefault("partial_rotary_factor", 1.0)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
         _generation_config(cfg).save_pretrained(str(tmp))
         for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")) \

@@ -116,8 +116,8 @@ def test_glm4_moe_config_is_deepseek_v3_moe_with_plain_gqa(tmp_path):
     random_model(LAYOUTS["glm4_moe"][0]).save_pretrained(tmp_path)
     conf = json.loads((tmp_path / "config.json").read_text())
     assert conf["model_type"] == "glm4_moe" and conf["architectures"] == ["Glm4MoeForCausalLM"]
-    assert (conf["use_qk_norm"], conf["attention_bias"], conf["rope_parameters"]["partial_rotary_factor"]) == \
-        (False, False, 1.0)
+    assert (conf["use_qk_norm"], conf["attention_bias"], conf["rope_parameters"]["partial_rotary_factor"],
+            conf["partial_rotary_factor"], conf["rope_theta"]) == (False, False, 1.0, 1.0, 500.0)
     assert (conf["n_group"], conf["topk_group"], conf["norm_topk_prob"], conf["routed_scaling_factor"]) == \
         (1, 1, True, 2.5)
     assert (conf["first_k_dense_replace"], conf["n_shared_experts"], conf["num_nextn_predict_layers"]) == (1, 2, 0)
