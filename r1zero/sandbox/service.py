@@ -33,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -174,8 +174,11 @@ class SandboxService:
         self.admit(len(programs))
         try:
             t0 = time.monotonic()
-            futs = [self._pool.submit(self._one, p) for p in programs]
-            out = [f.result() for f in futs]
+            try:
+                futs = [self._pool.submit(self._one, p) for p in programs]
+                out = [f.result() for f in futs]
+            except (CancelledError, RuntimeError) as err:  # shutting down: queued programs were dropped
+                raise Overloaded(f"shutting down ({type(err).__name__})") from None
             for v in out:
                 self.m_verdicts.labels(v["status"]).inc()
             self.m_seconds.observe(time.monotonic() - t0)
@@ -323,7 +326,8 @@ def make_server(host: str = "127.0.0.1", port: int = 0, workers: int = 2, queue:
 
 
 def serve(host: str, port: int, workers: int, queue: int) -> None:
-    """Run until SIGTERM/SIGINT; in-flight programs finish (their deadlines bound the wait)."""
+    """Run until SIGTERM/SIGINT: running programs finish (their deadlines bound the wait), queued
+    ones are answered ``overloaded`` so their clients retry elsewhere."""
     srv = make_server(host, port, workers, queue)
     stop = threading.Event()
 

@@ -95,3 +95,22 @@ def test_service_restart_between_reward_batches_costs_retries_not_rewards():
         svc.kill()
         if second:
             second.stop()
+
+
+def test_sigterm_lets_the_running_program_finish_and_exits_0():
+    from r1zero.sandbox.client import SandboxClient
+
+    svc = ServiceProcess(port=0, workers=1, queue=2).start()
+    try:
+        c = SandboxClient(svc.url, retries=0)
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(r=c.run("import time; time.sleep(1); print('done')", 3.0)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while c.health()["admitted"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert svc.stop() == 0
+        t.join(30)
+        assert out["r"].status == "ok" and out["r"].stdout == "done\n"
+    finally:
+        svc.kill()
