@@ -25,3 +25,23 @@ def test_metrics_writer_truncates_on_resume(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[0] == {"step": 1, "name": "grpo/reward/mean", "value": 0.1,
                                                                 "run": "r"}
     assert std([1.0, 3.0]) == 1.0
+
+
+def test_rollout_consistency_gaps_and_truncated_importance_weights():
+    import math
+
+    import torch
+
+    from r1zero.grpo.metrics import rollout_consistency, unpack_rows
+
+    mask_BT = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rollout_BT = unpack_rows([[-1.0, -2.0, -0.5], [-0.1, -3.0]], mask_BT)
+    assert rollout_BT[1, 2] == 0 and rollout_BT[0, 1] == -2.0
+    train_BT = torch.tensor([[-1.0, -1.0, -0.5], [-0.2, -3.0, 7.0]])  # padding value must be ignored
+    stats, w_BT = rollout_consistency(train_BT, rollout_BT, mask_BT, tis_cap=2.0)
+    assert stats["n"] == 5 and math.isclose(stats["max"], 1.0) and math.isclose(stats["sum"], 1.1, rel_tol=1e-6)
+    # ratio pi_train/pi_rollout = e^1 on token (0,1): truncated at 2; e^-0.1 on (1,0); 1 elsewhere; 0 at padding
+    assert math.isclose(float(w_BT[0, 1]), 2.0) and math.isclose(float(w_BT[1, 0]), math.exp(-0.1), rel_tol=1e-6)
+    assert float(w_BT[1, 2]) == 0.0 and stats["w_clipped"] == 1.0
+    _, off_BT = rollout_consistency(train_BT, rollout_BT, mask_BT, tis_cap=0.0)
+    assert torch.equal(off_BT, mask_BT.float())  # TIS off: weight 1 on every real token

@@ -114,3 +114,28 @@ def test_spectral_grouping_three_level_and_batch_advantages(grpo_env, tmp_path, 
     n_groups = [r["value"] for r in rows if r["name"] == "grpo/groups/n"]
     assert n_groups[0] == 3 and all(2 <= n <= 6 for n in n_groups)
     assert all(math.isfinite(r["value"]) for r in rows)
+
+
+def test_step_metrics_over_all_sampled_groups_with_kept_series():
+    from r1zero.config import load_config
+    from r1zero.grpo.metrics import keyword_pattern
+    from r1zero.grpo.trainer import step_metrics
+
+    def pop(correct, lengths, texts):
+        return {"total": [float(c) for c in correct], "terms": {"accuracy": [float(c) for c in correct]},
+                "correct": correct, "formatted": [True] * len(correct), "lengths": lengths,
+                "truncated": [False] * len(correct), "reflect": ["wait" in t for t in texts]}
+
+    # 3 groups of 2 sampled: two all-wrong (dropped by dynamic sampling), one mixed (kept)
+    sampled = pop([False, False, False, False, True, False], [4, 4, 2, 2, 6, 8], ["a", "b", "c", "d", "wait", "e"])
+    kept = pop([True, False], [6, 8], ["wait", "e"])
+    summary = {"sampled": sampled, "kept": kept, "zero_std": [True, True, False], "gen_seconds": 1.0,
+               "dropped_groups": 2, "refills": 0}
+    upd = {"kl_sum": 0.0, "tokens": 14.0, "clip_low": 0.0, "clip_high": 0.0, "entropy_sum": 1.0, "loss": 0.1,
+           "grad_norm": 1.0, "skipped": 0}
+    cfg = load_config(None, [])
+    m = step_metrics(cfg, [summary], upd, 2.0, keyword_pattern(["wait"]))
+    assert abs(m["grpo/accuracy"] - 1 / 6) < 1e-9 and m["grpo/kept/accuracy"] == 0.5  # kept: biased to 0.5
+    assert abs(m["grpo/completion_length/mean"] - 26 / 6) < 1e-9 and m["grpo/kept/completion_length/mean"] == 7.0
+    assert abs(m["grpo/reflection_rate"] - 1 / 6) < 1e-9 and m["grpo/kept/reflection_rate"] == 0.5
+    assert m["grpo/n_sampled"] == 6 and m["grpo/n_completions"] == 2 and m["grpo/tokens_per_s"] == 13.0
