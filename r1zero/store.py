@@ -241,8 +241,13 @@ def _put_bytes_s3(client, data: bytes, bucket: str, key: str) -> str:
 def _put_file_s3(client, path: Path, bucket: str, key: str) -> str:
     if path.stat().st_size < (64 << 20):
         return _put_bytes_s3(client, path.read_bytes(), bucket, key)
-    # Large files: managed multipart upload (invisible until completed), then compare the
-    # server's composite checksum is not possible locally, so re-read it back by ranges.
+    return _stream_put_s3(client, path, bucket, key)
+
+
+def _stream_put_s3(client, path: Path, bucket: str, key: str) -> str:
+    # Managed transfer (multipart above boto3's threshold, invisible until completed; the file is
+    # read in parts, never whole); the server's composite checksum cannot be compared locally,
+    # so the object is read back in chunks.
     what = f"upload s3://{bucket}/{key}"
     _with_retries(lambda: client.upload_file(str(path), bucket, key, ExtraArgs={"ChecksumAlgorithm": "SHA256"}), what)
     sha = sha256_file(path)
@@ -274,7 +279,9 @@ def _materialize_s3(uri: str, dest: Path) -> Path:
     body = _with_retries(lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(),
                          f"read {uri}/{SUCCESS_MARKER} (is the artifact complete?)")
     files = json.loads(body)["files"]
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None, prefix=".dl."))
+    # beside dest (same filesystem: os.replace cannot cross from /tmp to a cache on another volume)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".dl."))
     for rel, want in files.items():
         target = tmp / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -327,6 +334,35 @@ def write_bytes(uri: str, data: bytes) -> None:
         _put_bytes_s3(s3_client(), data, bucket, key)
     else:
         atomic_write_bytes(local_path(uri), data)
+
+
+def upload_file(path: str | Path, uri: str) -> str:
+    """Upload (or copy) one local file to ``uri``, streamed: S3 through boto3's managed transfer
+    (multipart above its threshold, so objects over 5 GB work), read back in chunks to verify.
+    Returns the sha256."""
+    path = Path(path)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return _stream_put_s3(s3_client(), path, bucket, key)
+    dest = local_path(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, dest)
+    return sha256_file(dest)
+
+
+def download_file(uri: str, dest: str | Path) -> Path:
+    """Download one object to ``dest``, streamed (no whole object in memory)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client()
+        _with_retries(lambda: client.download_file(bucket, key, str(dest)), f"download {uri}")
+    else:
+        shutil.copyfile(local_path(uri), dest)
+    return dest
 
 
 def read_bytes(uri: str) -> bytes:

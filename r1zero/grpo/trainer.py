@@ -180,9 +180,9 @@ def _gather(obj):
     rank, ws = world()
     if ws == 1:
         return [obj]
-    out = [None] * ws
-    dist.all_gather_object(out, obj)
-    return out
+    from r1zero.train import dist as rdist
+
+    return rdist.all_gather_object(obj)
 
 
 def _generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Generator:
@@ -591,9 +591,9 @@ def _flag(local: bool) -> bool:
     """Rank 0 decides (time budgets must end every rank on the same step)."""
     if world()[1] == 1:
         return local
-    t = torch.tensor([1 if local else 0], device=collective_device())
-    dist.broadcast(t, src=0)
-    return bool(t.item())
+    from r1zero.train import dist as rdist
+
+    return rdist.broadcast_flag(local, collective_device())
 
 
 def _telemetry(cfg, rank: int):

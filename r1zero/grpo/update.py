@@ -48,9 +48,10 @@ def all_sum(values: list[float]) -> list[float]:
     """Sum a list of floats over ranks (float64)."""
     if world()[1] == 1:
         return list(values)
+    from r1zero.train import dist as rdist
+
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t)
-    return t.tolist()
+    return rdist.all_reduce(t).tolist()
 
 
 @dataclass
@@ -208,7 +209,9 @@ def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    from r1zero.train import dist as rdist
+
+    rdist.all_reduce(flat)
     off = 0
     for p in params:
         n = p.numel()

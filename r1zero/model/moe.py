@@ -108,7 +108,9 @@ class MoELayer(nn.Module):
             counts_E.zero_()
             return 0.0
         if group is not None and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts_E, group=group)
+            from r1zero.train import dist as rdist
+
+            rdist.all_reduce(counts_E, group)
         delta_E = R.bias_update_delta(counts_E, self.bias_update_rate)
         self.expert_bias_E += delta_E
         counts_E.zero_()

@@ -5,8 +5,8 @@
     found = ckpt.load_latest()        # -> LoadedCheckpoint(step, path, state) or None
 
 Layout of one checkpoint ``<root>/step-00000100/``:
-- the engine's shards (every rank writes its own: DeepSpeed ``mp_rank_*``/``zero_pp_rank_*`` files,
-  or ``rank-00001.pt`` for the native engine),
+- ``engine/``: the engine's ``torch.distributed.checkpoint`` directory (every rank writes only its
+  own shards, ``__<rank>_<n>.distcp``; rank 0 the ``.metadata``),
 - ``rng-rank00001.pt`` per rank (python/numpy/torch RNG state),
 - ``trainer_state.json`` (step, data position, config hash),
 - ``MANIFEST.json`` written LAST by rank 0: sha256 and size of every file.
@@ -17,8 +17,12 @@ A checkpoint without a manifest (crash mid-save) or whose files do not match the
 Atomicity: locally, ranks write into ``<root>/.tmp-step-00000100`` and rank 0 renames it to its
 final name after the manifest is written (one ``os.replace``). On S3 each rank uploads its files
 with a server-verified SHA-256 (``r1zero.store.write_bytes``) and the manifest goes last, so a
-reader that finds the manifest finds every file. Ranks on one node share the staging dir; several
-nodes need S3 (or a shared filesystem), as on Kubernetes.
+reader that finds the manifest finds every file. Every file has one owner rank (the rank that
+wrote it: ``__<rank>_*.distcp`` and ``rng-rank<rank>.pt``; rank 0 for the rest), which alone hashes
+and uploads it, streamed (boto3's managed multipart transfer: no file held whole in memory, objects
+over 5 GB), so each shard goes up exactly once however many ranks share a node's staging dir.
+Ranks on one node share the staging dir; several nodes need S3 (or a shared filesystem), as on
+Kubernetes.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from r1zero import store
+from r1zero.train import dist as rdist
 
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
@@ -70,39 +74,38 @@ def set_rng_state(st: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# collectives (no-ops in a world of one)
+# collectives (r1zero.train.dist; no-ops in a world of one)
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rdist.world()
 
 
 def _barrier() -> None:
-    if _world()[1] > 1:
-        dist.barrier()
+    rdist.barrier()
 
 
 def _gather_dicts(d: dict) -> dict:
-    rank, world = _world()
-    if world == 1:
-        return dict(d)
-    out: list = [None] * world
-    dist.all_gather_object(out, d)
     merged: dict = {}
-    for part in out:
+    for part in rdist.all_gather_object(d):
         merged.update(part)
     return merged
 
 
 def _broadcast(obj):
-    rank, world = _world()
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return rdist.broadcast_object(obj)
+
+
+_RANK_FILE = (re.compile(r"__(\d+)_\d+\.distcp$"), re.compile(r"rng-rank(\d+)\.pt$"), re.compile(r"rank-(\d+)\.pt$"))
+
+
+def owner_rank(rel: str) -> int:
+    """The rank that wrote (and alone hashes and uploads) the checkpoint file ``rel``."""
+    for pattern in _RANK_FILE:
+        m = pattern.search(rel)
+        if m:
+            return int(m.group(1))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,14 +188,16 @@ class Checkpointer:
                 raise full from None
             raise
         _barrier()
-        # every rank hashes (and for S3 uploads) what its node's staging dir holds
+        # every rank hashes (and for S3 uploads, streamed) only the files it wrote
         mine = {}
         for p in sorted(staging.rglob("*")):
             if p.is_file() and p.name != MANIFEST:
                 rel = p.relative_to(staging).as_posix()
+                if owner_rank(rel) != rank:
+                    continue
                 mine[rel] = {"sha256": store.sha256_file(p), "size": p.stat().st_size}
                 if self.remote:
-                    store.write_bytes(store.join(self.root, step_name(step), rel), p.read_bytes())
+                    store.upload_file(p, store.join(self.root, step_name(step), rel))
         files = _gather_dicts(mine)
         final_uri = store.join(self.root, step_name(step))
         if rank == 0:
@@ -242,11 +247,9 @@ class Checkpointer:
             local = Path(tempfile.mkdtemp(prefix="r1zero-ckpt-"))
             for rel in manifest["files"]:
                 try:
-                    data = store.read_bytes(store.join(uri, rel))
+                    store.download_file(store.join(uri, rel), local / rel)
                 except Exception as err:  # noqa: BLE001
                     return None, f"{rel} unreadable ({type(err).__name__})"
-                (local / rel).parent.mkdir(parents=True, exist_ok=True)
-                (local / rel).write_bytes(data)
         else:
             local = store.local_path(uri)
         problem = verify_dir(local, manifest)

@@ -1,8 +1,6 @@
 """Expert parallelism for the r1zero MoE: experts sharded over an ep group, tokens moved by all-to-all.
 
-    owned = apply_expert_parallel(model, ep_group)   # installs MoELayer.ep_dispatch on every layer
-    ...                                              # train; expert grads sync over the edp group
-    gather_experts(model, ep_group)                  # before saving: owners broadcast their experts
+    layer.ep_dispatch = AllToAllDispatch(group, ep_size, ep_rank)   # r1zero.train.parallelize.apply_ep
 
 Rank ``r`` of an ep group of size P owns routed experts ``[r*E/P, (r+1)*E/P)`` (DeepSpeed-MoE /
 GShard layout). ``MoELayer`` sorts the routed slots by expert and calls the dispatcher with
@@ -13,7 +11,8 @@ GShard layout). ``MoELayer`` sorts the routed slots by expert and calls the disp
 1. exchanges per-expert counts (all-to-all of ``counts_E``),
 2. sends each owner its rows with the gate weight as an extra column (so the owner applies the
    weight inside the expert exactly as the local path does),
-3. regroups the received rows by local expert, runs the local experts,
+3. regroups the received rows by local expert, runs the local experts (``layer.experts``: FSDP2
+   gathers them first),
 4. returns the outputs by the reverse all-to-all (its backward carries the gradients home).
 
 Legend: N routed rows of this rank, D d_model, E experts, El = E/P local experts, P ep ranks.
@@ -22,8 +21,9 @@ Legend: N routed rows of this rank, D d_model, E experts, El = E/P local experts
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
+
+from r1zero.train import dist as rdist
 
 
 def owned_experts(n_experts: int, ep_rank: int, ep_size: int) -> range:
@@ -49,7 +49,7 @@ class AllToAllDispatch:
         send_rows = counts_PEl.sum(1).tolist()
         # recv_PEl[p, e]: rows source rank p sends for my local expert e
         recv_PEl = torch.empty_like(counts_PEl)
-        dist.all_to_all_single(recv_PEl, counts_PEl.contiguous(), group=self.group)
+        rdist.all_to_all_single(recv_PEl, counts_PEl.contiguous(), self.group)
         recv_rows = recv_PEl.sum(1).tolist()
         xw_ND1 = torch.cat([x_ND, w_N.to(x_ND.dtype)[:, None]], dim=1)
         got_MD1 = _a2a(xw_ND1, recv_rows, send_rows, self.group)
@@ -60,54 +60,13 @@ class AllToAllDispatch:
         order_M = torch.argsort(src_expert_M, stable=True)
         sorted_MD1 = got_MD1[order_M]
         local_counts = recv_PEl.sum(0).tolist()
-        y_sorted_MD = _run_local(layer, sorted_MD1[:, :-1], local_counts, sorted_MD1[:, -1], self.rank * El)
+        # through the module call, so FSDP2 gathers the (edp-sharded) local experts first
+        y_sorted_MD = layer.experts(sorted_MD1[:, :-1], local_counts, sorted_MD1[:, -1])
         y_MD = torch.empty_like(y_sorted_MD).index_copy(0, order_M, y_sorted_MD)
         return _a2a(y_MD, send_rows, recv_rows, self.group)
-
-
-def _run_local(layer, x_MD, counts: list[int], scale_M, first: int) -> torch.Tensor:
-    """Local experts ``first .. first+len(counts)`` on their contiguous row blocks (the model's math)."""
-    import torch.nn.functional as F
-
-    ex = layer.experts
-    ys = []
-    for j, (x_nD, s_n) in enumerate(zip(torch.split(x_MD, counts), torch.split(scale_M, counts), strict=True)):
-        gate_nF, up_nF = F.linear(x_nD, ex.w_gate_up[first + j]).chunk(2, dim=-1)
-        h_nF = F.silu(gate_nF) * up_nF * s_n[:, None]
-        ys.append(F.linear(h_nF, ex.w_down[first + j]))
-    return torch.cat(ys, dim=0)
 
 
 def moe_layers(model) -> list:
     from r1zero.model.moe import MoELayer
 
     return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
-def apply_expert_parallel(model, group, ep_size: int, ep_rank: int) -> set[int]:
-    """Install the all-to-all dispatcher; returns ``id()`` of the expert params this rank owns.
-
-    Non-owned expert weights stay allocated (so ``state_dict`` keeps its shape) but are never
-    used, get no gradient and are left out of the optimizer.
-    """
-    owned: set[int] = set()
-    for layer in moe_layers(model):
-        layer.ep_dispatch = AllToAllDispatch(group, ep_size, ep_rank)
-        for e in owned_experts(layer.n_experts, ep_rank, ep_size):
-            owned.add(id(layer.experts.w_gate_up[e]))
-            owned.add(id(layer.experts.w_down[e]))
-    return owned
-
-
-def expert_param_ids(model) -> set[int]:
-    return {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
-
-
-@torch.no_grad()
-def gather_experts(model, group, ranks: list[int], ep_size: int) -> None:
-    """Every rank of the ep group receives every expert's weights from its owner (collective)."""
-    for layer in moe_layers(model):
-        for e in range(layer.n_experts):
-            owner = ranks[e // (layer.n_experts // ep_size)]
-            for p in (layer.experts.w_gate_up[e], layer.experts.w_down[e]):
-                dist.broadcast(p.data, src=owner, group=group)

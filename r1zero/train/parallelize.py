@@ -34,7 +34,7 @@ frees them after forward and gathers again in backward (``reshard_after_forward=
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -64,12 +64,12 @@ def submesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
 # model on meta
 
 
-def build_meta_model(cfg, **overrides) -> nn.Module:
-    """``R1ZeroForCausalLM`` of ``cfg.model`` on the meta device (no memory, no init)."""
+def build_meta_model(cfg, hf_config=None, **overrides) -> nn.Module:
+    """``R1ZeroForCausalLM`` of ``cfg.model`` (or of ``hf_config``) on the meta device (no memory)."""
     from r1zero.model.config import R1ZeroConfig
     from r1zero.model.modeling import R1ZeroForCausalLM
 
-    hf_cfg = R1ZeroConfig.from_model_config(cfg.model, **overrides)
+    hf_cfg = hf_config if hf_config is not None else R1ZeroConfig.from_model_config(cfg.model, **overrides)
     with torch.device("meta"):
         return R1ZeroForCausalLM(hf_cfg)
 
@@ -92,11 +92,24 @@ class ParallelModel:
     pp_rank: int = 0
     ep_rank: int = 0
     tp_rank: int = 0
-    owned_experts: range | None = None
     stage: object | None = None
-    expert_params: set[int] = field(default_factory=set)  # id() of routed-expert parameters
-    tied: nn.Parameter | None = None  # the tied embedding when pp splits it over stages
     config: object = None  # the HF config
+
+    # computed on use: materialising from meta replaces the parameter objects
+    @property
+    def expert_params(self) -> set[int]:
+        """``id()`` of the routed-expert parameters this rank holds."""
+        return {id(p) for layer in decoder_layers(self.model) if hasattr(layer.mlp, "experts")
+                for p in layer.mlp.experts.parameters()}
+
+    @property
+    def tied(self) -> nn.Parameter | None:
+        """The tied embedding when pp splits it over the first and the last stage, else None."""
+        if not (self.config.tie_word_embeddings and self.dims.pp > 1):
+            return None
+        if self.first:
+            return self.model.model.embed_tokens.weight
+        return self.model.lm_head.weight if self.last else None
 
     @property
     def first(self) -> bool:
@@ -132,6 +145,8 @@ class StageModule(nn.Module):
         self.model = body
         self.lm_head = full.lm_head if self.last else None
         self.config = cfg
+        self.compute_dtype: torch.dtype | None = None  # of the last forward's hidden states
+        self.sp_degree = 1  # tensor/sequence parallel degree: hidden states between stages are sequence shards
         self.aux_coef, self.z_coef = cfg.aux_loss_coef, cfg.z_loss_coef
 
     def _aux(self) -> torch.Tensor | None:
@@ -145,7 +160,7 @@ class StageModule(nn.Module):
         from r1zero.model.layers import attention_mask_4d
 
         h_BSD = self.model.embed_tokens(x) if self.first else x
-        B, S = x.shape[:2]
+        B, S = x.shape[0], x.shape[1] * (1 if self.first else self.sp_degree)
         if aux_B is None:
             aux_B = torch.zeros(B, device=h_BSD.device, dtype=torch.float32)
         pos_BS = torch.arange(S, device=h_BSD.device)[None].expand(B, S)
@@ -153,6 +168,7 @@ class StageModule(nn.Module):
         mask = attention_mask_4d(None, S, 0, B, h_BSD.device)
         for layer in self.model.layers.values():
             h_BSD = layer(h_BSD, cos_sin, mask, None)
+        self.compute_dtype = h_BSD.dtype
         aux = self._aux()
         if aux is not None:
             aux_B = aux_B + aux.float()  # every row carries the micro-batch's aux term
@@ -230,6 +246,8 @@ def apply_tp(model, tp_mesh: DeviceMesh) -> None:
     tied = body.embed_tokens is not None and getattr(model, "lm_head", None) is not None \
         and model.lm_head.weight is body.embed_tokens.weight
     parallelize_module(model, tp_mesh, top)
+    if isinstance(model, StageModule):
+        model.sp_degree = tp_mesh.size()
     if tied:  # both are Shard(0) over the vocabulary: keep them one parameter
         model.lm_head.weight = body.embed_tokens.weight
     for layer in decoder_layers(model):
@@ -315,6 +333,8 @@ def apply_fsdp(model, mesh: DeviceMesh, dims: ParallelDims, precision: str, zero
                 # the all-to-all backward already sums each expert's gradient over its ep group;
                 # FSDP's mean over edp must divide by the whole dp to give the global mean
                 moe.experts.set_gradient_divide_factor(float(dims.dp))
+                if mesh.device_type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
+                    moe.experts.set_force_sum_reduction_for_comms(True)
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
 
@@ -331,7 +351,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg) -> ParallelModel:
     dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size=mesh.size(), grad_accum=cfg.pretrain.grad_accum)
     coords = {name: mesh[name].get_local_rank() for name in MESH_DIMS}
     hf_cfg = model.config
-    tied_pp = hf_cfg.tie_word_embeddings and dims.pp > 1
     if dims.pp > 1:
         model = StageModule(model, coords["pp"], dims.pp)
     if dims.tp > 1:
@@ -347,14 +366,9 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg) -> ParallelModel:
     use_fsdp = dims.dp > 1 or cfg.pretrain.precision != "fp32"
     if use_fsdp:
         apply_fsdp(model, mesh, dims, cfg.pretrain.precision, cfg.parallel.zero_stage, ep=True)
-    experts = {id(p) for layer in decoder_layers(model) if hasattr(layer.mlp, "experts")
-               for p in layer.mlp.experts.parameters()}
-    tied = None
-    if tied_pp:
-        tied = model.model.embed_tokens.weight if model.first else (model.lm_head.weight if model.last else None)
     return ParallelModel(model=model, dims=dims, mesh=mesh, precision=cfg.pretrain.precision, fsdp=use_fsdp,
                          pp_rank=coords["pp"], ep_rank=coords["ep"], tp_rank=coords["tp"],
-                         owned_experts=None, expert_params=experts, tied=tied, config=hf_cfg)
+                         config=hf_cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +433,10 @@ def materialize(pm: ParallelModel, device: torch.device, seed: int) -> None:
     if device.type == "meta":
         return
     pm.model.to_empty(device=device)
+    m = pm.model
+    if pm.config.tie_word_embeddings and m.model.embed_tokens is not None and getattr(m, "lm_head", None) is not None:
+        # to_empty from meta makes a new Parameter per module, which unties a tied LM head
+        m.lm_head.weight = m.model.embed_tokens.weight
     init_weights(pm.model, seed, pm.config)
 
 

@@ -10,14 +10,14 @@ environment (a PyTorchJob running bare ``torchrun`` works), validates the parall
 creating any process group, builds the model from ``cfg.model`` with ``cfg.seed``, and trains on
 packed documents (:mod:`r1zero.train.data`).
 
-Engines: a pure data-parallel layout (tp = pp = ep = 1) runs on a DeepSpeed engine
-(:mod:`r1zero.train.ds_engine`, ZeRO 0-3, bf16/fp16); tp/pp/ep layouts run on the native engine
-(:mod:`r1zero.train.native_engine`: torch DTensor tensor parallelism, ``torch.distributed.pipelining``
-stages, expert parallelism through the model's dispatcher) with the identical optimizer and schedule.
+Engine: every layout runs on :class:`r1zero.train.engine.TrainEngine` (FSDP2, DTensor TP with
+sequence parallelism, expert parallelism, ``torch.distributed.pipelining`` 1F1B), composed by
+:func:`r1zero.train.parallelize.parallelize` on a meta-device model; each rank materialises only
+its shards, with the world-1 initial values.
 
 Resume: when the checkpoint root holds a valid checkpoint, the run continues from it (engine
-state, data position, RNG state, metrics so far) and reproduces the uninterrupted run exactly on
-CPU. Output layout: the HF model dir (``save_pretrained`` safetensors + tokenizer files),
+state through ``torch.distributed.checkpoint``, data position, RNG state, metrics so far), in any
+layout, and reproduces the uninterrupted run exactly on CPU in the same layout. Output layout: the HF model dir (``save_pretrained`` safetensors + tokenizer files),
 ``metrics.jsonl`` (``{"step", "name", "value"}`` per line: ``train/*``, ``moe/L{i}/*``),
 ``summary.json`` (with ``heldout_accuracy`` per domain) and ``checkpoints/step-*``.
 """
@@ -40,7 +40,7 @@ from r1zero.train import dist as rdist
 from r1zero.train.checkpoint import Checkpointer
 from r1zero.train.data import PackedSequences, build_documents
 from r1zero.train.parallel_dims import ParallelDims
-from r1zero.train.precision import apply_fp8, check_precision
+from r1zero.train.precision import check_precision
 
 # ---------------------------------------------------------------------------------------------
 # inputs
@@ -97,15 +97,29 @@ def new_model(cfg, tokenizer):
                        pad_token_id=tokenizer.pad_token_id)
 
 
-def make_engine(model, cfg, ctx):
-    dims = ctx.dims
-    if dims.tp == 1 and dims.pp == 1 and dims.ep == 1:
-        from r1zero.train.ds_engine import DeepSpeedTrainEngine
+def build_engine(cfg, ctx, tokenizer):
+    """Meta model -> parallelize -> materialise this rank's shards -> :class:`TrainEngine`.
 
-        return DeepSpeedTrainEngine(model, cfg, ctx)
-    from r1zero.train.native_engine import NativeTrainEngine
+    With ``model.base`` (continued pretraining) the base's weights are loaded into the shards
+    (every rank reads the base checkpoint; the layout may be any)."""
+    from r1zero.train.engine import TrainEngine
+    from r1zero.train.parallelize import build_meta_model, materialize, parallelize
 
-    return NativeTrainEngine(model, cfg, ctx)
+    base = new_model(cfg, tokenizer) if cfg.model.base else None
+    if base is not None and type(base).__name__ != "R1ZeroForCausalLM":
+        raise UserError(f"model.base {cfg.model.base}: continued pretraining needs a checkpoint that maps "
+                        f"onto r1zero's model (got {type(base).__name__})")
+    overrides = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    meta = build_meta_model(cfg, **overrides) if base is None else build_meta_model(cfg, hf_config=base.config)
+    pm = parallelize(meta, ctx.mesh, cfg)
+    materialize(pm, ctx.device, seed=cfg.seed)
+    if base is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(pm.model, base.state_dict(), options=StateDictOptions(full_state_dict=True,
+                                                                                    strict=False))
+        del base
+    return TrainEngine(cfg, ctx, pm)
 
 
 def _telemetry(cfg, ctx):
@@ -114,7 +128,12 @@ def _telemetry(cfg, ctx):
     except ImportError:
         return None
     try:
-        return telemetry.start(cfg.telemetry, job=cfg.name, rank=ctx.rank, stage="pretrain")
+        tel = telemetry.start(cfg.telemetry, job=cfg.name, rank=ctx.rank, stage="pretrain",
+                              **telemetry.mfu_inputs(cfg, ctx.device, ctx.dims.world_size))
+        if ctx.mesh is not None:  # communication time and bytes by purpose (docs/observability.md)
+            tel.comm_timer().name_mesh(ctx.mesh, {"dp": "fsdp", "edp": "fsdp", "tp": "tp", "pp": "pipeline",
+                                                  "ep": "expert"})
+        return tel
     except Exception as err:  # noqa: BLE001 - telemetry must never stop training
         import warnings
 
@@ -146,16 +165,6 @@ def _micro_batches(packed: PackedSequences, step: int, pre, dims: ParallelDims, 
             for a in range(pre.grad_accum)]
 
 
-def _broadcast_flag(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0])
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
 def train(cfg, data_uri: str, work: Path, ckpt_uri: str) -> dict:
     """The training loop; writes model/metrics/summary into ``work`` on rank 0. Collective."""
     pre = cfg.pretrain
@@ -183,25 +192,16 @@ def train(cfg, data_uri: str, work: Path, ckpt_uri: str) -> dict:
 
     ctx = rdist.init(dims, env)
     torch.manual_seed(cfg.seed)
-    model = new_model(cfg, tokenizer)
-    if pre.activation_checkpointing:
-        from r1zero.train.native_engine import enable_activation_checkpointing
-
-        enable_activation_checkpointing(model)
-    if pre.precision == "fp8":
-        apply_fp8(model, device)
-    engine = make_engine(model, cfg, ctx)
+    engine = build_engine(cfg, ctx, tokenizer)
 
     ckpt = Checkpointer(ckpt_uri, keep_last=pre.keep_last)
     metrics = MetricsLog(work / "metrics.jsonl")
     start_step = 0
     loaded = ckpt.load_latest()
     if loaded is not None:
-        if loaded.state.get("layout") != dims.describe():
-            raise UserError(f"checkpoint {ckpt_uri} was written with layout [{loaded.state.get('layout')}] "
-                            f"but this run is [{dims.describe()}]; resume with the same layout")
-        engine.load(loaded.path / "engine")
-        ckpt.restore_rng(loaded)
+        engine.load(loaded.path / "engine")  # any layout: DCP reshards by parameter name
+        if loaded.state.get("layout") == dims.describe():
+            ckpt.restore_rng(loaded)  # another layout has other ranks: fresh RNG streams
         start_step = int(loaded.state["step"])
         if ctx.is_rank0 and (loaded.path / "metrics.jsonl").is_file():
             metrics.rows = [json.loads(line) for line in (loaded.path / "metrics.jsonl").read_text().splitlines()
@@ -241,23 +241,24 @@ def train(cfg, data_uri: str, work: Path, ckpt_uri: str) -> dict:
             if step % pre.checkpoint_every == 0 and step < pre.steps:
                 _save_checkpoint(ckpt, engine, step, dims, cfg, metrics, ctx)
             over = pre.time_budget_s is not None and time.perf_counter() - t_start > pre.time_budget_s
-            if _broadcast_flag(over) and step < pre.steps:
+            if rdist.broadcast_flag(over, ctx.device) and step < pre.steps:
                 stopped_by_budget = True
                 break
     finally:
         bar.close()
     train_seconds = time.perf_counter() - t_start
     _save_checkpoint(ckpt, engine, step, dims, cfg, metrics, ctx)
-    state = engine.full_state_dict()
+    n_params = export_model(cfg, engine, tokenizer, work)
     summary = None
     if ctx.is_rank0:
         metrics.flush()
-        summary = _finish(cfg, model, state, tokenizer, work, data_dir, dict(
+        summary = _finish(cfg, tokenizer, work, data_dir, dict(
             steps=step, start_step=start_step, stopped_by_time_budget=stopped_by_budget,
             losses=losses, train_seconds=train_seconds, tokens=tokens_seen,
             tokens_per_s=tokens_seen / max(train_seconds, 1e-9), layout=dims.describe(), engine=engine.kind,
+            compute_dtype=str(engine.compute_dtype).replace("torch.", "") if engine.compute_dtype else None,
             world_size=dims.world_size, data_epochs=packed.epochs_for(step, pre.micro_batch * pre.grad_accum * dims.dp),
-            n_params=sum(v.numel() for v in state.values()) if state else None,
+            n_params=n_params,
         ))
     if tel is not None:
         tel.close()
@@ -275,16 +276,38 @@ def _save_checkpoint(ckpt, engine, step, dims, cfg, metrics, ctx) -> None:
     metrics.path = old
 
 
-def _finish(cfg, model, state, tokenizer, work: Path, data_dir, info: dict) -> dict:
-    """Rank 0: save the HF model dir, measure held-out accuracy, write summary.json."""
-    final = new_model(cfg, tokenizer)
-    missing, unexpected = final.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in ("lm_head.weight",)]
-    if missing or unexpected:
-        raise RuntimeError(f"state dict mismatch: missing {missing[:5]} unexpected {unexpected[:5]}")
-    final.save_pretrained(str(work), safe_serialization=True)
+def export_model(cfg, engine, tokenizer, work: Path) -> int | None:
+    """Collective: stream the final weights, one full tensor at a time, into the HF model dir
+    (:func:`r1zero.model.hf_export.export_hf`: safetensors shards + index, in the run's
+    precision). Returns the parameter count on rank 0 (the tied embedding once)."""
+    from r1zero.train.precision import param_dtype
+
+    tensors = engine.full_tensors()
+    if not engine.ctx.is_rank0:
+        for _ in tensors:
+            pass
+        return None
+    from r1zero.model.hf_export import export_hf
+
+    count = [0]
+
+    def counted():
+        for name, t in tensors:
+            if not name.endswith("expert_bias_E"):
+                count[0] += t.numel()
+            yield name, t
+
+    export_hf(counted(), engine.pm.config, work, dtype=param_dtype(cfg.pretrain.precision))
     tokenizer.save_pretrained(str(work))
+    return count[0]
+
+
+def _finish(cfg, tokenizer, work: Path, data_dir, info: dict) -> dict:
+    """Rank 0: measure held-out accuracy of the exported model, write summary.json."""
+    from r1zero.model import load_causal_lm
     from r1zero.train.heldout import heldout_accuracy
+
+    final, _ = load_causal_lm(str(work), require_tokenizer=False)
 
     acc = heldout_accuracy(final, tokenizer, load_rows(Path(data_dir), "eval"), cfg)
     summary = {k: v for k, v in info.items() if k != "losses"}

@@ -2,9 +2,9 @@
 
     python tests/model/parallel_worker.py RANK WORLD PORT OUT_JSON
 
-Builds the same seeded model as a single-process reference, applies the pretrain engineer's
-DTensor tensor-parallel plan and the all-to-all expert-parallel dispatcher
-(``r1zero.train.tensor_parallel`` / ``r1zero.train.expert_parallel``) and writes the largest
+Builds the same seeded model as a single-process reference, applies the pretraining engine's
+DTensor tensor-parallel plan with sequence parallelism and its expert parallelism (each rank keeps
+only its experts; all-to-all dispatch) from ``r1zero.train.parallelize`` and writes the largest
 forward and gradient differences against the reference.
 """
 
@@ -36,7 +36,7 @@ def check_tp(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from r1zero.train.tensor_parallel import apply_tensor_parallel
+    from r1zero.train.parallelize import apply_tp
 
     torch.manual_seed(1)
     ids = torch.randint(0, 48, (3, 10))
@@ -44,7 +44,7 @@ def check_tp(rank: int) -> dict:
     out_ref = ref(ids, labels=ids)
     out_ref.loss.backward()
     model = fresh()
-    apply_tensor_parallel(model, init_device_mesh("cpu", (2,)))
+    apply_tp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)))
     out = model(ids, labels=ids)
     out.loss.backward()
     grads = 0.0
@@ -61,7 +61,9 @@ def check_tp(rank: int) -> dict:
 
 
 def check_ep(rank: int) -> dict:
-    from r1zero.train.expert_parallel import apply_expert_parallel
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from r1zero.train.parallelize import apply_ep
 
     torch.manual_seed(2)
     ids = torch.randint(0, 48, (4, 10))
@@ -71,7 +73,8 @@ def check_ep(rank: int) -> dict:
     ref_outs = [ref(ids[2 * r:2 * r + 2], labels=ids[2 * r:2 * r + 2]) for r in range(2)]
     (ref_outs[0].loss + ref_outs[1].loss).backward()
     model = fresh()
-    owned = apply_expert_parallel(model, dist.group.WORLD, 2, rank)
+    apply_ep(model, init_device_mesh("cpu", (2,), mesh_dim_names=("ep",)), rank)
+    owned = {id(p) for n, p in model.named_parameters() if ".experts." in n}  # only this rank's remain
     out = model(mine, labels=mine)
     out.loss.backward()
     ref_p = dict(ref.named_parameters())

@@ -1,7 +1,6 @@
 """Runs several ``r1zero pretrain`` layouts one after another in the same launched processes.
 
-    deepspeed --num_gpus 2 tests/train/parity_worker.py CONFIG DATA OUTROOT name:k=v,k=v ...
-    torchrun --nproc-per-node 4 tests/train/parity_worker.py CONFIG DATA OUTROOT name:k=v,k=v
+    torchrun --nproc-per-node 2 tests/train/parity_worker.py CONFIG DATA OUTROOT name:k=v,k=v ...
 
 Each spec ``name:k=v,...`` becomes ``r1zero pretrain --config CONFIG --data DATA
 --out OUTROOT/name --set k=v ...`` through the real CLI; process groups are created and destroyed
@@ -23,27 +22,22 @@ class Preempted(Exception):
 
 
 def _crash_at(n: int):
-    """Patch both engines so that the n-th train_step of this run raises (then restore)."""
-    from r1zero.train.ds_engine import DeepSpeedTrainEngine
-    from r1zero.train.native_engine import NativeTrainEngine
+    """Patch the engine so that the n-th train_step of this run raises (then restore)."""
+    from r1zero.train.engine import TrainEngine
 
-    saved = {cls: cls.train_step for cls in (DeepSpeedTrainEngine, NativeTrainEngine)}
+    real = TrainEngine.train_step
     calls = {"n": 0}
 
-    def make(real):
-        def step(self, micro):
-            calls["n"] += 1
-            if calls["n"] == n:
-                raise Preempted(f"simulated preemption at step {n}")
-            return real(self, micro)
-        return step
+    def step(self, micro):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Preempted(f"simulated preemption at step {n}")
+        return real(self, micro)
 
-    for cls, real in saved.items():
-        cls.train_step = make(real)
+    TrainEngine.train_step = step
 
     def restore():
-        for cls, real in saved.items():
-            cls.train_step = real
+        TrainEngine.train_step = real
 
     return restore
 

@@ -1,4 +1,4 @@
-"""run_pretrain end to end on CPU (world=1, DeepSpeed engine): output layout, determinism, resume."""
+"""run_pretrain end to end on CPU (world=1, the FSDP2 engine): output layout, determinism, resume."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_output_is_an_hf_model_dir_with_metrics_and_summary(baseline):
     model, tok = load_causal_lm(str(out))
     assert tok.eos_token_id is not None and model.config.model_type == "r1zero_moe"
     s = json.loads((out / "summary.json").read_text())
-    assert s["steps"] == 6 and s["engine"] == "deepspeed" and len(s["losses"]) == 6
+    assert s["steps"] == 6 and s["engine"] == "fsdp2" and len(s["losses"]) == 6
     assert set(s["heldout_accuracy"]) == {"math", "code"}  # the fixture has no cross items
     assert s["losses"][-1] < s["losses"][0]  # it learns
     names = {json.loads(line)["name"] for line in (out / "metrics.jsonl").read_text().splitlines()}
@@ -46,9 +46,9 @@ def test_resume_after_interruption_reproduces_losses_exactly(baseline, data_dir,
     out, summary = baseline
     cfg = make_config(pretrain={"checkpoint_every": 3})
     target = tmp_path / "resumed"
-    from r1zero.train.ds_engine import DeepSpeedTrainEngine
+    from r1zero.train.engine import TrainEngine
 
-    real = DeepSpeedTrainEngine.train_step
+    real = TrainEngine.train_step
     calls = {"n": 0}
 
     def crashing(self, micro):
@@ -57,10 +57,10 @@ def test_resume_after_interruption_reproduces_losses_exactly(baseline, data_dir,
             raise KeyboardInterrupt("simulated preemption")
         return real(self, micro)
 
-    monkeypatch.setattr(DeepSpeedTrainEngine, "train_step", crashing)
+    monkeypatch.setattr(TrainEngine, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         P.run_pretrain(cfg, str(data_dir), str(target))
-    monkeypatch.setattr(DeepSpeedTrainEngine, "train_step", real)
+    monkeypatch.setattr(TrainEngine, "train_step", real)
     resumed = P.run_pretrain(cfg, str(data_dir), str(target))
     assert resumed["start_step"] == 3 and len(resumed["losses"]) == 3
     assert _losses(target) == summary["losses"]  # bit-identical, not approximately
@@ -95,11 +95,11 @@ def test_zero_stages_bf16_and_activation_checkpointing(data_dir, tmp_path, make_
 def test_s3_output_checkpoints_and_resume(data_dir, s3_bucket, s3_server, monkeypatch, make_config):
     """Model dir published to S3, checkpoints on S3, and a crashed run resumes from S3."""
     from r1zero.model import load_causal_lm
-    from r1zero.train.ds_engine import DeepSpeedTrainEngine
+    from r1zero.train.engine import TrainEngine
 
     cfg = make_config(pretrain={"steps": 4, "checkpoint_every": 2, "heldout_per_domain": 0})
     out = f"s3://{s3_bucket}/run/pretrain"
-    real = DeepSpeedTrainEngine.train_step
+    real = TrainEngine.train_step
     calls = {"n": 0}
 
     def crashing(self, micro):
@@ -108,10 +108,10 @@ def test_s3_output_checkpoints_and_resume(data_dir, s3_bucket, s3_server, monkey
             raise KeyboardInterrupt("simulated preemption")
         return real(self, micro)
 
-    monkeypatch.setattr(DeepSpeedTrainEngine, "train_step", crashing)
+    monkeypatch.setattr(TrainEngine, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         P.run_pretrain(cfg, str(data_dir), out)
-    monkeypatch.setattr(DeepSpeedTrainEngine, "train_step", real)
+    monkeypatch.setattr(TrainEngine, "train_step", real)
     summary = P.run_pretrain(cfg, str(data_dir), out)
     assert summary["start_step"] == 2 and summary["steps"] == 4
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="run/")["Contents"]}
