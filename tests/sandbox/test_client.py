@@ -227,3 +227,17 @@ def test_a_batch_may_run_longer_than_the_connect_timeout():
         assert time.monotonic() - t0 > 2.7 and c.attempts == 1
     finally:
         _stop(srv)
+
+
+def test_eval_scoring_through_the_service(service):
+    from r1zero.eval.evaluate import score_problems
+
+    meta = {"kind": "find_input", "source": "def f(x):\n    return 3 * x\n", "func": "f", "output": 12}
+    item = {"id": "e0", "domain": "code", "answer": "4", "meta": json.dumps(meta)}
+    greedy = (" f(4) = 12 </think> <answer> 4 </answer>", 10, False)
+    sampled = [[(" </think> <answer> 5 </answer>", 8, False), (" </think> <answer> 4 </answer>", 8, False)]]
+    client_mod.client_for.cache_clear()
+    vm = verify_many_for(SandboxConfig(url=f"http://127.0.0.1:{service.port}"))
+    (rec,) = score_problems([item], [greedy], sampled, 2, True, ["wait"], verify_many=vm)
+    assert rec["pass@1"] == 1.0 and rec["c"] == 1
+    assert service.service.m_requests.labels("ok")._value.get() >= 1  # scored by the service
