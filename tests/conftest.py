@@ -144,3 +144,32 @@ def _tiny_r1zero_moe():
 def tiny_lms():
     """Fresh-model builders: ``tiny_lms["qwen2"]()``, ``tiny_lms["r1zero_moe"]()``, ``tiny_lms["llama"]()``."""
     return {"llama": _tiny_llama, "qwen2": _tiny_qwen2, "r1zero_moe": _tiny_r1zero_moe}
+
+
+# ---------------------------------------------------------------------------------------------
+# container images (`make images`): built once per session, or reused when their inputs hash
+# matches (r1zero.images.ensure_images). For any test that runs something in the images, e.g. the
+# sandbox service in `runtime_image` as the manifests' uid (r1zero.images.UID).
+
+
+@pytest.fixture(scope="session")
+def images():
+    """{"runtime": name, "train": name} of the built images. A missing Docker engine fails the
+    test (CI must run the container tests), with the one-line reason."""
+    from r1zero.errors import UserError
+    from r1zero.images import ensure_images
+
+    try:
+        return ensure_images(log=lambda m: print(m, file=sys.stderr, flush=True))
+    except UserError as err:
+        pytest.fail(f"container tests need the built images: {err}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def runtime_image(images):
+    return images["runtime"]
+
+
+@pytest.fixture(scope="session")
+def train_image(images):
+    return images["train"]

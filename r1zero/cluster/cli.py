@@ -3,7 +3,7 @@
     r1zero render --config configs/a100-13b.yaml --stage pretrain --kind pytorchjob --out out/k8s
     r1zero render --all --out manifests
     r1zero validate manifests/ --crd-dir ../shared/crds
-    r1zero launch out/k8s/pretrain-pytorchjob.yaml [--local]
+    r1zero launch out/k8s/pretrain-pytorchjob.yaml [--local [--containers]]
 
 ``r1zero.cli`` registers each command group explicitly with one of the ``register_*`` functions
 below (imported only when that group is used).
@@ -62,8 +62,14 @@ def _launch(args) -> int:
     from r1zero.cluster.launch import JobFailed, launch_cluster, launch_local, load_manifest
 
     docs = load_manifest(args.manifest)
+    if args.containers and not args.local:
+        raise UserError("--containers starts the job on this machine: use it with --local")
     try:
-        if args.local:
+        if args.containers:
+            from r1zero.cluster.containers import launch_containers
+
+            launch_containers(docs, timeout=args.wait_timeout, staging=args.staging_dir)
+        elif args.local:
             launch_local(docs, timeout=args.wait_timeout)
         else:
             job = next((d for d in docs if d.get("kind") == "PyTorchJob"), None)
@@ -110,6 +116,10 @@ def register_launch(sub) -> None:
     p = sub.add_parser("launch", help="run a rendered PyTorchJob on the cluster (TrainingClient) or locally")
     p.add_argument("manifest", help="YAML with the job (and its ConfigMap), from `r1zero render`")
     p.add_argument("--local", action="store_true", help="emulate the training operator with local processes")
+    p.add_argument("--containers", action="store_true",
+                   help="with --local: every replica as a container of the rendered image (Docker engine)")
+    p.add_argument("--staging-dir", help="with --containers: host directory backing PersistentVolumeClaims "
+                   "(default: a temp dir)")
     p.add_argument("--namespace", help="override the manifest's namespace")
     p.add_argument("--kubeconfig", help="kube config file (default: ~/.kube/config, or in-cluster)")
     p.add_argument("--wait-timeout", type=float, help="seconds to wait for the job (default: 7 days cluster, none local)")

@@ -1,15 +1,18 @@
-"""Dockerfiles are hadolint-clean, multi-stage, non-root, pinned; `make images` uses r1zero.images."""
+"""Dockerfiles are hadolint-clean, pinned, run as the manifests' non-root uid; `make images` uses r1zero.images.
+
+The built images themselves are tested in tests/images/test_built.py (slow, needs a Docker engine)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from r1zero.images import RUNTIME_IMAGE, TRAIN_IMAGE
+from r1zero.images import RUNTIME_IMAGE, TRAIN_IMAGE, UID
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((REPO / "images").glob("*.Dockerfile"))
@@ -26,19 +29,41 @@ def test_hadolint_clean(path):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_multistage_nonroot_pinned(path):
-    text = path.read_text()
+def test_runtime_multistage_pinned():
+    text = (REPO / "images" / "runtime.Dockerfile").read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
-    assert len(froms) >= 2, "multi-stage"
-    assert all(":" in f and not f.endswith(":latest") for f in froms)
-    assert re.search(r"^USER\s+1000$", text, flags=re.M)
-    assert "torch==2.13.0" in text
+    assert len(froms) >= 2, "multi-stage: build tools and the CA bundle stay in the build stage"
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = next(d for d in pins if d.startswith("torch=="))
+    assert f"ARG TORCH_VERSION={torch_pin.split('==')[1]}" in text
+    # the final stage carries neither pip's CA bundle nor the wheels
+    final = text[text.rindex("\nFROM "):]
+    assert "/certs" not in final and "/wheels" not in final
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_one_nonroot_uid_for_images_and_manifests(path):
+    text = path.read_text()
+    assert f"ARG UID={UID}" in text and UID != 0
+    assert re.findall(r"^USER\s+(\S+)$", text, flags=re.M)[-1] == "${UID}"
+    for manifest in sorted((REPO / "manifests").rglob("*.yaml")):
+        for uid in re.findall(r"runAs(?:User|Group): (\d+)", manifest.read_text()):
+            assert int(uid) == UID, f"{manifest.relative_to(REPO)} runs as {uid}, the images as {UID}"
+
+
+def test_train_image_apt_packages_pinned():
+    text = (REPO / "images" / "train.Dockerfile").read_text()
+    install = text[text.index("apt-get install"):text.index("rm -rf /var/lib/apt/lists")]
+    pkgs = [w for w in install.split() if re.match(r"^[a-z][a-z0-9+.-]+=", w)]
+    assert {p.split("=")[0] for p in pkgs} >= {"openssh-server", "openssh-client", "pdsh", "g++"}
+    assert all(re.search(r'=\"\$\{[A-Z_]+_VERSION\}\"', p) for p in pkgs), pkgs
+    for arg in re.findall(r"\$\{([A-Z_]+_VERSION)\}", install):
+        assert re.search(rf"^ARG {arg}=\S+", text, flags=re.M), f"{arg} has no pinned default"
 
 
 def test_make_images_takes_names_from_one_place():
     out = subprocess.run(["make", "-n", "images", "STAMP=/dev/null"], capture_output=True, text=True, cwd=REPO)
-    assert "python -m r1zero.images runtime" in out.stdout.replace(".venv/bin/python", "python")
+    assert "python -m r1zero.images build --push" in out.stdout.replace(".venv/bin/python", "python")
     names = subprocess.run([sys.executable, "-m", "r1zero.images", "runtime"], capture_output=True, text=True)
     assert names.stdout.strip() == RUNTIME_IMAGE
     assert TRAIN_IMAGE.split(":")[1] == RUNTIME_IMAGE.split(":")[1]
