@@ -49,10 +49,12 @@ log = logging.getLogger(__name__)
 MAX_TIMEOUT_S = 30.0  # per program; a code reward that needs longer is a bad item, not a slow one
 MAX_MEMORY_MB = 1024
 DEFAULT_TIMEOUT_S, DEFAULT_MEMORY_MB = 2.0, 256  # run_code's defaults
-MAX_PROGRAM_BYTES = 256 * 1024  # source + stdin of one program
+MAX_PROGRAM_BYTES = 64 * 1024  # source + stdin of one program (a harness program is ~1 KiB)
 MAX_BATCH = 64  # programs per request
-MAX_BODY_BYTES = MAX_BATCH * MAX_PROGRAM_BYTES * 2  # JSON escaping can double the size
-MAX_CONNECTIONS = 128  # concurrent client connections (threads); beyond: 503 at accept
+MAX_BODY_BYTES = MAX_BATCH * MAX_PROGRAM_BYTES * 2  # 8 MiB; JSON escaping can double the size
+# concurrent client connections (threads); beyond: 503 at accept. Bodies are read whole, so
+# MAX_CONNECTIONS * MAX_BODY_BYTES (512 MiB) bounds what requests can hold in the pod's memory.
+MAX_CONNECTIONS = 64
 SOCKET_TIMEOUT_S = 30.0  # a client that stops sending mid-request loses its connection
 VERDICT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -169,3 +169,24 @@ def test_serve_cli_bad_input_is_one_line_exit_2():
                            text=True, cwd=ROOT, timeout=60)
         assert p.returncode == 2 and p.stderr.startswith("r1zero: error:") and "Traceback" not in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_connections_beyond_the_limit_get_overloaded_at_accept():
+    import socket
+
+    srv = make_server("127.0.0.1", 0, workers=1, queue=0, max_connections=2)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]  # hold both slots
+    try:
+        time.sleep(0.2)
+        code, doc = _request(srv, "GET", "/healthz")
+        assert code == 503 and doc["error"] == "overloaded" and "connections" in doc["reason"]
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        assert _request(srv, "GET", "/healthz")[0] == 200  # slots come back when clients leave
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        srv.service.close()
