@@ -22,7 +22,8 @@ projections unchanged; routed experts ``mlp.experts.w_gate_up.{e}`` ``(2F, D)`` 
 ``gate_proj``/``up_proj`` (Mixtral: ``w1``/``w3`` under ``block_sparse_moe``), ``w_down.{e}`` ->
 ``down_proj`` (``w2``); shared experts ``mlp.shared.*`` -> ``mlp.shared_experts.*`` (Glm4Moe) or
 ``mlp.shared_expert.*`` (Qwen2-MoE, whose ``sigmoid(shared_expert_gate(x))`` is pinned to 0.5 by a
-zero gate weight, so the down projection is written doubled: exact in any float format).
+zero gate weight, so the down projection is written doubled: exact in any float format). A tied
+LM head is written as ``lm_head.weight`` too (``tie_word_embeddings`` stays true).
 """
 
 from __future__ import annotations
@@ -136,6 +137,11 @@ def convert_tensor(name: str, tensor: torch.Tensor, cfg, family: str) -> Iterato
         if name not in ("model.embed_tokens.weight", "model.norm.weight"):
             raise ValueError(f"unexpected r1zero tensor {name!r}")
         yield name, tensor
+        if name == "model.embed_tokens.weight" and cfg.tie_word_embeddings:
+            # a tied head is written too (from the embedding, whether or not the caller's stream
+            # repeats it): vLLM's Glm4Moe/Mixtral never tie and would keep an uninitialised head;
+            # transformers ties it back on load (tie_word_embeddings stays true)
+            yield "lm_head.weight", tensor.clone()  # safetensors refuses shared storage
         return
     i, rest = int(m.group(1)), m.group(2)
     pre = f"model.layers.{i}."
@@ -291,9 +297,7 @@ def _check_complete(weight_map: dict, hf) -> None:
     """Every layer got its attention, norms and FFN: a missing r1zero tensor would otherwise load
     as a random init in transformers (it only warns)."""
     n = hf.num_hidden_layers
-    need = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not hf.tie_word_embeddings:
-        need.append("lm_head.weight")
+    need = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(n):
         need += [f"model.layers.{i}.{s}" for s in ("input_layernorm.weight", "post_attention_layernorm.weight",
                                                    "self_attn.q_proj.weight", "self_attn.o_proj.weight")]
