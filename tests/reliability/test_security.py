@@ -125,6 +125,10 @@ NEEDED = {
     ("", "pods", "list"): "launch: TrainingClient.get_job_pods (log streamer, master tail)",
     ("", "pods/log", "get"): "launch: core_api.read_namespaced_pod_log, TrainingClient.get_job_logs",
     ("", "configmaps", "create"): "launch_cluster: create_namespaced_config_map",
+    ("trainer.kubeflow.org", "trainjobs", "create"): "launch_trainjob: create_namespaced_custom_object",
+    ("trainer.kubeflow.org", "trainjobs", "get"): "launch_trainjob: get_namespaced_custom_object (wait)",
+    ("trainer.kubeflow.org", "trainjobs", "list"): "components.runtime.delete_run_jobs (label selector)",
+    ("trainer.kubeflow.org", "trainjobs", "delete"): "launch_trainjob; components.runtime.delete_run_jobs",
 }
 
 
