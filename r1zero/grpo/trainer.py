@@ -136,6 +136,12 @@ def _check(cfg, world_size: int) -> None:
         raise UserError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be divisible by the world size ({world_size})")
     if g.adaptive.enabled and g.adaptive.min_group > g.adaptive.max_group:
         raise UserError("grpo.adaptive.min_group must be <= grpo.adaptive.max_group")
+    if g.rollout.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("grpo.rollout.engine=vllm needs vLLM: run r1zero from the vLLM environment "
+                            "(make vllm-env; .venv-vllm/bin/r1zero grpo ...)")
     if g.algorithm == "grpo" and g.group_size < 2 and not g.adaptive.enabled:
         raise UserError("grpo.group_size must be >= 2 for GRPO (a group of one has zero advantage)")
 

@@ -147,3 +147,14 @@ def test_vllm_engine_that_fails_to_start_exits_2(vllm_python, grpo_env, tmp_path
     assert lines[-1].startswith("r1zero: error: vLLM engine failed to start"), lines[-1]
     assert "Traceback" not in proc.stderr
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+
+
+def test_vllm_engine_outside_the_vllm_environment_exits_2(grpo_env, tmp_path, capsys):
+    from r1zero.cli import main
+
+    data, llama, _ = grpo_env
+    rc = main(["grpo", "--set", "grpo.rollout.engine=vllm", "--set", "telemetry.enabled=false", "--policy",
+               str(llama), "--data", str(data), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "vLLM environment" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written
