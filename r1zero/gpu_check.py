@@ -63,15 +63,13 @@ CPU_OVERRIDES = [
 DATA_OVERRIDES = ["data.n_train=4000", "data.n_eval=200"]
 CPU_DATA_OVERRIDES = ["data.n_train=300", "data.n_eval=40", "data.tokenizer_rows=300"]
 
-# Dense bf16 peak TFLOP/s by device name (NVIDIA datasheets: A100 312; H100/H200 SXM 989).
-_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
-
-
 def bf16_peak_flops(device_name: str) -> float | None:
-    for key, tflops in _BF16_PEAK_TFLOPS.items():
-        if key in device_name:
-            return tflops * 1e12
-    return None
+    """Dense bf16 peak of a CUDA device by name (the planner's datasheet table), None when unknown."""
+    from r1zero.sizing import gpu_of_device
+
+    gpu = gpu_of_device(device_name)
+    tflops = gpu.peak_tflops.get("bf16") if gpu else None
+    return tflops * 1e12 if tflops else None
 
 
 def plan_of_work(cpu: bool) -> str:
@@ -165,28 +163,27 @@ def _loss_falling(losses: list[float]) -> bool:
     return sum(tail) / len(tail) < sum(head) / len(head)
 
 
-def planner_estimate_bytes(cfg, gpu: str) -> float | None:
+def planner_estimate_bytes(cfg, device_name: str) -> float | None:
     """``r1zero plan``'s per-GPU memory for this model on one GPU with micro_batch = the run's batch."""
-    from r1zero.sizing import GPUS, Hardware, Layout, estimate
+    from r1zero.sizing import Hardware, Layout, estimate, gpu_of_device
     from r1zero.sizing_cli import spec_from_config
 
-    if gpu not in GPUS:
+    gpu = gpu_of_device(device_name)
+    if gpu is None:
         return None
     spec = spec_from_config(cfg)
     pre = cfg.pretrain
     layout = Layout(tp=1, pp=1, dp=1, ep=1, zero_stage=0, micro_batch=pre.micro_batch,
                     recompute="full" if pre.activation_checkpointing else "none")
-    est = estimate(spec, Hardware(GPUS[gpu], 1, 1), layout, pre.micro_batch * pre.grad_accum, pre.precision)
+    est = estimate(spec, Hardware(gpu, 1, 1), layout, pre.micro_batch * pre.grad_accum, pre.precision)
     return est.memory_per_gpu_gb * 1e9
 
 
 def flops_per_token(cfg) -> float:
-    """Model FLOPs per trained token (forward + backward, no recompute), as the planner counts them."""
-    from r1zero.sizing import flops_per_step
-    from r1zero.sizing_cli import spec_from_config
+    """Model FLOPs per trained token, as the exporter's MFU gauge counts them (telemetry.mfu_inputs)."""
+    from r1zero.telemetry import mfu_inputs
 
-    spec = spec_from_config(cfg)
-    return flops_per_step(spec, 1, "none") / spec.seq
+    return float(mfu_inputs(cfg, "cpu")["flops_per_token"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +247,7 @@ def run_check(out: Path, data: str | None, cpu: bool, config: str) -> dict:
             _pretrain(base, data, out / "pretrain", ph.record, peak)
             tel.observe_step(ph.record.get("seconds") or time.perf_counter() - ph.t0, tokens=0)
         phases["pretrain_bf16"] = ph.record
-        ph.record["planner_bytes"] = planner_estimate_bytes(base, "h100-80gb" if cuda else "")
+        ph.record["planner_bytes"] = planner_estimate_bytes(base, device_name)
         if ph.record.get("peak_memory_bytes") and ph.record["planner_bytes"]:
             ph.record["measured_over_planner"] = round(ph.record["peak_memory_bytes"] / ph.record["planner_bytes"], 3)
 

@@ -45,6 +45,16 @@ def test_peak_flops_table_and_loss_trend():
     assert not gpu_check._loss_falling([1.0, 0.9])  # too short to tell
 
 
+def test_planner_estimate_for_the_check_model_on_an_h200():
+    from r1zero.config import load_config
+
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"), [*gpu_check.GPU_OVERRIDES, "pretrain.precision=bf16"])
+    est = gpu_check.planner_estimate_bytes(cfg, "NVIDIA H200")
+    assert est is not None and 2e9 < est < 141e9  # bf16 params + fp32 states of ~275M params + activations
+    assert gpu_check.planner_estimate_bytes(cfg, "cpu") is None
+    assert gpu_check.flops_per_token(cfg) > 6 * 50e6  # at least 6 x the active parameters
+
+
 def test_check_model_is_100_to_300m_parameters():
     from r1zero.config import load_config
     from r1zero.sizing_cli import spec_from_config
