@@ -2,6 +2,7 @@
 
     r1zero launch --local --containers out/k8s/pretrain-pytorchjob.yaml
     r1zero launch --local --containers out/k8s/pretrain-mpijob.yaml --staging-dir runs/staging
+    r1zero launch --local --containers retrain.yaml   # a CronJob (+ its ConfigMap): one run now
 
 Stands in for the operator and the kubelet on one machine with a Docker engine (the docker CLI,
 through subprocess). Every replica pod becomes one container of the rendered image, on a user-made
@@ -18,7 +19,8 @@ headless Services give it. What each pod gets:
   (``no-new-privileges``); ``runAsNonRoot`` is checked against the image's user;
 - volumes: ConfigMaps (files, read-only), ``emptyDir`` (a fresh directory; ``medium: Memory`` at
   ``/dev/shm`` becomes ``--shm-size`` of its ``sizeLimit``, elsewhere a tmpfs), generic ephemeral
-  volumes (a fresh directory per pod), PersistentVolumeClaims (``<staging>/<claim>``, shared by the
+  volumes (a fresh directory per pod), projected service-account tokens (``R1ZERO_LOCAL_SA_TOKEN``
+  or a random token), PersistentVolumeClaims (``<staging>/<claim>``, shared by the
   pods like a ReadWriteMany volume), the MPIJob's hostfile ConfigMap and ssh key Secret;
 - ``resources.limits`` cpu and memory (``--cpus``, ``--memory``).
 
@@ -198,6 +200,14 @@ def _container_pod(ctx: _Ctx, pod_name: str, pod_spec: dict, c: dict, operator_e
             d.mkdir(parents=True, exist_ok=True)
             _own(d, owner)
             pod.mounts.append(("bind", str(d), target, ro))
+        elif "projected" in vol and all("serviceAccountToken" in src for src in vol["projected"].get("sources", [])):
+            # the pod's service-account token (e.g. KFP's audience): R1ZERO_LOCAL_SA_TOKEN stands in for it
+            d = ctx.dir("pods", pod_name, m["name"])
+            for src in vol["projected"]["sources"]:
+                f = d / src["serviceAccountToken"]["path"]
+                f.write_text(os.environ.get("R1ZERO_LOCAL_SA_TOKEN") or uuid.uuid4().hex)
+                os.chmod(f, 0o644)
+            pod.mounts.append(("bind", str(d), target, True))
         elif "secret" in vol and vol["secret"].get("secretName", "").endswith("-ssh"):
             pod.mounts.append(("bind", str(ctx.root / "ssh"), target, True))
         else:
@@ -330,11 +340,20 @@ def _mpijob(ctx: _Ctx) -> list[Pod]:
     return pods
 
 
-PLANNERS = {"PyTorchJob": _pytorchjob, "TrainJob": _trainjob, "MPIJob": _mpijob}
+def _cronjob(ctx: _Ctx) -> list[Pod]:
+    """One run of the CronJob now (as `kubectl create job --from=cronjob/NAME`): one pod per container."""
+    pod_spec = ctx.job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    if len(pod_spec.get("containers", [])) != 1:
+        raise UserError("CronJob: exactly one container is started locally")
+    name = f"{ctx.name}-manual-0"
+    return [_container_pod(ctx, name, pod_spec, pod_spec["containers"][0], {}, [name])]
+
+
+PLANNERS = {"PyTorchJob": _pytorchjob, "TrainJob": _trainjob, "MPIJob": _mpijob, "CronJob": _cronjob}
 
 
 def plan(docs: list[dict], root: Path, staging: Path) -> tuple[dict, list[Pod]]:
-    job = find_job(docs)
+    job = find_job(docs, kinds=tuple(PLANNERS))
     return job, PLANNERS[job["kind"]](_Ctx(docs, root, staging, job))
 
 
