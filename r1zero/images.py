@@ -170,13 +170,13 @@ def image_exists(image: str) -> bool:
     return docker("image", "inspect", "--format", "{{.Id}}", image, check=False).returncode == 0
 
 
-def ensure_base(log=_log) -> str:
+def ensure_base(log=_log, cold: bool = False) -> str:
     """Import the Debian base image (bootstrapping its rootfs tarball when not cached); its tag."""
     tag = f"{BASE_NAME}:{BASE_SUITE}-{base_hash()}"
-    if image_exists(tag):
+    if image_exists(tag) and not cold:
         return tag
     tar = _cache_dir() / f"base-{BASE_SUITE}-{base_hash()}.tar"
-    if not tar.is_file():
+    if not tar.is_file() or cold:
         if shutil.which("mmdebstrap") is None:
             raise UserError("mmdebstrap not found: install it (`apt-get install -y mmdebstrap`) to bootstrap the base")
         tar.parent.mkdir(parents=True, exist_ok=True)
@@ -214,8 +214,9 @@ def _context(repo: Path, dst: Path) -> None:
         shutil.copy2(repo / "images" / f, dst / "images" / f)
 
 
-def _build(dockerfile: Path, ctx: Path, tag: str, inputs: str, build_args: dict[str, str], log) -> float:
-    args = ["build", "--network", "host", "--file", str(dockerfile), "--tag", tag, "--label", f"{HASH_LABEL}={inputs}"]
+def _build(dockerfile: Path, ctx: Path, tag: str, inputs: str, build_args: dict[str, str], log,
+           cold: bool = False) -> float:
+    args = ["build", "--network", "host", *(["--no-cache"] if cold else []), "--file", str(dockerfile), "--tag", tag, "--label", f"{HASH_LABEL}={inputs}"]
     for k, v in build_args.items():
         args += ["--build-arg", f"{k}={v}"]
     log(f"building {tag}")
@@ -232,32 +233,33 @@ def _build(dockerfile: Path, ctx: Path, tag: str, inputs: str, build_args: dict[
     return time.monotonic() - t0
 
 
-def ensure_images(repo: Path = REPO, force: bool = False, log=_log) -> dict[str, str]:
+def ensure_images(repo: Path = REPO, force: bool = False, log=_log, cold: bool = False) -> dict[str, str]:
     """Build the runtime and train images unless images with the same inputs hash exist; their names."""
     require_engine()
     _cache_dir().mkdir(parents=True, exist_ok=True)
     with open(_cache_dir() / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (concurrent test sessions, make images)
-        return _ensure_images_locked(repo, force, log)
+        return _ensure_images_locked(repo, force or cold, log, cold)
 
 
-def _ensure_images_locked(repo: Path, force: bool, log) -> dict[str, str]:
+def _ensure_images_locked(repo: Path, force: bool, log, cold: bool) -> dict[str, str]:
     hashes = inputs_hashes(repo)
     todo = [k for k in ("runtime", "train") if force or image_label(IMAGES[k]) != hashes[k]]
     if not todo:
         log(f"images up to date ({', '.join(IMAGES.values())})")
         return dict(IMAGES)
-    base = ensure_base(log)
+    t0 = time.monotonic()
+    base = ensure_base(log, cold)
     with tempfile.TemporaryDirectory(prefix="r1zero-image-ctx-") as tmp:
         ctx = Path(tmp)
         _context(repo, ctx)
         if "runtime" in todo:
             s = _build(repo / "images" / "runtime.Dockerfile", ctx, IMAGES["runtime"], hashes["runtime"],
-                       {"BASE_IMAGE": base, "UID": str(UID)}, log)
+                       {"BASE_IMAGE": base, "UID": str(UID)}, log, cold)
             log(f"built {IMAGES['runtime']} in {s:.0f} s")
         s = _build(repo / "images" / "train.Dockerfile", ctx, IMAGES["train"], hashes["train"],
-                   {"RUNTIME_IMAGE": IMAGES["runtime"], "UID": str(UID)}, log)
-        log(f"built {IMAGES['train']} in {s:.0f} s")
+                   {"RUNTIME_IMAGE": IMAGES["runtime"], "UID": str(UID)}, log, cold)
+        log(f"built {IMAGES['train']} in {s:.0f} s (all: {time.monotonic() - t0:.0f} s)")
     return dict(IMAGES)
 
 
@@ -286,13 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     b = sub.add_parser("build", help="build the base, runtime and train images (skips up-to-date ones)")
     b.add_argument("--force", action="store_true", help="rebuild even when the inputs hash matches")
+    b.add_argument("--cold", action="store_true", help="measure a cold build: bootstrap the base again, "
+                   "no docker layer cache")
     b.add_argument("--push", action="store_true", help="push to the loopback registry (R1ZERO_REGISTRY)")
     args = p.parse_args(argv)
     if args.cmd is None:
         print("\n".join(f"{k} {v}" for k, v in IMAGES.items()))
         return 0
     try:
-        ensure_images(force=args.force)
+        ensure_images(force=args.force, cold=args.cold)
         if args.push:
             push()
     except UserError as err:

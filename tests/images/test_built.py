@@ -127,3 +127,46 @@ def test_images_push_to_a_loopback_registry(images, tmp_path):
         proc.wait(timeout=10)
         for name in pushed:
             docker("rmi", name, check=False)
+
+
+def test_retraining_cronjob_submits_the_packaged_pipeline_from_the_runtime_image(images, tmp_path, monkeypatch):
+    """manifests/base's CronJob, run once in the runtime image under its security context: `r1zero
+    pipeline submit` reads the compiled pipeline packaged in the image and submits it to the KFP
+    contract server (on the test network's gateway) with the mounted service-account token."""
+    import sys
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from r1zero.cluster.containers import launch_containers
+
+    sys.path.insert(0, str(REPO / "tests" / "pipelines"))
+    from kfp_contract_server import KFPContractServer
+
+    net = f"r1zero-test-kfp-{tmp_path.name[-12:]}"
+    docker("network", "create", net)
+    gw = docker("network", "inspect", "--format", "{{(index .IPAM.Config 0).Gateway}}", net).stdout.strip()
+    server = KFPContractServer(token="sa-token-for-the-test")
+    server.httpd.server_close()  # serve on the gateway, the one address of this machine the pod can reach
+    server.httpd = ThreadingHTTPServer((gw, 0), server.httpd.RequestHandlerClass)
+    server.thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
+    host = f"http://{gw}:{server.httpd.server_address[1]}"
+    docs = [d for f in ("config.yaml", "cronjob.yaml") for d in load_manifest(REPO / "manifests" / "base" / f)]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "r1zero-config")
+    cm["data"]["KFP_HOST"] = host
+    monkeypatch.setenv("R1ZERO_LOCAL_SA_TOKEN", "sa-token-for-the-test")
+    try:
+        with server:
+            result = launch_containers([cm, next(d for d in docs if d["kind"] == "CronJob")], timeout=600, network=net)
+    finally:
+        docker("network", "rm", net, check=False)
+    assert result["status"] == "Succeeded" and result["images"][0]["uid"] == str(UID)
+    runs = [r for r in server.requests if r["method"] == "POST" and r["path"].endswith(("/runs", "/recurringruns"))]
+    assert runs and all(r["auth"] == "Bearer sa-token-for-the-test" for r in server.requests)
+    spec = runs[-1]["body"]["pipeline_spec"]
+    spec = spec.get("pipeline_spec", spec)  # with a platform spec, kfp nests it
+    # what the image packages (test_runtime_image_carries_the_compiled_pipeline: the repo's file at build time)
+    text = docker("run", "--rm", "--network", "none", "--entrypoint", "python", images["runtime"], "-c",
+                  "import pipelines.cli as c; print(c.DEFAULT_PACKAGE.read_text())").stdout
+    packaged = next(yaml.safe_load_all(text))
+    # kfp.Client rewrites caching options and the display name; the components and executors are the package's
+    assert spec["deploymentSpec"] == packaged["deploymentSpec"] and spec["components"] == packaged["components"]
