@@ -50,6 +50,8 @@ if __name__ == "__main__":
         # a fresh rendezvous port per run: re-creating the TCP store on the port the previous
         # (destroyed) group used can hang while the old listening socket lingers
         os.environ["MASTER_PORT"] = str(base_port + i)
+        if i:  # torchrun's agent store listens on the first port only: later runs make their own
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
         spec, _, crash = spec.partition("!")
         name, _, sets = spec.partition(":")
         argv = ["pretrain", "--config", config, "--data", data, "--out", f"{root}/{name}"]
