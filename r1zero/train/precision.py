@@ -5,8 +5,8 @@
 
 - fp32: everywhere.
 - bf16: CPU, or CUDA with compute capability >= 8.0 (Ampere).
-- fp16: CUDA only (the DeepSpeed CPU accelerator reports no fp16 support); dynamic loss scaling is
-  configured in :mod:`r1zero.train.deepspeed_config`.
+- fp16: CUDA only; FSDP2 fp16 parameters with fp32 gradient reduction and
+  ``torch.amp.GradScaler`` dynamic loss scaling (:mod:`r1zero.train.engine`).
 - fp8: CUDA with compute capability >= 9.0 (Hopper: H100/H200; the A100 has no FP8 tensor cores,
   NVIDIA A100 datasheet). Implemented with torchao's maintained float8 training path
   (``torchao.float8.convert_to_float8_training``, tensorwise scaling); the rest of the model runs
@@ -38,8 +38,8 @@ def check_precision(precision: str, device: torch.device) -> None:
         if precision == "fp8":
             raise UserError("pretrain.precision=fp8 needs an NVIDIA Hopper GPU (compute capability >= 9.0, "
                             "e.g. H100); this run is on CPU. Use bf16 or fp32.")
-        raise UserError(f"pretrain.precision={precision} is not supported on CPU (DeepSpeed's CPU accelerator "
-                        "has no fp16); use bf16 or fp32.")
+        raise UserError(f"pretrain.precision={precision} is not supported on CPU (fp16 loss scaling "
+                        "runs on CUDA only); use bf16 or fp32.")
     name, cc = _gpu_name(device)
     if precision == "fp8" and cc < HOPPER_CC:
         raise UserError(f"pretrain.precision=fp8 needs compute capability >= 9.0 (Hopper) but {name} has "
