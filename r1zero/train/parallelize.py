@@ -333,7 +333,9 @@ def apply_fsdp(model, mesh: DeviceMesh, dims: ParallelDims, precision: str, zero
                 # the all-to-all backward already sums each expert's gradient over its ep group;
                 # FSDP's mean over edp must divide by the whole dp to give the global mean
                 moe.experts.set_gradient_divide_factor(float(dims.dp))
-                if mesh.device_type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
+                if mesh.device_type == "cpu" and expert_mesh.size() > 1:
+                    # gloo has no PREMUL_SUM: sum, then divide. Not on a one-rank group: there FSDP
+                    # (torch 2.13) divides the copied gradient and then post-divides it again
                     moe.experts.set_force_sum_reduction_for_comms(True)
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
