@@ -121,6 +121,7 @@ def test_cli_no_engine_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the setup may build the images cold
 def test_cli_missing_image_and_missing_command_exit_2(images, tmp_path):
     docs = render_stage(load_config("configs/tiny.yaml", TINY), "pretrain", "pytorchjob")
     job = docs[-1]
@@ -191,6 +192,7 @@ def tiny_data(s3_on_network, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the setup may build the images cold
 @pytest.mark.parametrize("kind", ["pytorchjob", "trainjob", "mpijob"])
 def test_rendered_job_trains_tiny_in_containers(kind, images, s3_on_network, tiny_data, tmp_path, monkeypatch, capsys):
     """`r1zero render` output, untouched, started in the train image: dp=2 pretraining to the end."""

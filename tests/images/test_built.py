@@ -25,7 +25,8 @@ from r1zero.images import TAG, UID, docker, image_user, push
 REPO = Path(__file__).resolve().parents[2]
 JOB_MANIFESTS = sorted((REPO / "manifests" / "jobs").rglob("*.yaml"))
 
-pytestmark = pytest.mark.slow
+# slow; the first test's setup may build the images cold (about 11 min here), within the timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def test_images_run_as_the_one_uid(images):
