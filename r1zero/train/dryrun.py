@@ -196,7 +196,7 @@ def activation_bytes(cfg, layers: int, stage_index: int, holds_logits: bool) -> 
     # 1F1B: stage i keeps (pp - i) micro-batches in flight (Narayanan et al. 2021 sec. 2.2);
     # GPipe keeps all of them.
     in_flight = min(p.pp - stage_index, pre.grad_accum) if p.pp > 1 else 1
-    if p.pp > 1 and getattr(p, "pp_schedule", "1f1b") == "gpipe":
+    if p.pp > 1 and p.pp_schedule == "gpipe":
         in_flight = pre.grad_accum
     # routed experts run on the tp-gathered sequence (r1zero.train.parallelize): not split over tp
     act = activation_bytes_per_layer(spec, pre.micro_batch, p.tp, recompute, sp, False) * layers * in_flight

@@ -103,7 +103,7 @@ class TrainEngine:
             from r1zero.train.pipeline_parallel import Pipeline
 
             self.pipeline = Pipeline(build_stage(pm, self.device), pm.pp_rank, dims.pp, self.ga,
-                                     schedule=getattr(cfg.parallel, "pp_schedule", "1f1b"), scale=self._scale_loss)
+                                     schedule=cfg.parallel.pp_schedule, scale=self._scale_loss)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def _scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
