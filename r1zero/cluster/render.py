@@ -32,13 +32,14 @@ from pathlib import Path
 import yaml
 
 from r1zero.errors import UserError
+from r1zero.images import UID
 
 STAGES = ("pretrain", "grpo", "eval")
 KINDS = ("pytorchjob", "mpijob", "trainjob")
 CONFIG_DIR = "/etc/r1zero"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 LAUNCHER_SA = "r1zero-launcher"
-RUN_AS = 10001  # the one non-root uid/gid of the images and every pod (images/, r1zero/images.py)
+RUN_AS = UID  # the one non-root uid/gid of the images and every pod (r1zero/images.py, images/)
 PART_OF = {"app.kubernetes.io/part-of": "r1zero"}
 # GPU Feature Discovery product labels (NVIDIA gpu-feature-discovery, label nvidia.com/gpu.product).
 GPU_PRODUCT = {
