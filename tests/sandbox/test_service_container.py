@@ -93,6 +93,7 @@ def test_the_container_is_what_the_manifest_says(contained_service):
 
 
 @pytest.mark.slow  # the whole catalogue in the container (~40 s with 2 workers)
+@pytest.mark.timeout(2400)  # the fixture may build the images cold (tests/conftest.py)
 def test_hostile_catalogue_through_the_contained_service(contained_service, monkeypatch):
     client, cid, gateway = contained_service
     monkeypatch.setenv(SECRET_NAME, SECRET_VALUE)  # the trainer's secret
