@@ -427,9 +427,6 @@ class ClusterConfig(_Section):
     # The kind the pipeline's launcher creates: pytorchjob (training-operator v1, maintenance
     # only) or trainjob (Kubeflow Trainer v2, torch-distributed runtime).
     job_kind: Literal["pytorchjob", "trainjob"] = "pytorchjob"
-    # The kind the pipeline's launcher creates: pytorchjob (training-operator v1, maintenance
-    # only) or trainjob (Kubeflow Trainer v2, torch-distributed runtime).
-    job_kind: Literal["pytorchjob", "trainjob"] = "pytorchjob"
     # Per-pod scratch (S3 download cache + checkpoint staging): a generic ephemeral volume; None =
     # sized from the model (r1zero.cluster.render.scratch_size); storage class None = default.
     scratch_size: str | None = None
