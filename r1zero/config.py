@@ -518,6 +518,15 @@ class Config(_Section):
             raise ValueError("data.chat_template needs model.base (a tokenizer with a chat template)")
         return self
 
+    def grpo_world_problems(self, world_size: int) -> list[str]:
+        """What stops the GRPO stage at ``world_size`` ranks, checked by the trainer at start, by
+        ``r1zero render`` and by ``r1zero validate`` (each rank samples an equal share of prompts)."""
+        g = self.grpo
+        if world_size >= 1 and g.prompts_per_step % world_size:
+            return [f"grpo.prompts_per_step ({g.prompts_per_step}) must be divisible by the GRPO world size "
+                    f"({world_size} ranks)"]
+        return []
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

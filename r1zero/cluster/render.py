@@ -443,6 +443,9 @@ def render_stage(cfg, stage: str, kind: str, uris: dict[str, str] | None = None)
         cfg.cluster.elastic_max_nodes = None
         cfg.parallel.dp = cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.ep = 1
     cfg = fit_parallel(cfg)
+    if stage == "grpo":  # fail at render time, not when 1,024 pods have started
+        for problem in cfg.grpo_world_problems(cfg.parallel.dp * cfg.parallel.tp * cfg.parallel.pp):
+            raise UserError(f"{cfg.name}: {problem}")
     uris = {**default_uris(cfg, stage), **(uris or {})}
     cm_name = f"{job_name(cfg, stage)}-config-{cfg.hash()[:8]}"
     return [config_map(cfg, cm_name), RENDERERS[kind](cfg, stage, uris, cm_name)]

@@ -314,10 +314,12 @@ def layout_errors(job: dict, config_maps: dict[str, str]) -> list[str]:
     """The dry run's layout checks on a rendered pretraining job: the config it mounts must
     divide at the job's world size (heads, kv-heads, experts, layers, batch, world size) and fit
     the GPU by the planner (``r1zero.sizing.stage_memory``, which agrees with the dry run within
-    10%; run ``r1zero plan --dry-run`` for the measured figure)."""
+    10%; run ``r1zero plan --dry-run`` for the measured figure). A rendered GRPO job: its
+    ``grpo.prompts_per_step`` must divide over the job's ranks (``Config.grpo_world_problems``)."""
     labels = (job.get("metadata") or {}).get("labels") or {}
-    if labels.get("app.kubernetes.io/component") != "pretrain":
-        return []  # the GRPO stage's layout checks come with its dry run (issue 16)
+    component = labels.get("app.kubernetes.io/component")
+    if component not in ("pretrain", "grpo"):
+        return []
     world = job_world_size(job)
     texts = [config_maps[n] for n in sorted(_config_maps_named(job)) if n in config_maps]
     if world is None or not texts:
@@ -332,6 +334,8 @@ def layout_errors(job: dict, config_maps: dict[str, str]) -> list[str]:
         cfg = build_config(yaml.load(texts[0], Loader=_Loader) or {})
     except (_UserError, yaml.YAMLError) as err:
         return [f"mounted config: {str(err).splitlines()[0]}"]
+    if component == "grpo":  # its memory checks come with the GRPO dry run (issue 16)
+        return [f"grpo: {e}" for e in cfg.grpo_world_problems(world)]
     errs = [f"parallel layout: {e}" for e in layout_problems(cfg, world)]
     if not errs and cfg.cluster.gpu in GPUS:
         need, usable = planner_layout_bytes(cfg)["total"], usable_bytes(GPUS[cfg.cluster.gpu])

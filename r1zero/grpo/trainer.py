@@ -132,8 +132,8 @@ def eval_subset(entries: list[PromptEntry], n: int, seed: int) -> list[PromptEnt
 
 def _check(cfg, world_size: int) -> None:
     g = cfg.grpo
-    if g.prompts_per_step % world_size:
-        raise UserError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be divisible by the world size ({world_size})")
+    for problem in cfg.grpo_world_problems(world_size):
+        raise UserError(problem)
     if g.adaptive.enabled and g.adaptive.min_group > g.adaptive.max_group:
         raise UserError("grpo.adaptive.min_group must be <= grpo.adaptive.max_group")
     if g.rollout.engine == "vllm":

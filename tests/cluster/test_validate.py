@@ -168,3 +168,21 @@ def test_rendered_pretraining_layout_is_checked(crds, jobs, tmp_path):
     errors = "\n".join(validate_paths([_file_with(tmp_path, cm, job)], crds).errors)
     assert "parallel layout does not fit" in errors and "a100-80gb" in errors
     assert main(["validate", str(tmp_path / "job.yaml"), "--crd-dir", str(CRDS)]) == 1
+
+
+def test_grpo_prompts_per_step_against_the_job_world(crds, tmp_path, capsys):
+    """A GRPO job whose prompts do not divide over its ranks would exit at startup on every pod:
+    `r1zero render` refuses it (exit 2, one line) and `r1zero validate` reports a rendered one."""
+    cfg = load_config("configs/a100-13b.yaml")
+    cm, job = render_stage(cfg, "grpo", "pytorchjob")
+    assert validate_paths([_file_with(tmp_path, cm, job)], crds).errors == []
+    bad = load_config("configs/a100-13b.yaml", ["grpo.prompts_per_step=512"])
+    assert main(["render", "--config", "configs/a100-13b.yaml", "--set", "grpo.prompts_per_step=512",
+                 "--stage", "grpo", "--kind", "pytorchjob", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grpo.prompts_per_step (512)" in err[0] and "1024 ranks" in err[0]
+    tree = yaml.safe_load(cm["data"]["config.yaml"])
+    tree["grpo"]["prompts_per_step"] = bad.grpo.prompts_per_step
+    cm["data"]["config.yaml"] = yaml.safe_dump(tree)
+    errors = "\n".join(validate_paths([_file_with(tmp_path, cm, job)], crds).errors)
+    assert "grpo.prompts_per_step (512) must be divisible by the GRPO world size (1024 ranks)" in errors
