@@ -1,11 +1,12 @@
-"""Pretraining throughput: r1zero MoE on the DeepSpeed engine vs HF Mixtral (same shape) side by side.
+"""Pretraining throughput: r1zero MoE on its FSDP2 engine vs HF Mixtral (same shape) side by side.
 
     .venv/bin/python benchmarks/bench_pretrain.py --repeats 3 --steps 8
     .venv/bin/python benchmarks/bench_pretrain.py --preset configs/tiny.yaml --n-shared 0
 
 Rows (one run, interleaved, best-of-repeats and median reported):
-- ``r1zero+deepspeed``: ``R1ZeroForCausalLM`` stepped by :class:`r1zero.train.ds_engine.DeepSpeedTrainEngine`
-  (world 1, ZeRO-0, fp32) -- what ``r1zero pretrain`` runs;
+- ``r1zero+engine``: ``R1ZeroForCausalLM`` built on meta, parallelized and materialised, then stepped
+  by :class:`r1zero.train.engine.TrainEngine` (``train_step`` + ``after_step``; world 1, fp32) --
+  what ``r1zero pretrain`` runs;
 - ``r1zero+torch``: the same model with a plain ``torch.optim.AdamW`` loop (engine overhead);
 - ``mixtral+torch`` (the peer): ``transformers.MixtralForCausalLM`` with identical d_model, layers,
   heads, experts, top-k and expert width (``--n-shared 0`` so the r1zero model has no shared
@@ -15,20 +16,19 @@ Achieved FLOP/s uses the PaLM accounting (Chowdhery et al. 2022, appendix B):
 ``6 * N_active + 12 * L * d_model * S`` per token (N_active = parameters a token touches: attention,
 router, top-k experts, shared experts, LM head), divided by the measured fp32 matmul peak
 (best of 2048x2048 ``torch.mm``), i.e. model-FLOPs utilisation against what this CPU really does.
+
+The engines at dp=2 (FSDP2 vs the retired DeepSpeed ZeRO engine) are ``benchmarks/bench_engines.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
 
-import torch  # noqa: E402
-
-from r1zero.config import load_config  # noqa: E402
+from r1zero.config import load_config
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -91,18 +91,24 @@ def time_torch_loop(model, batches, lr: float) -> float:
     return time.perf_counter() - t
 
 
-def time_ds_engine(cfg, batches) -> float:
+def time_engine(cfg, batches) -> float:
+    """:class:`TrainEngine` built as ``r1zero.train.pretrain.build_engine`` builds it (world 1)."""
     from r1zero.train import dist as rdist
-    from r1zero.train.ds_engine import DeepSpeedTrainEngine
+    from r1zero.train.engine import TrainEngine
     from r1zero.train.parallel_dims import ParallelDims
+    from r1zero.train.parallelize import build_meta_model, materialize, parallelize
 
     ctx = rdist.init(ParallelDims(1, 1, 1, 1, 1))
     try:
-        eng = DeepSpeedTrainEngine(_r1zero(cfg), cfg, ctx)
+        pm = parallelize(build_meta_model(cfg), ctx.mesh, cfg)
+        materialize(pm, ctx.device, seed=0)
+        eng = TrainEngine(cfg, ctx, pm)
         eng.train_step([batches[0]])  # warm-up outside the timing
+        eng.after_step()
         t = time.perf_counter()
         for x in batches[1:]:
             eng.train_step([x])
+            eng.after_step()
         return time.perf_counter() - t
     finally:
         rdist.shutdown()
@@ -119,13 +125,13 @@ def main() -> None:
     tokens = cfg.pretrain.micro_batch * cfg.pretrain.seq_len
     fpt = flops_per_token(cfg)
     peak = matmul_peak()
-    rows: dict[str, list[float]] = {"r1zero+deepspeed": [], "r1zero+torch": [], "mixtral+torch": []}
+    rows: dict[str, list[float]] = {"r1zero+engine": [], "r1zero+torch": [], "mixtral+torch": []}
     for rep in range(args.repeats):
         batches = _batches(cfg, args.steps + 1, seed=rep)
         order = list(rows) if rep % 2 == 0 else list(reversed(rows))  # alternate: load drifts
         for name in order:
-            if name == "r1zero+deepspeed":
-                secs = time_ds_engine(cfg, batches)
+            if name == "r1zero+engine":
+                secs = time_engine(cfg, batches)
             else:
                 model = _r1zero(cfg) if name == "r1zero+torch" else _mixtral(cfg)
                 time_torch_loop(model, batches[:1], cfg.pretrain.lr)  # warm-up

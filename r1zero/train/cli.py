@@ -27,7 +27,7 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain the MoE base model (DeepSpeed; dp/tp/pp/ep layouts)")
+    p = sub.add_parser("pretrain", help="pretrain the MoE base model (FSDP2 engine; dp/tp/pp/ep layouts)")
     add_config_args(p)
     p.add_argument("--data", required=True, help="data artifact URI (from `r1zero data mix`)")
     p.add_argument("--out", required=True, help="output model dir URI (local path or s3://)")
