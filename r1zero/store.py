@@ -75,6 +75,10 @@ def disk_full(err: BaseException, path: str | Path) -> bool:
     """
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict):  # torch.distributed.checkpoint's CheckpointException: per-rank (error, trace)
+        return any(disk_full(f[0] if isinstance(f, tuple) else f, path) for f in failures.values()
+                   if isinstance(f, BaseException) or (isinstance(f, tuple) and f))
     if not isinstance(err, (OSError, RuntimeError)):
         return False
     return _free_bytes(path) < _LOW_SPACE

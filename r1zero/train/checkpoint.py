@@ -179,7 +179,7 @@ class Checkpointer:
             if rank == 0:
                 store.atomic_write_text(staging / STATE, json.dumps({**state, "step": step, "world_size": world},
                                                                      sort_keys=True, indent=1))
-        except Exception as err:
+        except BaseException as err:  # DCP's CheckpointException derives from BaseException
             # disk full: one clear line; the staging dir goes (freeing its space), earlier checkpoints stay
             if store.disk_full(err, staging):
                 full = store.disk_full_error(staging.parent, f"checkpoint {step_name(step)} not saved (the "

@@ -163,7 +163,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("pretrain_shard_wrong_schema", ["pretrain", "--config", TINY, "--data", "{bad}/bad_split_type", "--out",
                                      "{bad}/o"], r"part-00000\.parquet.*(schema|column|prompt)"),
     ("pretrain_seq_gt_max", ["pretrain", "--set", "pretrain.seq_len=512", "--data", "{data}", "--out", "{bad}/o"],
-     r"seq_len \(512\) exceeds model\.max_seq_len"),
+     r"seq_len \(512\) exceeds the model's max sequence length \(256\)"),
 ]
 
 

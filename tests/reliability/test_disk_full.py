@@ -141,10 +141,10 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_pretrain_disk_full_is_one_line_then_resumes_from_previous(tmpfs, tiny_data, tmp_path):
-    """``r1zero pretrain`` with checkpoints on a 1000 KiB filesystem (one ~670 KiB checkpoint fits):
-    exit 2 and one line at the step-4 save; step-2 intact; after the disk grows the rerun resumes
-    from step 2 and finishes."""
-    fs = tmpfs(1000)
+    """``r1zero pretrain`` with checkpoints on a 2600 KiB filesystem (one ~1.7 MB DCP checkpoint of
+    fp32 weights + Adam states fits, two do not): exit 2 and one line at the step-4 save; step-2
+    intact; after the disk grows the rerun resumes from step 2 and finishes."""
+    fs = tmpfs(2600)
     args = ["pretrain", "--config", "configs/tiny.yaml", *TINY_TRAIN, "--set", "pretrain.steps=6",
             "--set", "pretrain.checkpoint_every=2", "--set", f"pretrain.checkpoint_uri={fs.path / 'ck'}",
             "--data", str(tiny_data), "--out", str(tmp_path / "out")]
