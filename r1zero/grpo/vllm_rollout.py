@@ -51,6 +51,7 @@ import torch
 
 from r1zero.errors import UserError
 from r1zero.generate import GenerationOutput
+from r1zero.train.dist import free_port
 
 KEY_ENV = "R1ZERO_ROLLOUT_KEY"  # shared secret of a rollout server (from a Secret in a pod)
 
@@ -172,19 +173,15 @@ def _is_r1zero(model) -> bool:
 
 def _named_tensors(model) -> list[tuple[str, torch.Tensor]]:
     """The policy's tensors under the standard-architecture names vLLM's loader expects (r1zero's
-    own model through :func:`r1zero.model.hf_export.convert_tensor`); detached CPU tensors."""
+    own model through :func:`r1zero.model.hf_export.to_hf_tensors`, which also sends a tied LM
+    head as ``lm_head.weight``: vLLM's in-place reload only refreshes a layer that receives
+    weights); detached CPU tensors."""
     sd = [(k, v.detach().to("cpu", copy=False)) for k, v in model.state_dict().items()]
     if not _is_r1zero(model):
         return sd
-    from r1zero.model.hf_export import convert_tensor, hf_family
+    from r1zero.model.hf_export import to_hf_tensors
 
-    family = hf_family(model.config)
-    out = [pair for k, v in sd for pair in convert_tensor(k, v, model.config, family)]
-    if getattr(model.config, "tie_word_embeddings", False):
-        # why: vLLM's CPU backend packs the LM head as its own layer; its in-place reload only
-        # refreshes a layer that receives weights, so a tied head is sent as the embedding
-        out.append(("lm_head.weight", model.get_input_embeddings().weight.detach().to("cpu", copy=False)))
-    return out
+    return list(to_hf_tensors(sd, model.config))
 
 
 def _export(model, tokenizer) -> str:
@@ -264,7 +261,7 @@ class ServerEngine:
         else:
             self.dir = _export(model, tokenizer)
             self.key = secrets.token_hex(16).encode()
-            self.address = ("127.0.0.1", _free_port())
+            self.address = ("127.0.0.1", free_port())
             self.log = tempfile.NamedTemporaryFile(prefix="r1zero-vllm-server-", suffix=".log", delete=False)
             env = {**os.environ, KEY_ENV: self.key.decode()}
             self.proc = subprocess.Popen(
@@ -380,12 +377,6 @@ class ServerEngine:
             os.unlink(self.log.name)
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(model_dir: str, host: str, port: int, *, max_len: int, seed: int, kv_cache_gib: float,
