@@ -26,6 +26,7 @@ exactly the JSON ``r1zero sandbox run`` prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -147,6 +148,8 @@ class SandboxService:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
         self._lock = threading.Lock()
         self._admitted = 0
+        self._responding = 0  # POST /run requests between admission and their answer being written
+        self._idle = threading.Condition(self._lock)
         self.started = time.time()
         r = self.registry = CollectorRegistry()
         self.m_requests = Counter("r1zero_sandbox_service_requests", "Requests by outcome.", ["outcome"], registry=r)
@@ -203,8 +206,27 @@ class SandboxService:
                 "max_batch": MAX_BATCH, "max_program_bytes": MAX_PROGRAM_BYTES, "max_timeout_s": MAX_TIMEOUT_S,
                 "statuses": list(STATUSES), "uptime_s": round(time.time() - self.started, 1)}
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    @contextlib.contextmanager
+    def responding(self):
+        """Brackets one POST from its body to its written answer, so :meth:`drain` can wait for it."""
+        with self._lock:
+            self._responding += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._responding -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every request being answered has written its answer (the handler threads are
+        daemons: without this, the process could exit between a verdict and its response)."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._responding == 0, timeout_s)
+
+    def close(self, wait: bool = True) -> None:
+        """Drop queued programs (their requests are answered ``overloaded``); ``wait``: until running ones end."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -268,17 +290,18 @@ class _Handler(BaseHTTPRequestHandler):
         if len(body) < n:
             self.close_connection = True
             return
-        try:
-            programs = parse_request(body)
-            verdicts = svc.run_batch(programs)
-        except BadRequest as err:
-            self._error(err.code, err.reason)
-            return
-        except Overloaded as err:
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(err))
-            return
-        svc.m_requests.labels("ok").inc()
-        self._send(HTTPStatus.OK, {"verdicts": verdicts})
+        with svc.responding():
+            try:
+                programs = parse_request(body)
+                verdicts = svc.run_batch(programs)
+            except BadRequest as err:
+                self._error(err.code, err.reason)
+                return
+            except Overloaded as err:
+                self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(err))
+                return
+            svc.m_requests.labels("ok").inc()
+            self._send(HTTPStatus.OK, {"verdicts": verdicts})
 
 
 _TOO_MANY_BODY = json.dumps({"error": "overloaded", "reason": "too many connections"}).encode()
@@ -345,8 +368,16 @@ def serve(host: str, port: int, workers: int, queue: int) -> None:
     try:
         srv.serve_forever(poll_interval=0.2)
     finally:
-        srv.server_close()
-        srv.service.close()
+        close_server(srv)
+
+
+def close_server(srv: _Server) -> None:
+    """After ``serve_forever`` returned: stop listening, answer queued programs ``overloaded``, and
+    return only once every running program's answer has been written to its client."""
+    srv.server_close()
+    srv.service.close(wait=False)
+    # running programs end by their own deadlines; their answers must reach the clients before exit
+    srv.service.drain(MAX_TIMEOUT_S + SOCKET_TIMEOUT_S)
 
 
 class ServiceProcess:

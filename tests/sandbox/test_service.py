@@ -190,3 +190,34 @@ def test_connections_beyond_the_limit_get_overloaded_at_accept():
         srv.shutdown()
         srv.server_close()
         srv.service.close()
+
+
+def test_close_server_waits_for_running_answers_and_drops_queued_ones():
+    """The shutdown path of ``sandbox serve``: the running program's answer is written before
+    ``close_server`` returns (handler threads are daemons, so the process may exit right after);
+    a program still queued is answered ``overloaded`` for its client to retry elsewhere."""
+    from r1zero.sandbox.service import close_server
+
+    srv = make_server("127.0.0.1", 0, workers=1, queue=1)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    out: dict = {}
+    running = threading.Thread(target=lambda: out.update(
+        running=_run(srv, [{"source": "import time; time.sleep(1.5); print('done')", "timeout_s": 5}])))
+    running.start()
+    deadline = time.monotonic() + 30
+    while srv.service.health()["admitted"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = threading.Thread(target=lambda: out.update(queued=_run(srv, [{"source": "print(1)"}])))
+    queued.start()
+    while srv.service.health()["admitted"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    srv.shutdown()
+    close_server(srv)
+    assert srv.service._responding == 0  # every answer written: none left for a dying process
+    running.join(10)
+    queued.join(10)
+    code, doc = out["running"]
+    assert code == 200 and doc["verdicts"][0]["stdout"] == "done\n", doc
+    code, doc = out["queued"]
+    assert code == 503 and doc["error"] == "overloaded", doc

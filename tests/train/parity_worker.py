@@ -15,6 +15,7 @@ import os
 import sys
 
 from r1zero.cli import main
+from r1zero.train.dist import free_port
 
 
 class Preempted(Exception):
@@ -42,16 +43,29 @@ def _crash_at(n: int):
     return restore
 
 
+def _agent_store():
+    """A client of torchrun's agent TCPStore (on MASTER_PORT for the whole launch)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                         is_master=False, timeout=timedelta(minutes=10))
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     config, data, root, *specs = args
-    base_port = int(os.environ["MASTER_PORT"])
+    agent = _agent_store()
     for i, spec in enumerate(specs):
-        # a fresh rendezvous port per run: re-creating the TCP store on the port the previous
-        # (destroyed) group used can hang while the old listening socket lingers
-        os.environ["MASTER_PORT"] = str(base_port + i)
-        if i:  # torchrun's agent store listens on the first port only: later runs make their own
-            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+        if i:
+            # a fresh rendezvous port per run: re-creating the TCP store on the port the previous
+            # (destroyed) group used can hang while the old listening socket lingers; torchrun's
+            # agent store (which outlives the runs) carries rank 0's free port to the others
+            if os.environ["RANK"] == "0":
+                agent.set(f"parity/port/{i}", str(free_port()))
+            os.environ["MASTER_PORT"] = agent.get(f"parity/port/{i}").decode()
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # rank 0 of this run hosts its store
         spec, _, crash = spec.partition("!")
         name, _, sets = spec.partition(":")
         argv = ["pretrain", "--config", config, "--data", data, "--out", f"{root}/{name}"]
