@@ -32,6 +32,13 @@ def _wait_http(url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"server at {url} did not come up")
 
 
+@pytest.fixture(scope="session")
+def wait_http():
+    """``wait_http(url, timeout=30.0)``: poll until a server answers at ``url``, else RuntimeError.
+    A fixture because --import-mode=importlib cannot import conftest helpers."""
+    return _wait_http
+
+
 class S3Server:
     """A moto S3 server process on 127.0.0.1; ``stop()``/``start()`` simulate an outage."""
 

@@ -141,7 +141,7 @@ def test_cli_missing_image_and_missing_command_exit_2(images, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3_on_network(tmp_path_factory):
+def s3_on_network(tmp_path_factory, wait_http):
     """A docker network and a moto S3 server on its gateway address (reachable from its containers)."""
     import boto3
 
@@ -160,15 +160,7 @@ def s3_on_network(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://{gw}:{port}"
     try:
-        import time
-        import urllib.request
-
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_http(endpoint + "/moto-api/")
         creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import yaml
 from r1zero.cluster.containers import Pod, check_pod_image, plan
 from r1zero.cluster.launch import load_manifest
 from r1zero.images import TAG, UID, docker, image_user, push
+from r1zero.train.dist import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_MANIFESTS = sorted((REPO / "manifests" / "jobs").rglob("*.yaml"))
@@ -95,14 +94,8 @@ def test_cronjob_and_pipeline_commands_exist_in_the_runtime_image(images, tmp_pa
     assert checked >= 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_images_push_to_a_loopback_registry(images, tmp_path):
-    port = _free_port()
+def test_images_push_to_a_loopback_registry(images, tmp_path, wait_http):
+    port = free_port()
     cfg = tmp_path / "registry.yml"
     cfg.write_text(f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {tmp_path}/data}}}}\n"
                    f"http: {{addr: 127.0.0.1:{port}}}\n")
@@ -110,12 +103,7 @@ def test_images_push_to_a_loopback_registry(images, tmp_path):
     base = f"http://127.0.0.1:{port}"
     pushed: list[str] = []
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(base + "/v2/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_http(base + "/v2/")
         pushed = push(f"127.0.0.1:{port}", log=lambda m: None)
         assert pushed == [f"127.0.0.1:{port}/r1zero/r1zero-runtime:{TAG}", f"127.0.0.1:{port}/r1zero/r1zero-train:{TAG}"]
         catalog = json.loads(urllib.request.urlopen(base + "/v2/_catalog").read())["repositories"]
