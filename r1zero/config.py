@@ -222,7 +222,15 @@ class ParallelConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     # pipeline schedule (torch.distributed.pipelining): 1F1B keeps at most pp micro-batches of
     # activations per stage; GPipe (all micro-batches forward, then all backward) as an option
-    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
+    # interleaved_1f1b: pipeline stages per rank (the model is split into pp x v chunks; rank r
+    # runs chunks r, r+pp, ...; bubble (pp-1)/v of 1F1B's). None = 2 for that schedule, else 1.
+    pp_virtual_stages: int | None = Field(None, ge=1)
+
+    def virtual_stages(self) -> int:
+        if self.pp_virtual_stages is not None:
+            return self.pp_virtual_stages
+        return 2 if self.pp_schedule == "interleaved_1f1b" else 1
 
 
 class PretrainConfig(_Section):

@@ -94,7 +94,7 @@ def layout_from_config(cfg) -> Layout:
     p = cfg.parallel
     recompute = "full" if cfg.pretrain.activation_checkpointing else "none"
     return Layout(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, zero_stage=p.zero_stage, micro_batch=cfg.pretrain.micro_batch,
-                  recompute=recompute, schedule=getattr(p, "pp_schedule", "1f1b"))
+                  recompute=recompute, schedule=getattr(p, "pp_schedule", "1f1b"), interleave=p.virtual_stages())
 
 
 def config_layout(cfg, spec: ModelSpec, hw: Hardware, global_batch: int, precision: str, headroom: float):
@@ -141,6 +141,11 @@ def _dry_run(args) -> int:
                   f"{r['fsdp_buffers_bytes'] / 1e9:.2f} GB, unsharded grads {r['unsharded_grads_bytes'] / 1e9:.2f} GB, "
                   f"activations {r['activations_bytes'] / 1e9:.2f} GB, "
                   f"total {r['total_bytes'] / 1e9:.2f} GB")
+            if out["stage"] == "grpo":
+                print(f"  reference {r['reference_bytes'] / 1e9:.3f} GB; rollout engine {r['rollout_engine_bytes'] / 1e9:.1f}"
+                      f" GB: weights {r['rollout_weights_bytes'] / 1e9:.1f} GB, KV cache {r['kv_cache_bytes'] / 1e9:.1f} GB"
+                      f" ({r['kv_cache_tokens']} tokens, {r['kv_tokens_needed']} needed); phases: update "
+                      f"{r['update_bytes'] / 1e9:.1f} GB, rollout {r['rollout_bytes'] / 1e9:.1f} GB")
         print(f"planner: {out['planner_total_bytes'] / 1e9:.2f} GB per rank; device {out['device_bytes'] / 1e9:.0f} GB, "
               f"usable {out['usable_bytes'] / 1e9:.1f} GB: fits")
     return 0
@@ -213,5 +218,5 @@ def register(sub) -> None:
                         "group on the meta device and report bytes per rank (r1zero.train.dryrun)")
     p.add_argument("--ranks", help="with --dry-run: comma-separated ranks (default: first rank of each pipeline stage)")
     p.add_argument("--stage", default="pretrain", choices=["pretrain", "grpo"],
-                   help="with --dry-run: the training stage to size (grpo: issue 16)")
+                   help="with --dry-run: the training stage to size (grpo: policy, reference and rollout engine)")
     p.set_defaults(func=_plan)

@@ -69,7 +69,8 @@ def layout_problems(cfg, world_size: int) -> list[str]:
     from r1zero.train.parallel_dims import ParallelDims
 
     p, pre = cfg.parallel, cfg.pretrain
-    dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, world_size=world_size)
+    dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, world_size=world_size, v=p.virtual_stages(),
+                        schedule=p.pp_schedule)
     out = dims.problems(cfg.model, grad_accum=pre.grad_accum)
     per_step = pre.micro_batch * pre.grad_accum * p.dp
     if cfg.cluster.gpu != "cpu" and per_step != cfg.cluster.global_batch:
@@ -198,6 +199,8 @@ def activation_bytes(cfg, layers: int, stage_index: int, holds_logits: bool) -> 
     in_flight = min(p.pp - stage_index, pre.grad_accum) if p.pp > 1 else 1
     if p.pp > 1 and p.pp_schedule == "gpipe":
         in_flight = pre.grad_accum
+    if p.pp > 1 and p.pp_schedule == "interleaved_1f1b":
+        in_flight = interleaved_in_flight(stage_index, p.pp, p.virtual_stages(), pre.grad_accum)
     # routed experts run on the tp-gathered sequence (r1zero.train.parallelize): not split over tp
     act = activation_bytes_per_layer(spec, pre.micro_batch, p.tp, recompute, sp, False) * layers * in_flight
     if recompute == "full" and layers:  # the layer being recomputed holds its full activations once
@@ -206,6 +209,19 @@ def activation_bytes(cfg, layers: int, stage_index: int, holds_logits: bool) -> 
         low = 4 if cfg.pretrain.precision == "fp32" else 2
         act += pre.seq_len * pre.micro_batch * cfg.model.vocab_size / p.tp * (low + 8)
     return int(act)
+
+
+def interleaved_in_flight(rank: int, pp: int, v: int, m: int) -> float:
+    """Micro-batches' worth of this rank's layers whose activations interleaved 1F1B keeps at its
+    peak: torch's ``ScheduleInterleaved1F1B`` warms up ``(v - 1) * m_round + 2 * (pp - 1 - rank)``
+    chunk forwards (``_get_warmup_ops``, capped at ``m * v``) before its first backward, each
+    chunk being ``1 / v`` of the rank's layers: e.g. pp 2, v 2, m 8 on rank 0 keeps 5 chunks =
+    2.5 micro-batches, Korthikanti et al. 2022's ``pp * (1 + (pp - 1) / (pp * v))``."""
+    from torch.distributed.pipelining.schedules import _get_warmup_ops  # the schedule's own count
+
+    rounds = max(1, m // pp)  # as ScheduleInterleaved1F1B.__init__
+    # the warmup forwards plus the steady state's one, at most every chunk of every micro-batch
+    return min(_get_warmup_ops(rank, v, m // rounds, pp, m) + 1, m * v) / v
 
 
 def _optimizer(pm, cfg):
@@ -242,7 +258,8 @@ def measure_rank(cfg, rank: int, world_size: int, stage: str = "pretrain") -> di
             # the same shapes: size it as bf16 (fp8 conversion needs a Hopper GPU to run at all)
             cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"precision": "bf16"})})
         pm = P.parallelize(P.build_meta_model(cfg), mesh, cfg)
-        modules = [pm.model]
+        # interleaved stages: the chunks are the FSDP roots (the container holds the same parameters)
+        modules = getattr(pm.model, "chunks", None) or [pm.model]
         optimizer = _optimizer(pm, cfg)
         for m in modules:
             for prm in m.parameters():

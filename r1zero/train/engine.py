@@ -14,7 +14,8 @@ all-to-all backward sums them over ep, FSDP2 divides by dp), and clipping by
 ``max_norm / (norm + 1e-6)`` with the global norm over every distinct parameter (DTensor norms
 reduced over their meshes, experts summed over ep, stages over pp, a tied embedding counted
 once). Pipeline layouts run ``Schedule1F1B`` (``parallel.pp_schedule``: ``gpipe`` as an option)
-over the grad_accum micro-batches.
+over the grad_accum micro-batches; ``interleaved_1f1b`` runs ``ScheduleInterleaved1F1B`` over
+``parallel.pp_virtual_stages`` stages per rank.
 
 fp16 scales the loss with ``torch.amp.GradScaler`` (skips steps with inf/nan gradients).
 """

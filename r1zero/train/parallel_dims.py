@@ -28,17 +28,21 @@ class ParallelDims:
     pp: int
     ep: int
     world_size: int
+    v: int = 1  # pipeline stages per rank (interleaved 1F1B); the model splits into pp * v chunks
+    schedule: str = "1f1b"  # parallel.pp_schedule
 
     @classmethod
     def from_config(cls, parallel, model=None, world_size: int = 1, grad_accum: int | None = None) -> ParallelDims:
         """Build and validate from ``cfg.parallel`` (+ ``cfg.model`` for divisibility checks)."""
-        dims = cls(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, world_size=world_size)
+        dims = cls(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, world_size=world_size,
+                   v=parallel.virtual_stages(), schedule=parallel.pp_schedule)
         dims.validate(model, grad_accum=grad_accum)
         return dims
 
     # ------------------------------------------------------------------------------------------
     def describe(self) -> str:
-        return f"dp={self.dp} x tp={self.tp} x pp={self.pp} = {self.dp * self.tp * self.pp} (ep={self.ep} within dp)"
+        out = f"dp={self.dp} x tp={self.tp} x pp={self.pp} = {self.dp * self.tp * self.pp} (ep={self.ep} within dp)"
+        return out + (f", {self.v} pipeline stages per rank (interleaved 1F1B)" if self.v > 1 else "")
 
     def problems(self, model=None, grad_accum: int | None = None) -> list[str]:
         """Every violated constraint, each naming the factors involved."""
@@ -56,14 +60,26 @@ class ParallelDims:
                 out.append(f"model.n_kv_heads({kv}) not divisible by tp({self.tp})")
             if model.moe.d_expert % self.tp:
                 out.append(f"model.moe.d_expert({model.moe.d_expert}) not divisible by tp({self.tp})")
-            if model.n_layers % self.pp:
-                out.append(f"model.n_layers({model.n_layers}) not divisible by pp({self.pp})")
+            if model.n_layers % (self.pp * self.v):
+                stages = f"pp({self.pp}) * pp_virtual_stages({self.v})" if self.v > 1 else f"pp({self.pp})"
+                out.append(f"model.n_layers({model.n_layers}) not divisible by {stages}")
             if model.moe.n_experts % self.ep:
                 out.append(f"model.moe.n_experts({model.moe.n_experts}) not divisible by ep({self.ep})")
         if grad_accum is not None and self.pp > 1 and grad_accum < self.pp:
             # GPipe keeps every stage busy only with >= pp micro-batches; fewer is legal but wasteful,
             # and with grad_accum micro-batches per step the schedule needs at least one per stage.
             out.append(f"pretrain.grad_accum({grad_accum}) must be >= pp({self.pp}) (micro-batches per pipeline step)")
+        if self.v > 1 and self.schedule != "interleaved_1f1b":
+            out.append(f"parallel.pp_virtual_stages({self.v}) > 1 needs parallel.pp_schedule: interleaved_1f1b"
+                       f" (not {self.schedule})")
+        if self.schedule == "interleaved_1f1b":
+            if self.pp < 2:
+                out.append(f"parallel.pp_schedule interleaved_1f1b needs pp >= 2 (pp is {self.pp})")
+            elif grad_accum is not None and grad_accum >= self.pp and grad_accum % (grad_accum // self.pp):
+                # torch's ScheduleInterleaved1F1B runs the micro-batches in rounds of ~pp
+                rounds = grad_accum // self.pp
+                out.append(f"pretrain.grad_accum({grad_accum}) must be a multiple of its {rounds} rounds of"
+                           f" pp({self.pp}) micro-batches (interleaved 1F1B)")
         return out
 
     def validate(self, model=None, grad_accum: int | None = None) -> None:

@@ -124,17 +124,50 @@ class ParallelModel:
 # pipeline split
 
 
-class StageModule(nn.Module):
-    """One pipeline stage of ``R1ZeroForCausalLM`` with the same FQNs: ``model.embed_tokens``
-    (first stage), ``model.layers.<global index>`` (this stage's layers), ``model.norm`` and
-    ``lm_head`` (last stage). The stage's forward carries the MoE aux/z terms down the pipe as a
-    ``[B]`` tensor beside the hidden states, so the last stage's loss is LM + every stage's aux."""
+def _run_stage(owner, layers, first: bool, last: bool, x, aux_B):
+    """Forward of one pipeline stage (``owner`` holds ``model`` / ``lm_head`` / coefficients)."""
+    from r1zero.model.layers import attention_mask_4d
 
-    def __init__(self, full, pp_rank: int, pp_size: int):
+    body = owner.model
+    h_BSD = body.embed_tokens(x) if first else x
+    B, S = x.shape[0], x.shape[1] * (1 if first else owner.sp_degree)
+    if aux_B is None:
+        aux_B = torch.zeros(B, device=h_BSD.device, dtype=torch.float32)
+    pos_BS = torch.arange(S, device=h_BSD.device)[None].expand(B, S)
+    cos_sin = body.rotary(pos_BS, h_BSD.dtype)
+    mask = attention_mask_4d(None, S, 0, B, h_BSD.device)
+    for layer in layers:
+        h_BSD = layer(h_BSD, cos_sin, mask, None)
+    owner.compute_dtype = h_BSD.dtype
+    moes = [layer.mlp for layer in layers if hasattr(layer.mlp, "aux_loss")]
+    if moes:
+        aux = owner.aux_coef * torch.stack([m.aux_loss for m in moes]).sum()
+        aux = aux + owner.z_coef * torch.stack([m.z_loss for m in moes]).sum()
+        aux_B = aux_B + aux.float()  # every row carries the micro-batch's aux term
+    if last:
+        return owner.lm_head(body.norm(h_BSD)), aux_B
+    return h_BSD, aux_B
+
+
+class StageModule(nn.Module):
+    """This rank's pipeline stage(s) of ``R1ZeroForCausalLM`` with the same FQNs: ``model.embed_tokens``
+    (first stage), ``model.layers.<global index>`` (this rank's layers), ``model.norm`` and
+    ``lm_head`` (last stage). The stage's forward carries the MoE aux/z terms down the pipe as a
+    ``[B]`` tensor beside the hidden states, so the last stage's loss is LM + every stage's aux.
+
+    ``virtual > 1`` (interleaved 1F1B): the model splits into ``pp * virtual`` stages of equal
+    layers; rank ``r`` holds stages ``r, r + pp, ...`` (torch's interleaved placement, so stage 0
+    is on rank 0 and the last stage on rank ``pp - 1``) and runs each as a :class:`StageChunk`
+    (``self.chunks``) sharing this module's parameters; this module itself is then only the
+    container that names them (optimizer, checkpoints, export)."""
+
+    def __init__(self, full, pp_rank: int, pp_size: int, virtual: int = 1):
         super().__init__()
         cfg = full.config
-        per = cfg.num_hidden_layers // pp_size
-        ids = range(pp_rank * per, (pp_rank + 1) * per)
+        n_stages = pp_size * virtual
+        per = cfg.num_hidden_layers // n_stages
+        self.stage_ids = [pp_rank + i * pp_size for i in range(virtual)]
+        ids = [i for s in self.stage_ids for i in range(s * per, (s + 1) * per)]
         self.first, self.last = pp_rank == 0, pp_rank == pp_size - 1
         body = full.model
         body.layers = nn.ModuleDict({str(i): body.layers[i] for i in ids})
@@ -148,36 +181,38 @@ class StageModule(nn.Module):
         self.compute_dtype: torch.dtype | None = None  # of the last forward's hidden states
         self.sp_degree = 1  # tensor/sequence parallel degree: hidden states between stages are sequence shards
         self.aux_coef, self.z_coef = cfg.aux_loss_coef, cfg.z_loss_coef
-
-    def _aux(self) -> torch.Tensor | None:
-        moes = [layer.mlp for layer in self.model.layers.values() if hasattr(layer.mlp, "aux_loss")]
-        if not moes:
-            return None
-        aux = self.aux_coef * torch.stack([m.aux_loss for m in moes]).sum()
-        return aux + self.z_coef * torch.stack([m.z_loss for m in moes]).sum()
+        # a plain list: the chunks are views of this module's children, not children themselves
+        self.chunks: list[StageChunk] = [] if virtual == 1 else [
+            StageChunk(self, s, [body.layers[str(i)] for i in range(s * per, (s + 1) * per)], n_stages)
+            for s in self.stage_ids]
 
     def forward(self, x, aux_B=None):
-        from r1zero.model.layers import attention_mask_4d
-
-        h_BSD = self.model.embed_tokens(x) if self.first else x
-        B, S = x.shape[0], x.shape[1] * (1 if self.first else self.sp_degree)
-        if aux_B is None:
-            aux_B = torch.zeros(B, device=h_BSD.device, dtype=torch.float32)
-        pos_BS = torch.arange(S, device=h_BSD.device)[None].expand(B, S)
-        cos_sin = self.model.rotary(pos_BS, h_BSD.dtype)
-        mask = attention_mask_4d(None, S, 0, B, h_BSD.device)
-        for layer in self.model.layers.values():
-            h_BSD = layer(h_BSD, cos_sin, mask, None)
-        self.compute_dtype = h_BSD.dtype
-        aux = self._aux()
-        if aux is not None:
-            aux_B = aux_B + aux.float()  # every row carries the micro-batch's aux term
-        if self.last:
-            return self.lm_head(self.model.norm(h_BSD)), aux_B
-        return h_BSD, aux_B
+        if self.chunks:
+            raise RuntimeError("an interleaved StageModule runs through its chunks (StageModule.chunks)")
+        return _run_stage(self, self.decoder_layers(), self.first, self.last, x, aux_B)
 
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.layers.values())
+
+
+class StageChunk(nn.Module):
+    """One virtual pipeline stage (interleaved 1F1B) of a :class:`StageModule`: its layers, and the
+    embedding / final norm + LM head when it is the first / last stage of the whole pipeline.
+    Its own ``PipelineStage`` runs it; FSDP2 shards it as its own root."""
+
+    def __init__(self, parent: StageModule, stage_id: int, layers: list[nn.Module], n_stages: int):
+        super().__init__()
+        object.__setattr__(self, "_parent", parent)  # not a child: the parent names the parameters
+        self.stage_id = stage_id
+        self.is_first, self.is_last = stage_id == 0, stage_id == n_stages - 1
+        self.layers = nn.ModuleList(layers)
+        self.embed_tokens = parent.model.embed_tokens if self.is_first else None
+        self.norm = parent.model.norm if self.is_last else None
+        self.lm_head = parent.lm_head if self.is_last else None
+        self.rotary = parent.model.rotary
+
+    def forward(self, x, aux_B=None):
+        return _run_stage(self._parent, list(self.layers), self.is_first, self.is_last, x, aux_B)
 
 
 def decoder_layers(model) -> list[nn.Module]:
@@ -338,7 +373,10 @@ def apply_fsdp(model, mesh: DeviceMesh, dims: ParallelDims, precision: str, zero
                     # (torch 2.13) divides the copied gradient and then post-divides it again
                     moe.experts.set_force_sum_reduction_for_comms(True)
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    # interleaved stages: each chunk is its own FSDP root (embedding / norm / LM head with it), so
+    # each PipelineStage drives the gradient sync of its own layers
+    for root in getattr(model, "chunks", None) or [model]:
+        fully_shard(root, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +392,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg) -> ParallelModel:
     coords = {name: mesh[name].get_local_rank() for name in MESH_DIMS}
     hf_cfg = model.config
     if dims.pp > 1:
-        model = StageModule(model, coords["pp"], dims.pp)
+        model = StageModule(model, coords["pp"], dims.pp, dims.v)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
     if dims.ep > 1:
@@ -434,7 +472,10 @@ def materialize(pm: ParallelModel, device: torch.device, seed: int) -> None:
     """Allocate this rank's shards on ``device`` and initialise them (no-op on meta)."""
     if device.type == "meta":
         return
-    pm.model.to_empty(device=device)
+    # interleaved stages: through the chunks (FSDP roots), which together hold every parameter
+    # and buffer of the container, so FSDP2 re-registers its sharded parameters
+    for root in getattr(pm.model, "chunks", None) or [pm.model]:
+        root.to_empty(device=device)
     m = pm.model
     if pm.config.tie_word_embeddings and m.model.embed_tokens is not None and getattr(m, "lm_head", None) is not None:
         # to_empty from meta makes a new Parameter per module, which unties a tied LM head
@@ -443,9 +484,15 @@ def materialize(pm: ParallelModel, device: torch.device, seed: int) -> None:
 
 
 def build_stage(pm: ParallelModel, device: torch.device):
-    """The ``PipelineStage`` of this rank (pp > 1), on the pp mesh dimension's group."""
+    """The ``PipelineStage`` of this rank (pp > 1), on the pp mesh dimension's group; a list of
+    them, one per chunk, for interleaved 1F1B."""
     from torch.distributed.pipelining import PipelineStage
 
-    pp = pm.mesh["pp"]
-    pm.stage = PipelineStage(pm.model, pm.pp_rank, pm.dims.pp, device, group=pp.get_group())
+    group = pm.mesh["pp"].get_group()
+    chunks = getattr(pm.model, "chunks", None)
+    if chunks:
+        n = pm.dims.pp * pm.dims.v
+        pm.stage = [PipelineStage(c, c.stage_id, n, device, group=group) for c in chunks]
+    else:
+        pm.stage = PipelineStage(pm.model, pm.pp_rank, pm.dims.pp, device, group=group)
     return pm.stage

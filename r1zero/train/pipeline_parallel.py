@@ -1,5 +1,5 @@
 """Pipeline parallelism with ``torch.distributed.pipelining``: 1F1B (default) or GPipe over one
-stage per rank.
+stage per rank, or interleaved 1F1B over ``v`` stages per rank.
 
     stage = build_stage(pm, device)                   # r1zero.train.parallelize (StageModule inside)
     pipe = Pipeline(stage, pp_rank, pp_size, n_microbatches=grad_accum, schedule="1f1b")
@@ -15,6 +15,12 @@ most ``pp - rank`` micro-batches' activations alive on a stage where GPipe keeps
 The schedule scales the summed gradients by ``1 / n_microbatches`` (``scale_grads``), and with
 FSDP2 it reduce-scatters once, after the last backward.
 
+Interleaved 1F1B (``parallel.pp_schedule: interleaved_1f1b``, ``ScheduleInterleaved1F1B``):
+``stage`` is the list of this rank's ``PipelineStage`` (one per :class:`StageChunk`, stages
+``r, r + pp, ...`` of ``pp * v``); the bubble shrinks to ``(pp - 1) / v`` micro-batch times
+(Narayanan et al. 2021 sec. 2.2.2) for ``v`` times the point-to-point messages. Stage 0 is on
+rank 0 and the last stage on rank ``pp - 1``, so inputs and targets go where they do for 1F1B.
+
 Legend: B micro-batch rows, S sequence, V vocab, M = grad_accum * B.
 """
 
@@ -23,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 
 
 class Pipeline:
@@ -31,12 +37,15 @@ class Pipeline:
 
     def __init__(self, stage, pp_rank: int, pp_size: int, n_microbatches: int, schedule: str = "1f1b",
                  scale=None):
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         self.stage, self.rank, self.size, self.n = stage, pp_rank, pp_size, n_microbatches
         self._scale = scale or (lambda t: t)
         self._lm: list[torch.Tensor] = []
-        cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule]
+        if isinstance(stage, list) != (schedule == "interleaved_1f1b"):
+            want = "a list of stages" if schedule == "interleaved_1f1b" else "one stage"
+            raise ValueError(f"pipeline schedule {schedule} runs {want} per rank")
+        cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}[schedule]
         self.schedule = cls(stage, n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=True)
 
     def _loss(self, output, target_BS):

@@ -18,7 +18,7 @@ import pytest
 from r1zero.cli import main
 from r1zero.config import load_config
 from r1zero.sizing_cli import planner_layout_bytes
-from r1zero.train.dryrun import check_layout, default_ranks, layout_problems
+from r1zero.train.dryrun import check_layout, default_ranks, interleaved_in_flight, layout_problems
 
 REPO = Path(__file__).resolve().parents[2]
 A100 = str(REPO / "configs" / "a100-13b.yaml")
@@ -106,6 +106,52 @@ def test_a100_13b_fits_with_headroom_and_agrees_with_the_planner():
 
 
 @pytest.mark.slow
+def test_a100_13b_interleaved_1f1b_fits_and_agrees_with_the_planner():
+    proc = _cli("--config", A100, "--set", "parallel.pp_schedule=interleaved_1f1b", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["world_size"] == 1024 and out["fits"] is True
+    # 32 layers in pp 2 x 2 virtual stages of 8: each rank holds two chunks, 16 layers
+    assert [r["layers"] for r in out["ranks"]] == [16, 16]
+    largest = max(out["ranks"], key=lambda r: r["total_bytes"])
+    assert largest["total_bytes"] <= 0.9 * out["device_bytes"]
+    states = max(r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in out["ranks"])
+    assert out["planner_states_bytes"] == pytest.approx(states, rel=0.10)
+
+
+def test_interleaved_in_flight_follows_the_schedule():
+    # pp 2, v 2, 8 micro-batches: rank 0 warms up (2-1)*2 + 2*1 = 4 chunk forwards, holds 5 chunks
+    # of half its layers = 2.5 micro-batches (Korthikanti et al. 2022: 2 * (1 + 1/4)); rank 1 holds 1.5
+    assert interleaved_in_flight(0, 2, 2, 8) == 2.5
+    assert interleaved_in_flight(1, 2, 2, 8) == 1.5
+    # pp 4, v 2, 4 micro-batches: the warmup (4 + 6) reaches every chunk of every micro-batch
+    assert interleaved_in_flight(0, 4, 2, 4) == 4.0
+
+
+@pytest.mark.parametrize("sets, phrase", [
+    (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=3"],
+     "n_layers(32) not divisible by pp(2) * pp_virtual_stages(3)"),
+    (["parallel.pp_virtual_stages=2"], "pp_virtual_stages(2) > 1 needs parallel.pp_schedule: interleaved_1f1b"),
+    (["parallel.pp_schedule=interleaved_1f1b", "pretrain.grad_accum=1", "cluster.global_batch=128"],
+     "grad_accum(1) must be >= pp(2)"),
+    (["parallel.pp_schedule=interleaved_1f1b", "pretrain.grad_accum=5", "cluster.global_batch=640"],
+     "grad_accum(5) must be a multiple of its 2 rounds"),
+    (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp=1", "parallel.dp=256", "cluster.global_batch=2048"],
+     "interleaved_1f1b needs pp >= 2"),
+])
+def test_bad_interleaved_layouts_exit_2_in_one_line(capsys, sets, phrase):
+    argv = ["plan", "--config", A100]
+    for kv in sets:
+        argv += ["--set", kv]
+    rc = main([*argv, "--dry-run", "--json"])
+    assert rc == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert err.count("\n") == 0 and phrase in err, err
+    assert cap.out == ""
+
+
+@pytest.mark.slow
 def test_a_layout_that_does_not_fit_is_refused_in_one_line():
     # the 13B model on 4 GPUs of one node (dp 4, ZeRO-1-style: parameters stay gathered): ~80 GB
     proc = _cli("--config", A100, "--set", "cluster.nodes=1", "--set", "cluster.gpus_per_node=4",
@@ -147,5 +193,87 @@ def test_ranks_outside_the_world_and_unknown_stage_are_user_errors(capsys):
     assert "outside the world of 1024" in capsys.readouterr().err
     assert main(["plan", "--config", A100, "--dry-run", "--ranks", "zero"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
-    assert main(["plan", "--config", A100, "--dry-run", "--stage", "grpo"]) == 2
-    assert "issue 16" in capsys.readouterr().err
+    assert main(["plan", "--config", A100, "--dry-run", "--stage", "grpo", "--ranks", "1024"]) == 2
+    assert "outside the world of 1024" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# --stage grpo: the sharded update (r1zero.grpo.sharded)
+
+
+def _grpo_hand_count(world: int, ep: int) -> tuple[int, int]:
+    """(elements rank 0 holds, elements of the whole model) for SMALL under the GRPO layout:
+    dp = world, tp = pp = 1; the rank keeps E/ep experts per layer; FSDP2 shards each parameter's
+    dim 0 (torch.chunk: rank 0 gets ceil(d0/n) rows) over every rank, experts over edp = world/ep."""
+    h, kv, V, E, F, L = 64, 32, 256, 4, 32, 4
+
+    def rank0(shape, n):
+        rows = min(-(-shape[0] // n), shape[0])
+        rest = 1
+        for d in shape[1:]:
+            rest *= d
+        return rows * rest
+
+    dense = [(h, h), (kv, h), (kv, h), (h, h), (h,), (h,), (E, h)]  # q k v o, two norms, router gate
+    expert = [(2 * F, h), (h, F)]  # w_gate_up.<e>, w_down.<e>
+    ends = [(V, h), (h,), (V, h)]  # embedding, final norm, untied LM head
+    mine = L * (sum(rank0(s, world) for s in dense) + (E // ep) * sum(rank0(s, world // ep) for s in expert))
+    mine += sum(rank0(s, world) for s in ends)
+    numel = lambda s: s[0] * (s[1] if len(s) > 1 else 1)  # noqa: E731
+    whole = L * (sum(map(numel, dense)) + E * sum(map(numel, expert))) + sum(map(numel, ends))
+    return mine, whole
+
+
+def test_grpo_small_model_bytes_equal_a_hand_count(tmp_path):
+    tree = {**SMALL, "grpo": {"beta": 0.01, "prompts_per_step": 16, "group_size": 4, "micro_batch": 2,
+                              "max_new_tokens": 32}}
+    proc = _cli("--config", _write(tmp_path, tree), "--stage", "grpo", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["stage"] == "grpo" and out["world_size"] == 16 and [r["rank"] for r in out["ranks"]] == [0]
+    r = out["ranks"][0]
+    n, whole = _grpo_hand_count(16, 2)
+    # fp32 master weights and gradients, AdamW's two moments; bf16 reference shards, no grads/optimizer
+    assert (r["params_bytes"], r["grads_bytes"], r["optimizer_bytes"]) == (4 * n, 4 * n, 8 * n)
+    assert 2 * n <= r["reference_bytes"] <= 2 * n + r["buffers_bytes"]
+    assert r["unsharded_grads_bytes"] == 0 and r["layers"] == 4
+    assert (r["micro_batch"], r["micro_batches"]) == (2, 2)  # 1 prompt x 4 completions per rank
+    # the rollout engine: whole model in bf16, u x 80 GB, K and V of 4 layers x 2 kv-heads x 16
+    assert r["rollout_weights_bytes"] == 2 * whole
+    assert r["rollout_engine_bytes"] == int(0.5 * 80e9)
+    assert r["kv_bytes_per_token"] == 2 * 4 * 2 * 16 * 2
+    assert r["kv_cache_bytes"] == r["rollout_engine_bytes"] - r["rollout_weights_bytes"]
+    resident = r["params_bytes"] + r["optimizer_bytes"] + r["buffers_bytes"] + r["reference_bytes"]
+    assert r["rollout_bytes"] == resident + r["rollout_engine_bytes"]
+    assert r["update_bytes"] == resident + r["grads_bytes"] + r["fsdp_buffers_bytes"] + r["activations_bytes"]
+    assert r["total_bytes"] == max(r["update_bytes"], r["rollout_bytes"], r["reference_phase_bytes"])
+    assert out["reference_gb"] == round(r["reference_bytes"] / 1e9, 3)
+
+
+def test_a100_13b_grpo_stage_fits_in_80_gb():
+    proc = _cli("--config", A100, "--stage", "grpo", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["world_size"] == 1024 and out["fits"] is True and out["device_bytes"] == 80e9
+    r = out["ranks"][0]
+    assert r["total_bytes"] < 80e9 and r["total_bytes"] <= out["usable_bytes"], r
+    # sharded over 1,024 ranks: the policy's states and the reference are small beside the engine
+    assert r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] < 1e9
+    assert out["reference_gb"] < 0.1 and r["reference_bytes"] > 0
+    # the KV cache left by vLLM's share holds every local completion (16 at 4,096 positions)
+    assert out["kv_cache_tokens"] >= out["kv_tokens_needed"] == 16 * 4096
+    assert r["micro_batch"] == 4 and r["micro_batches"] == 4
+
+
+@pytest.mark.parametrize("override, phrase", [
+    ("grpo.max_new_tokens=4096", "grpo.max_new_tokens(4096) leaves 0 of model.max_seq_len(4096)"),
+    ("grpo.prompts_per_step=1000", "grpo.prompts_per_step (1000) must be divisible by the GRPO world size"),
+    ("parallel.ep=16", "n_experts(8) not divisible by ep(16)"),
+    ("grpo.rollout.gpu_memory_utilization=0.2", "leaves no KV cache"),
+])
+def test_grpo_bad_input_exits_2_with_one_line(override, phrase):
+    proc = _cli("--config", A100, "--stage", "grpo", "--set", override, "--dry-run", "--json")
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.count("\n") == 0 and phrase in err and "Traceback" not in err, err
+    assert proc.stdout.strip() == ""

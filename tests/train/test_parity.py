@@ -1,5 +1,6 @@
-"""Layout parity on CPU/gloo against world 1, 20 steps: dp2 (FSDP2), tp2 (+SP), pp2 (1F1B), ep2, and
-the 4-process dp4 x ep2 and tp2 x pp2; each also in bf16; and resume across layouts.
+"""Layout parity on CPU/gloo against world 1, 20 steps: dp2 (FSDP2), tp2 (+SP), pp2 (1F1B), pp2 with
+interleaved 1F1B (2 stages per rank, on a 4-layer model), ep2, and the 4-process dp4 x ep2 and
+tp2 x pp2; each also in bf16; and resume across layouts.
 
 The global batch is the same in every layout (dp splits it, grad_accum makes up the rest; pipeline
 micro-batches are the grad_accum micro-batches), so fp32 layouts must reproduce the world=1 losses
@@ -39,6 +40,8 @@ WORLD2 = {
     "dp2": "parallel.dp=2,pretrain.grad_accum=1,pretrain.checkpoint_every=10",
     "tp2": "parallel.tp=2,pretrain.grad_accum=2",
     "pp2": "parallel.pp=2,pretrain.grad_accum=2",
+    # 4 layers: pp2 x 2 virtual stages of one layer each (rank 0: layers 0 and 2, rank 1: 1 and 3)
+    "pp2i": "model.n_layers=4,parallel.pp=2,parallel.pp_schedule=interleaved_1f1b,pretrain.grad_accum=2",
     "ep2": "parallel.dp=2,parallel.ep=2,pretrain.grad_accum=1",
 }
 WORLD4 = {
@@ -69,12 +72,13 @@ def setup(data_dir, make_config, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for ga in (2, 4):
-            out = root / f"ref-ga{ga}"
-            summary = run_pretrain(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(
-                update={"grad_accum": ga})}), str(data_dir), str(out))
+        for ga, layers in ((2, 2), (4, 2), (2, 4)):
+            out = root / f"ref-ga{ga}-L{layers}"
+            summary = run_pretrain(cfg.model_copy(update={
+                "pretrain": cfg.pretrain.model_copy(update={"grad_accum": ga}),
+                "model": cfg.model.model_copy(update={"n_layers": layers})}), str(data_dir), str(out))
             assert summary["compute_dtype"] == "float32"
-            refs[ga] = _losses(out)
+            refs[ga, layers] = _losses(out)
     finally:
         torch.set_num_threads(threads)
     return root, config, refs
@@ -94,7 +98,8 @@ def _check_layouts(out: Path, layouts: dict, refs: dict, world: int) -> dict:
     for name, spec in layouts.items():
         ga = int(spec.split("pretrain.grad_accum=")[1].split(",")[0])
         dp = int(spec.split("parallel.dp=")[1].split(",")[0]) if "parallel.dp=" in spec else 1
-        ref = refs[ga * dp]
+        layers = int(spec.split("model.n_layers=")[1].split(",")[0]) if "model.n_layers=" in spec else 2
+        ref = refs[ga * dp, layers]
         fp32 = json.loads((out / name / "summary.json").read_text())
         bf16 = json.loads((out / f"{name}-bf16" / "summary.json").read_text())
         assert fp32["world_size"] == bf16["world_size"] == world and fp32["engine"] == "fsdp2"
@@ -115,6 +120,7 @@ def test_world2_layouts_match_world1_and_resume_across_layouts(setup, data_dir):
     specs = {**WORLD2, **{f"{k}-bf16": v + BF16 for k, v in WORLD2.items()}}
     _launch(2, config, data_dir, out, specs, timeout=600)
     _check_layouts(out, WORLD2, refs, world=2)
+    assert "2 pipeline stages per rank (interleaved 1F1B)" in json.loads((out / "pp2i" / "summary.json").read_text())["layout"]
 
     # resharding resume: the dp2 (FSDP2) checkpoint of step 10, loaded by tp2, pp2 and ep2
     saved = out / "dp2" / "checkpoints" / "step-00000010"
