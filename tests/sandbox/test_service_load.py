@@ -4,6 +4,9 @@
   (benchmarks/bench_sandbox.py measures the throughput against the in-process sandbox).
 - A service killed and restarted between GRPO reward batches: the batches that hit the outage
   are retried and scored right; nothing raises; the circuit stays closed.
+- The same in a whole ``r1zero grpo`` run on code items (``sandbox.url`` set): SIGKILLed after its
+  first reward batch and restarted on the same port once a batch has hit the outage, the run exits
+  0, no program result is ``unavailable``, the connect-error counter moved, the circuit is closed.
 
     .venv/bin/python -m pytest tests/sandbox/test_service_load.py -q
 """
@@ -18,15 +21,22 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from r1zero.config import RewardConfig, SandboxConfig
 from r1zero.data import gen_code
 from r1zero.grpo.rewards import RewardScorer
 from r1zero.sandbox import client as client_mod
+from r1zero.sandbox.client import UNAVAILABLE
 from r1zero.sandbox.service import ServiceProcess
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_sandbox  # noqa: E402
+
+if str(REPO) not in sys.path:  # the GRPO fixtures' helpers (a conftest cannot be imported by path)
+    sys.path.insert(0, str(REPO))
+from tests.grpo.conftest import tiny_cfg, warm_start, write_split  # noqa: E402
 
 
 @pytest.mark.slow  # 1,000 sandbox runs on 2 workers (~60 s on the shared 2-core machine)
@@ -122,3 +132,126 @@ def test_sigterm_lets_the_running_program_finish_and_exits_0():
         assert out["r"].status == "ok" and out["r"].stdout == "done\n"
     finally:
         svc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole GRPO run across a service restart
+
+
+def _sample(name: str, labels: dict | None = None) -> float:
+    return client_mod.REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def _results_by_status() -> dict[str, float]:
+    return {s.labels["status"]: s.value for m in client_mod.REGISTRY.collect() for s in m.samples
+            if s.name == "r1zero_sandbox_client_results_total"}
+
+
+@pytest.fixture(scope="module")
+def code_grpo_env(tmp_path_factory):
+    """(data_dir, policy_dir): ``find_input`` code items only, whose answers are integers, so every
+    formatted answer is a literal that runs ``f(x)`` in the sandbox; a tiny Llama warm-started on
+    them (it writes the answer tags and an integer in most completions)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from r1zero.data.schema import make_row
+    from r1zero.data.tokenizer import train_tokenizer, wrap
+    from r1zero.template import render_completion, render_prompt
+
+    rng = random.Random(7)
+    rows: list[dict] = []
+    while len(rows) < 72:
+        it = gen_code.generate(rng, 1)
+        if it["meta"]["kind"] == "find_input":
+            rows.append(make_row(f"c-{len(rows)}", "code", it["prompt"], it["answer"], it["solution"], 1, "test",
+                                 it["meta"]))
+    root = tmp_path_factory.mktemp("code_grpo_env")
+    data, policy = root / "data", root / "policy"
+    write_split(data, "train", rows[:56])
+    write_split(data, "eval", rows[56:])
+    corpus = [render_prompt(r["prompt"]) + " " + render_completion(r["solution"], r["answer"]) for r in rows]
+    tok = wrap(train_tokenizer(corpus * 3, 400, data / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=True))
+    warm_start(model, tok, rows[:56], 60)
+    model.save_pretrained(str(policy))
+    tok.save_pretrained(str(policy))
+    return data, policy
+
+
+# not slow: warm start 4-12 s + a 4-step GRPO run with a restart 4-6 s on the shared 2-core machine
+def test_service_killed_mid_grpo_run_costs_retries_not_rewards(code_grpo_env, tmp_path, capsys):
+    """``r1zero grpo`` with ``sandbox.url`` on a real service, SIGKILLed after the run's first reward
+    batch and restarted on the same port once a batch has found nobody listening.
+
+    Contract: a batch that hits the outage is retried inside its step (the step waits up to
+    ``backoff_s * (2**retries - 1) * 1.5`` s), so as long as the service is back within that,
+    every code reward of every step is a real verdict: no ``unavailable`` result, hence no
+    ``sandbox_error`` verdict. Only a longer outage turns that batch's programs into
+    ``sandbox_error`` (reward 0, never cached).
+    """
+    from r1zero.cli import main
+
+    data, policy = code_grpo_env
+    svc = ServiceProcess(port=0).start()
+    client_mod.client_for.cache_clear()  # a fresh circuit: no state from earlier tests
+    cfg = tiny_cfg("grpo.steps=4", "sandbox.url=" + svc.url, "sandbox.retries=5", "sandbox.backoff_s=0.5",
+                   "sandbox.breaker_failures=3", "sandbox.breaker_reset_s=30")
+    connect0, circuit0 = (_sample("r1zero_sandbox_client_errors_total", {"kind": k}) for k in ("connect", "circuit_open"))
+    before = _results_by_status()
+    events: dict[str, float] = {}
+    restarted: list[ServiceProcess] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def outage():  # kill after the first answered batch; restart once a batch has hit the outage
+        try:
+            deadline = time.monotonic() + 300
+            while sum(_results_by_status().values()) <= sum(before.values()):
+                if time.monotonic() > deadline or done.is_set():
+                    return
+                time.sleep(0.01)
+            svc.kill()
+            events["killed"] = sum(_results_by_status().values())
+            while _sample("r1zero_sandbox_client_errors_total", {"kind": "connect"}) <= connect0:
+                if time.monotonic() > deadline or done.is_set():
+                    return
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            restarted.append(ServiceProcess(port=svc.port).start())
+            events["restart_s"] = time.monotonic() - t0
+        except BaseException as err:  # noqa: BLE001 - reported below
+            failure.append(err)
+
+    t = threading.Thread(target=outage, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        config = tmp_path / "grpo.yaml"
+        config.write_text(cfg.to_yaml())
+        rc = main(["grpo", "--config", str(config), "--policy", str(policy), "--data", str(data),
+                   "--out", str(tmp_path / "out")])
+    finally:
+        done.set()
+        t.join(120)
+        svc.kill()
+        for s in restarted:
+            s.stop()
+    wall = time.monotonic() - t0
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    assert not failure, failure
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 4
+    assert "killed" in events, "the run made no sandbox call: the test checks nothing"
+    assert restarted, "no reward batch hit the outage (the run ended first)"
+    results = {k: v - before.get(k, 0.0) for k, v in _results_by_status().items()}
+    assert sum(results.values()) > events["killed"] - sum(before.values()), "no batch answered after the restart"
+    assert results.get(UNAVAILABLE, 0.0) == 0, f"rewards lost to the outage: {results}, {events}, {wall:.0f} s"
+    assert _sample("r1zero_sandbox_client_errors_total", {"kind": "circuit_open"}) == circuit0
+    assert _sample("r1zero_sandbox_client_errors_total", {"kind": "connect"}) > connect0
+    assert not client_mod.from_config(cfg.sandbox).circuit_open()
+    assert _sample("r1zero_sandbox_circuit_open") == 0
