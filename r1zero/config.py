@@ -226,6 +226,10 @@ class ParallelConfig(_Section):
     # interleaved_1f1b: pipeline stages per rank (the model is split into pp x v chunks; rank r
     # runs chunks r, r+pp, ...; bubble (pp-1)/v of 1F1B's). None = 2 for that schedule, else 1.
     pp_virtual_stages: int | None = Field(None, ge=1)
+    # HSDP (torchtitan's data_parallel_replicate_degree): dp = dp_replicate x dp_shard; FSDP2
+    # shards parameters, gradients and optimizer state over the dp / dp_replicate ranks of a
+    # replica and all-reduces gradients across the replicas. 1 = plain FSDP over all of dp.
+    dp_replicate: int = Field(1, ge=1)
 
     def virtual_stages(self) -> int:
         if self.pp_virtual_stages is not None:
@@ -326,6 +330,9 @@ class GRPOConfig(_Section):
     eps_low: float = Field(0.2, ge=0)
     eps_high: float = Field(0.28, ge=0)  # DAPO clip-higher
     mu: int = Field(1, ge=1)
+    # completions per forward/backward of the sharded update (r1zero.grpo.sharded): a rank's whole
+    # batch of logits is never materialised at once; None = all of the rank's completions at once
+    micro_batch: int | None = Field(None, ge=1)
     advantage: Literal["group", "mean", "batch"] = "group"
     loss_agg: Literal["sequence", "token", "constant"] = "token"
     dynamic_sampling: bool = False

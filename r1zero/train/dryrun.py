@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from r1zero.errors import UserError
 
-STAGES = ("pretrain",)  # "grpo" (policy + reference + rollout buffers) is issue 16
+STAGES = ("pretrain", "grpo")  # grpo: policy + reference + rollout engine (r1zero.grpo.sharded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def layout_problems(cfg, world_size: int) -> list[str]:
 
     p, pre = cfg.parallel, cfg.pretrain
     dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, world_size=world_size, v=p.virtual_stages(),
-                        schedule=p.pp_schedule)
+                        schedule=p.pp_schedule, dp_replicate=p.dp_replicate)
     out = dims.problems(cfg.model, grad_accum=pre.grad_accum)
     per_step = pre.micro_batch * pre.grad_accum * p.dp
     if cfg.cluster.gpu != "cpu" and per_step != cfg.cluster.global_batch:
@@ -250,6 +250,8 @@ def measure_rank(cfg, rank: int, world_size: int, stage: str = "pretrain") -> di
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
+        if stage == "grpo":
+            return _measure_grpo(cfg, rank, world_size)
         dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size=world_size,
                                         grad_accum=cfg.pretrain.grad_accum)
         mesh = P.build_mesh(dims, "cpu")
@@ -281,12 +283,73 @@ def measure_rank(cfg, rank: int, world_size: int, stage: str = "pretrain") -> di
         dist.destroy_process_group()
 
 
+def _measure_grpo(cfg, rank: int, world_size: int) -> dict:
+    """One rank of the sharded GRPO update (r1zero.grpo.sharded), under the fake process group.
+
+    Update phase: the policy's sharded states (measured, as for pretraining), FSDP2's gathered
+    copies, the activations of one micro-batch of full-context sequences with their logits, and
+    the reference's resident shards. Rollout phase: the policy's and reference's resident shards
+    (gradients freed) plus the rollout engine's share of the device (it sleeps during the update).
+    ``total_bytes`` is the larger phase.
+    """
+    import torch
+
+    from r1zero.grpo import sharded as S
+    from r1zero.train import parallelize as P
+    from r1zero.train.parallel_dims import ParallelDims
+
+    ecfg = S.engine_config(cfg, world_size)
+    dims = ParallelDims.from_config(ecfg.parallel, ecfg.model, world_size=world_size)
+    mesh = P.build_mesh(dims, "cpu")
+    pm = S.build_policy(ecfg, mesh)
+    optimizer = S.build_optimizer(pm.model, cfg.grpo)
+    for prm in pm.model.parameters():
+        if prm.requires_grad:
+            prm.grad = torch.zeros_like(prm)
+    optimizer.step()
+    out = count_state_bytes([pm.model], optimizer)
+    # gradients are reduce-scattered after every micro-batch: no unsharded gradients are kept
+    out["fsdp_buffers_bytes"] = fsdp_buffer_bytes([pm.model], 1)[0] if pm.fsdp else 0
+    out["unsharded_grads_bytes"] = 0
+    out["layers"] = rank_layers([pm.model])
+    out["activations_bytes"] = activation_bytes(ecfg, out["layers"], 0, True)
+    ref = {"reference_bytes": 0, "reference_buffers_bytes": 0}
+    if cfg.grpo.beta > 0:
+        rm = S.build_reference(ecfg, mesh)
+        st = count_state_bytes([rm.model], torch.optim.SGD([torch.zeros(1)]))
+        ref = {"reference_bytes": st["params_bytes"] + st["buffers_bytes"],
+               "reference_buffers_bytes": fsdp_buffer_bytes([rm.model], 1)[0] if rm.fsdp else 0}
+    out.update(ref)
+    gpu = _grpo_device_bytes(cfg)
+    roll = S.rollout_budget(ecfg, cfg, world_size, gpu)
+    S.check_rollout(roll)
+    out.update(roll)
+    resident = out["params_bytes"] + out["optimizer_bytes"] + out["buffers_bytes"] + out["reference_bytes"]
+    # the reference's forward (gathered blocks) runs before the update, not during it
+    # (gradients are freed by zero_grad(set_to_none=True) after each step; no_grad: logits only)
+    out["reference_phase_bytes"] = resident + out["reference_buffers_bytes"] + activation_bytes(ecfg, 0, 0, True)
+    out["update_bytes"] = resident + sum(out[k] for k in ("grads_bytes", "fsdp_buffers_bytes", "activations_bytes"))
+    out["rollout_bytes"] = resident + roll["rollout_engine_bytes"]
+    out["total_bytes"] = max(out["update_bytes"], out["rollout_bytes"], out["reference_phase_bytes"])
+    out["micro_batch"] = ecfg.pretrain.micro_batch
+    out["micro_batches"] = ecfg.pretrain.grad_accum
+    return {"rank": rank, "pp_stage": 0, **out}
+
+
+def _grpo_device_bytes(cfg) -> float:
+    """The GPU the rollout engine's ``gpu_memory_utilization`` is a fraction of (set by the parent)."""
+    from r1zero.sizing import GPUS
+
+    name = os.environ.get("R1ZERO_DRYRUN_GPU") or cfg.cluster.gpu
+    return GPUS[name].hbm_gb * 1e9
+
+
 # ---------------------------------------------------------------------------------------------
 # orchestration
 
 
-def _run_rank(cfg, rank: int, world_size: int, stage: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run_rank(cfg, rank: int, world_size: int, stage: str, gpu: str | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"R1ZERO_DRYRUN_GPU": gpu} if gpu else {})}
     payload = json.dumps({"config": cfg.to_dict(), "rank": rank, "world_size": world_size, "stage": stage})
     proc = subprocess.run([sys.executable, "-m", "r1zero.train.dryrun"], input=payload, capture_output=True,
                           text=True, env=env, check=False)
@@ -303,10 +366,20 @@ def dry_run(cfg, ranks: list[int] | None = None, stage: str = "pretrain", world_
     from r1zero.sizing_cli import planner_layout_bytes
 
     if stage not in STAGES:
-        raise UserError(f"--stage {stage}: the dry run supports {', '.join(STAGES)} (grpo: issue 16)")
+        raise UserError(f"--stage {stage}: the dry run supports {', '.join(STAGES)}")
     world = world_size or world_size_of(cfg)
-    check_layout(cfg, world)
-    ranks = default_ranks(cfg, world) if not ranks else sorted(set(ranks))
+    if stage == "grpo":
+        from r1zero.grpo.sharded import grpo_layout_problems
+
+        errs = grpo_layout_problems(cfg, world)
+        if errs:
+            raise UserError(f"GRPO stage at world size {world} (dp={world}, ep={cfg.parallel.ep}): " + "; ".join(errs))
+        # dp = world, tp = pp = 1: every rank holds the same shapes (ep ranks: other experts, same sizes)
+        default = [0]
+    else:
+        check_layout(cfg, world)
+        default = default_ranks(cfg, world)
+    ranks = default if not ranks else sorted(set(ranks))
     bad = [r for r in ranks if not 0 <= r < world]
     if bad:
         raise UserError(f"--ranks {','.join(map(str, bad))}: outside the world of {world} ranks")
@@ -317,19 +390,35 @@ def dry_run(cfg, ranks: list[int] | None = None, stage: str = "pretrain", world_
 
     # two ranks at a time: each process is mostly interpreter and import time on one core
     with ThreadPoolExecutor(max_workers=min(2, len(ranks))) as pool:
-        futures = [pool.submit(_run_rank, cfg, r, world, stage) for r in ranks]
+        futures = [pool.submit(_run_rank, cfg, r, world, stage, gpu_name) for r in ranks]
         results = [f.result() for f in progress(futures, desc="dry run: ranks", unit="rank")]
-    planner = planner_layout_bytes(cfg)
+    if stage == "grpo":
+        from r1zero.grpo.sharded import engine_config
+
+        planner = planner_layout_bytes(engine_config(cfg, world))  # the update's layout, policy only
+    else:
+        planner = planner_layout_bytes(cfg)
     device = GPUS[gpu_name].hbm_gb * 1e9
     usable = usable_bytes(GPUS[gpu_name], headroom)
     largest = max(results, key=lambda x: x["total_bytes"])
+    extra = {}
+    if stage == "grpo":  # the issue's per-GPU figures, in GB, of the largest rank
+        extra = {"reference_gb": round(largest["reference_bytes"] / 1e9, 3),
+                 "kv_cache_gb": round(largest["kv_cache_bytes"] / 1e9, 3),
+                 "kv_cache_tokens": largest["kv_cache_tokens"], "kv_tokens_needed": largest["kv_tokens_needed"],
+                 "phases": "total_bytes = max(update_bytes, rollout_bytes, reference_phase_bytes): the rollout "
+                           "engine sleeps during the update (r1zero.grpo.sharded)"}
     return {
+        **extra,
         "world_size": world, "stage": stage, "gpu": gpu_name,
         "ranks": results,
         "planner_total_bytes": planner["total"], "planner_states_bytes": planner["states"],
         "device_bytes": int(device), "usable_bytes": int(usable), "headroom": headroom,
         "fits": largest["total_bytes"] <= usable,
-        "activations": "computed (Korthikanti et al. 2022 per-layer formula x layers x 1F1B in-flight micro-batches)",
+        "activations": "computed (Korthikanti et al. 2022 per-layer formula x layers x 1F1B in-flight micro-batches)"
+                       if stage == "pretrain" else
+                       "computed (Korthikanti et al. 2022 per-layer formula x layers, one update micro-batch of "
+                       "full-context sequences, with its logits)",
     }
 
 

@@ -1,0 +1,180 @@
+"""The GRPO update's layout on the pretraining engine: the policy, the reference and the optimizer
+as the sharded update holds them, and the rollout engine's memory beside them.
+
+    ecfg = engine_config(cfg, world_size)           # the pretraining engine's config for the update
+    pm = build_policy(ecfg, mesh)                   # FSDP2 (+ EP) policy on meta: materialise to use
+    ref = build_reference(ecfg, mesh)               # bf16, fully_shard, no grads, no optimizer
+    opt = build_optimizer(pm.model, cfg.grpo)       # the RL AdamW over the sharded parameters
+
+Layout. Every GRPO rank samples its own share of prompts (``grpo.prompts_per_step / world``),
+so the update is data parallel over the whole world: ``dp = world``, ``tp = pp = 1``, experts
+split over ``parallel.ep`` ranks (EP, all-to-all dispatch) and FSDP2-sharded over the others
+(``edp = world / ep``), dense parameters FSDP2-sharded over every rank. ``parallel.zero_stage``
+and ``pretrain.precision`` / ``activation_checkpointing`` apply as in pretraining (fp32 master
+weights, compute in the low precision, fp32 gradient reduction), through the same
+:func:`r1zero.train.parallelize.parallelize`.
+
+Micro-batching. ``grpo.micro_batch`` completions per forward/backward: the logits of a rank's
+whole batch are never materialised at once. Gradients are reduce-scattered after each
+micro-batch (FSDP2's default) rather than accumulated unsharded: an unsharded fp32 gradient of
+the rank's dense and expert parameters (12 GB for a100-13b) would cost more than the extra
+reduce-scatters.
+
+Reference (``grpo.beta > 0``): sharded like the policy with ``fully_shard`` but stored in bf16
+(no fp32 master: it never steps), gathered one block at a time and freed after each block's
+forward (``reshard_after_forward=True``), no gradients and no optimizer state. Why sharded and
+not CPU-offloaded: at scale its shard is a few tens of MB per GPU, and its all-gathers are the
+ones the policy's forward already does; offloading would copy the whole reference over PCIe
+every step instead.
+
+Rollout engine (vLLM, colocated): one engine per GPU holds the whole model in the compute dtype
+and a KV cache; with ``gpu_memory_utilization`` it takes that fraction of the device during
+rollouts and sleeps (weights offloaded, KV cache freed) during the update, so the two phases do
+not add up (:func:`rollout_budget`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from r1zero.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+def local_completions(cfg, world_size: int) -> int:
+    """Completions one rank holds per step (its prompts x the group size)."""
+    g = cfg.grpo
+    per_rank = max(1, g.prompts_per_step // max(world_size, 1))
+    return per_rank * (g.adaptive.max_group if g.adaptive.enabled else g.group_size)
+
+
+def micro_batch(cfg, world_size: int) -> int:
+    """Completions per forward/backward of the update (``grpo.micro_batch``; None: all at once)."""
+    n = local_completions(cfg, world_size)
+    return min(cfg.grpo.micro_batch or n, n)
+
+
+def grpo_layout_problems(cfg, world_size: int) -> list[str]:
+    """What stops the sharded GRPO update at ``world_size`` ranks, one phrase each."""
+    from r1zero.train.parallel_dims import ParallelDims
+
+    out = list(cfg.grpo_world_problems(world_size))
+    dims = ParallelDims(dp=world_size, tp=1, pp=1, ep=cfg.parallel.ep, world_size=world_size)
+    out += dims.problems(cfg.model)
+    room = cfg.model.max_seq_len - cfg.grpo.max_new_tokens
+    if cfg.model.base is None and room < 8:  # trainer.train refuses the same at start
+        out.append(f"grpo.max_new_tokens({cfg.grpo.max_new_tokens}) leaves {room} of model.max_seq_len"
+                   f"({cfg.model.max_seq_len}) positions for prompts (at least 8)")
+    return out
+
+
+def engine_config(cfg, world_size: int):
+    """The config the pretraining engine's :func:`parallelize` builds the update from: the GRPO
+    layout (module docstring) and the update's micro-batch of full-context sequences."""
+    p = cfg.parallel
+    n, mb = local_completions(cfg, world_size), micro_batch(cfg, world_size)
+    # no pipeline: the pretraining schedule's options do not apply
+    parallel = p.model_copy(update={"dp": world_size, "tp": 1, "pp": 1, "ep": p.ep, "pp_schedule": "1f1b",
+                                    "pp_virtual_stages": None})
+    pre = cfg.pretrain.model_copy(update={"micro_batch": mb, "grad_accum": math.ceil(n / mb),
+                                          "seq_len": cfg.model.max_seq_len})
+    if pre.precision == "fp8":
+        # torchao's float8 casts inside the matmuls and keeps bf16 compute copies of the same shapes
+        pre = pre.model_copy(update={"precision": "bf16"})
+    return cfg.model_copy(update={"parallel": parallel, "pretrain": pre})
+
+
+def build_policy(ecfg, mesh):
+    """The policy parallelised as the update runs it (on meta; :func:`r1zero.train.parallelize.materialize`)."""
+    from r1zero.train import parallelize as P
+
+    return P.parallelize(P.build_meta_model(ecfg), mesh, ecfg)
+
+
+def reference_dtype(ecfg) -> torch.dtype:
+    from r1zero.train.precision import param_dtype
+
+    return param_dtype(ecfg.pretrain.precision)
+
+
+def build_reference(ecfg, mesh):
+    """The frozen reference: the policy's layout in the compute dtype, resharded after each
+    block's forward, no activation checkpointing (it runs under no_grad), no gradients."""
+    from r1zero.train import parallelize as P
+
+    model = P.build_meta_model(ecfg).to(reference_dtype(ecfg))
+    pre = ecfg.pretrain.model_copy(update={"activation_checkpointing": False})
+    rcfg = ecfg.model_copy(update={"parallel": ecfg.parallel.model_copy(update={"zero_stage": 3}), "pretrain": pre})
+    pm = P.parallelize(model, mesh, rcfg)
+    pm.model.requires_grad_(False)
+    return pm
+
+
+def build_optimizer(model: torch.nn.Module, gcfg) -> torch.optim.Optimizer:
+    """The RL update's AdamW (``r1zero.grpo.update.RL_BETAS``, no weight decay) over the sharded
+    parameters; ``foreach`` only when every parameter is a DTensor of one mesh (the engine's rule:
+    one foreach kernel cannot mix meshes, or DTensors and tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    from r1zero.grpo.update import RL_BETAS
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
+    plain = any(not isinstance(p, DTensor) for p in params)
+    foreach = not meshes or (len(meshes) == 1 and not plain)
+    return torch.optim.AdamW(params, lr=gcfg.lr, betas=RL_BETAS, weight_decay=0.0, foreach=foreach)
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout engine memory
+
+
+def model_numel(ecfg) -> int:
+    """Parameters of the whole model (every expert), counted on the meta device."""
+    from r1zero.train.parallelize import build_meta_model
+
+    model = build_meta_model(ecfg)
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def kv_bytes_per_token(model_cfg, dtype_bytes: int) -> int:
+    """K and V of every layer for one token: 2 x layers x kv-heads x head dim x element size."""
+    kv = model_cfg.n_kv_heads or model_cfg.n_heads
+    return 2 * model_cfg.n_layers * kv * (model_cfg.d_model // model_cfg.n_heads) * dtype_bytes
+
+
+def rollout_budget(ecfg, cfg, world_size: int, device_bytes: float) -> dict:
+    """Bytes the colocated rollout engine takes on one GPU and the KV cache left in them.
+
+    vLLM (``gpu_memory_utilization`` u): u x device for weights + KV cache + its activations;
+    weights are the whole model in the compute dtype (one engine per GPU, no tensor parallelism).
+    The KV budget is u x device - weights (vLLM's own activation peak, measured by its profiling
+    run at start, comes out of it too: not modelled here). ``kv_cache_tokens`` is what that holds;
+    ``kv_tokens_needed`` is every local completion at full context at once.
+    """
+    r = cfg.grpo.rollout
+    dtype_bytes = torch.empty((), dtype=reference_dtype(ecfg)).element_size()
+    weights = model_numel(ecfg) * dtype_bytes
+    engine = r.gpu_memory_utilization * device_bytes
+    kv = engine - weights
+    per_tok = kv_bytes_per_token(cfg.model, dtype_bytes)
+    return {
+        "rollout_engine_bytes": int(engine),
+        "rollout_weights_bytes": int(weights),
+        "kv_cache_bytes": int(max(kv, 0)),
+        "kv_bytes_per_token": per_tok,
+        "kv_cache_tokens": int(max(kv, 0) // per_tok),
+        "kv_tokens_needed": local_completions(cfg, world_size) * cfg.model.max_seq_len,
+        "gpu_memory_utilization": r.gpu_memory_utilization,
+    }
+
+
+def check_rollout(budget: dict) -> None:
+    if budget["kv_cache_bytes"] <= 0:
+        raise UserError(f"grpo.rollout.gpu_memory_utilization ({budget['gpu_memory_utilization']}) leaves no KV "
+                        f"cache: the engine's {budget['rollout_engine_bytes'] / 1e9:.1f} GB do not hold the "
+                        f"{budget['rollout_weights_bytes'] / 1e9:.1f} GB of weights")
