@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from r1zero.grpo.rewards import RewardScorer
 from r1zero.sandbox import client as client_mod
 from r1zero.sandbox.client import REGISTRY, UNAVAILABLE, SandboxClient, verify_many_for
 from r1zero.sandbox.service import MAX_PROGRAM_BYTES, make_server
+from r1zero.train.dist import free_port
 from r1zero.verify import verify_many
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -43,14 +43,6 @@ def service():
     srv = _serve()
     yield srv
     _stop(srv)
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _sample(name: str, labels: dict | None = None) -> float:
@@ -76,7 +68,7 @@ def test_oversized_program_is_a_local_error_and_the_rest_still_run(service):
 
 
 def test_dead_service_opens_the_circuit_with_one_log_line(caplog):
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     c = SandboxClient(url, retries=2, backoff_s=0.01, breaker_failures=2, breaker_reset_s=60)
     open_before = _sample("r1zero_sandbox_client_errors_total", {"kind": "circuit_open"})
     with caplog.at_level(logging.WARNING, logger="r1zero.sandbox.client"):
@@ -99,7 +91,7 @@ def test_dead_service_opens_the_circuit_with_one_log_line(caplog):
 
 
 def test_circuit_half_opens_and_closes_when_the_service_returns(caplog):
-    port = _free_port()
+    port = free_port()
     c = SandboxClient(f"http://127.0.0.1:{port}", retries=0, backoff_s=0.01, breaker_failures=1, breaker_reset_s=0.5)
     assert c.run("print(1)").status == UNAVAILABLE and c.circuit_open()
     srv = _serve(port)
@@ -152,7 +144,7 @@ def test_reward_scorer_through_the_service_and_cache_skips_sandbox_errors(servic
     assert res.correct == [True, False]
     assert service.service.m_verdicts.labels("ok")._value.get() == 2  # they ran in the service
     # a dead service: sandbox_error verdicts (reward 0) that are not memoised ...
-    dead = SandboxConfig(url=f"http://127.0.0.1:{_free_port()}", retries=0, breaker_failures=1, breaker_reset_s=0.3)
+    dead = SandboxConfig(url=f"http://127.0.0.1:{free_port()}", retries=0, breaker_failures=1, breaker_reset_s=0.3)
     sc2 = RewardScorer(RewardConfig(), 16, sandbox=dead, timeout_s=1.0)
     fresh = [item(2, "def f(x):\n    return 2 * x + 1  # not in the verifier's run cache yet\n", 7)]
     assert sc2.score(fresh, texts[:1], [8], [False]).correct == [False]
@@ -179,7 +171,7 @@ def test_cli_run_through_the_server(service, tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert list(out) == ["status", "returncode", "stdout", "stderr", "seconds"] and out["stdout"] == "HI\n"
-    p = subprocess.run([*cli, "--server", f"http://127.0.0.1:{_free_port()}"], capture_output=True, text=True,
+    p = subprocess.run([*cli, "--server", f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("r1zero: error: sandbox run: no verdict from")
     assert len(p.stderr.strip().splitlines()) == 1
