@@ -333,6 +333,7 @@ class Layout:
     engine: str = "fsdp2"
     interleave: int = 1  # virtual pipeline stages per rank (interleaved 1F1B); 1 = plain 1F1B
     schedule: str = "1f1b"  # "1f1b" | "gpipe" (all micro-batches forward, then all backward)
+    dp_replicate: int = 1  # HSDP replicas (fsdp2): states shard over dp / dp_replicate ranks only
 
 
 def fsdp2_state_bytes_per_param(n_shard: int) -> dict[str, float]:
@@ -393,8 +394,10 @@ def stage_memory(spec: ModelSpec, layout: Layout, micro_batches: int, precision:
     dense = layers * spec.dense_params_per_layer() / t + embed / t
     experts = layers * spec.expert_params_per_layer() / e
     fsdp = d > 1 or precision != "fp32"  # the engine skips FSDP2 only for an fp32 world without dp
-    dense_bpp = fsdp2_state_bytes_per_param(d) if fsdp else model_state_bytes_per_param(0, 1, "fp32")
-    expert_bpp = fsdp2_state_bytes_per_param(d // e) if fsdp else dense_bpp
+    # HSDP: FSDP2 shards over the dp / dp_replicate ranks of one replica (the 2-D mesh's shard dim)
+    r = max(1, L.dp_replicate)
+    dense_bpp = fsdp2_state_bytes_per_param(d // r) if fsdp else model_state_bytes_per_param(0, 1, "fp32")
+    expert_bpp = fsdp2_state_bytes_per_param(d // (e * r)) if fsdp else dense_bpp
     mem = {k: dense * dense_bpp[k] + experts * expert_bpp[k] for k in dense_bpp}
     compute_bytes = 4 if precision == "fp32" else 2
     block_params = spec.dense_params_per_layer() / t + spec.expert_params_per_layer() / e

@@ -94,7 +94,7 @@ def layout_from_config(cfg) -> Layout:
     p = cfg.parallel
     recompute = "full" if cfg.pretrain.activation_checkpointing else "none"
     return Layout(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, zero_stage=p.zero_stage, micro_batch=cfg.pretrain.micro_batch,
-                  recompute=recompute, schedule=getattr(p, "pp_schedule", "1f1b"), interleave=p.virtual_stages())
+                  recompute=recompute, schedule=getattr(p, "pp_schedule", "1f1b"), interleave=p.virtual_stages(), dp_replicate=p.dp_replicate)
 
 
 def config_layout(cfg, spec: ModelSpec, hw: Hardware, global_batch: int, precision: str, headroom: float):

@@ -30,18 +30,21 @@ class ParallelDims:
     world_size: int
     v: int = 1  # pipeline stages per rank (interleaved 1F1B); the model splits into pp * v chunks
     schedule: str = "1f1b"  # parallel.pp_schedule
+    dp_replicate: int = 1  # HSDP replicas (parallel.dp_replicate): FSDP shards over dp / dp_replicate
 
     @classmethod
     def from_config(cls, parallel, model=None, world_size: int = 1, grad_accum: int | None = None) -> ParallelDims:
         """Build and validate from ``cfg.parallel`` (+ ``cfg.model`` for divisibility checks)."""
         dims = cls(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, world_size=world_size,
-                   v=parallel.virtual_stages(), schedule=parallel.pp_schedule)
+                   v=parallel.virtual_stages(), schedule=parallel.pp_schedule, dp_replicate=parallel.dp_replicate)
         dims.validate(model, grad_accum=grad_accum)
         return dims
 
     # ------------------------------------------------------------------------------------------
     def describe(self) -> str:
         out = f"dp={self.dp} x tp={self.tp} x pp={self.pp} = {self.dp * self.tp * self.pp} (ep={self.ep} within dp)"
+        if self.dp_replicate > 1:
+            out += f", HSDP {self.dp_replicate} replicas x {self.dp // self.dp_replicate} shards"
         return out + (f", {self.v} pipeline stages per rank (interleaved 1F1B)" if self.v > 1 else "")
 
     def problems(self, model=None, grad_accum: int | None = None) -> list[str]:
@@ -52,6 +55,9 @@ class ParallelDims:
             out.append(f"dp({self.dp}) * tp({self.tp}) * pp({self.pp}) = {product} but world size is {self.world_size}")
         if self.dp % self.ep:
             out.append(f"ep({self.ep}) must divide dp({self.dp}) (experts shard over data-parallel ranks)")
+        if self.dp_replicate > 1 and (self.dp % self.dp_replicate or (self.dp // self.dp_replicate) % self.ep):
+            out.append(f"dp_replicate({self.dp_replicate}) * ep({self.ep}) must divide dp({self.dp})"
+                       " (HSDP: expert groups sit inside one replica)")
         if model is not None:
             kv = model.n_kv_heads or model.n_heads
             if model.n_heads % self.tp:

@@ -43,13 +43,23 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from r1zero.train.parallel_dims import ParallelDims
 
 MESH_DIMS = ("pp", "edp", "ep", "tp")
+HSDP_MESH_DIMS = ("pp", "dpr", "edp", "ep", "tp")  # parallel.dp_replicate > 1
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
-    """The world's DeviceMesh with named dims ``pp, edp, ep, tp`` and the flattened ``dp``.
+    """The world's DeviceMesh with named dims ``pp, edp, ep, tp`` and the flattened ``dp``; with
+    HSDP (``dp_replicate > 1``) ``pp, dpr, edp, ep, tp``, ``dp = dpr x edp x ep`` and the
+    flattened shard dim ``dp_shard = edp x ep`` (the replicas are the outer, cross-node dim).
 
     Needs an initialised default process group of ``dims.world_size`` ranks (a fake one works).
     """
+    r = dims.dp_replicate
+    if r > 1:
+        shape = (dims.pp, r, dims.dp // (r * dims.ep), dims.ep, dims.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=HSDP_MESH_DIMS)
+        mesh["dpr", "edp", "ep"]._flatten("dp")
+        mesh["edp", "ep"]._flatten("dp_shard")
+        return mesh
     shape = (dims.pp, dims.dp // dims.ep, dims.ep, dims.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
     mesh["edp", "ep"]._flatten("dp")
@@ -357,8 +367,10 @@ def apply_fsdp(model, mesh: DeviceMesh, dims: ParallelDims, precision: str, zero
 
     policy = mp_policy(precision)
     reshard = zero_stage >= 3
-    dp_mesh = mesh["dp"]
-    expert_mesh = mesh["edp"]
+    if dims.dp_replicate > 1:  # HSDP: 2-D (replicate, shard) meshes, sharded within a replica
+        dp_mesh, expert_mesh = mesh["dpr", "dp_shard"], mesh["dpr", "edp"]
+    else:
+        dp_mesh, expert_mesh = mesh["dp"], mesh["edp"]
     for layer in decoder_layers(model):
         moe = layer.mlp
         if hasattr(moe, "experts"):

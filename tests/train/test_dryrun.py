@@ -91,6 +91,22 @@ def test_small_model_bytes_equal_a_hand_count(tmp_path):
 
 
 @pytest.mark.slow
+def test_hsdp_shards_over_one_replica_and_agrees_with_the_planner(tmp_path):
+    # dp 4 = 2 replicas x 2 shards: dense states shard over 2 ranks (not 4), experts over
+    # edp = 4 / (2 replicas x ep 2) = 1: twice the dense and the expert states of plain FSDP2
+    tree = {**SMALL, "parallel": {**SMALL["parallel"], "dp_replicate": 2}}
+    cfg_path = _write(tmp_path, tree)
+    proc = _cli("--config", cfg_path, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for r in out["ranks"]:
+        assert r["params_bytes"] == 2 * _hand_count(r["pp_stage"])["params_bytes"], r
+    planner = planner_layout_bytes(load_config(cfg_path))
+    largest = max(r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in out["ranks"])
+    assert planner["states"] == pytest.approx(largest, rel=0.10)
+
+
+@pytest.mark.slow
 def test_a100_13b_fits_with_headroom_and_agrees_with_the_planner():
     proc = _cli("--config", A100, "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -138,6 +154,7 @@ def test_interleaved_in_flight_follows_the_schedule():
      "grad_accum(5) must be a multiple of its 2 rounds"),
     (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp=1", "parallel.dp=256", "cluster.global_batch=2048"],
      "interleaved_1f1b needs pp >= 2"),
+    (["parallel.dp_replicate=32"], "dp_replicate(32) * ep(8) must divide dp(128)"),
 ])
 def test_bad_interleaved_layouts_exit_2_in_one_line(capsys, sets, phrase):
     argv = ["plan", "--config", A100]

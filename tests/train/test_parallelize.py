@@ -97,3 +97,33 @@ def test_materialize_on_meta_allocates_nothing(make_config, fake_world):
     cfg, pm = _build(make_config, 8, 5, fake_world, dp=2, tp=2, pp=2)
     materialize(pm, torch.device("meta"), cfg.seed)
     assert all(p.device.type == "meta" for p in pm.model.parameters())
+
+
+def test_hsdp_shards_within_a_replica_and_replicates_across(make_config, fake_world):
+    from torch.distributed.tensor import Replicate, Shard
+
+    # dp 8 = 2 replicas x 4 shards, ep 2: dense weights shard over the 4 ranks of a replica,
+    # experts over the 2 expert-data-parallel ranks of a replica; both replicated over dpr
+    cfg, pm = _build(make_config, 8, 5, fake_world, dp=8, ep=2, dp_replicate=2)
+    p = dict(pm.model.named_parameters())
+    q = p["model.layers.0.self_attn.q_proj.weight"]
+    assert q.device_mesh.mesh_dim_names == ("dpr", "dp_shard") and tuple(q.placements) == (Replicate(), Shard(0))
+    assert _local_numel(q) == 64 * 64 // 4
+    ex = p["model.layers.0.mlp.experts.w_gate_up.2"]  # rank 5: replica 1, ep rank 1 owns experts 2, 3
+    assert ex.device_mesh.mesh_dim_names == ("dpr", "edp") and tuple(ex.placements) == (Replicate(), Shard(0))
+    assert _local_numel(ex) == 2 * 32 * 64 // 2
+
+
+def test_interleaved_stages_hold_every_vth_chunk_with_world1_names(make_config, fake_world):
+    cfg = make_config(model={"n_layers": 4}, parallel={"pp": 2, "pp_schedule": "interleaved_1f1b"},
+                      pretrain={"grad_accum": 2, "precision": "bf16"})
+    fake_world(2, 1)
+    dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size=2, grad_accum=2)
+    pm = parallelize(build_meta_model(cfg), build_mesh(dims, "cpu"), cfg)
+    # pp 2 x 2 virtual stages of one layer: rank 1 runs stages 1 and 3 (layers 1 and 3, the LM head)
+    assert [c.stage_id for c in pm.model.chunks] == [1, 3]
+    assert sorted(pm.model.model.layers) == ["1", "3"]
+    assert [c.is_last for c in pm.model.chunks] == [False, True] and pm.model.chunks[1].lm_head is pm.model.lm_head
+    from torch.distributed.fsdp import FSDPModule
+
+    assert all(isinstance(c, FSDPModule) for c in pm.model.chunks)  # each chunk its own FSDP2 root
