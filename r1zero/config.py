@@ -230,6 +230,10 @@ class ParallelConfig(_Section):
     # shards parameters, gradients and optimizer state over the dp / dp_replicate ranks of a
     # replica and all-reduces gradients across the replicas. 1 = plain FSDP over all of dp.
     dp_replicate: int = Field(1, ge=1)
+    # An expert-parallel group is ep x tp consecutive ranks (r1zero.train.parallelize mesh order):
+    # r1zero plan / validate refuse a layout whose group spans nodes (the all-to-all of every MoE
+    # layer would cross the inter-node network) unless this is true.
+    ep_across_nodes: bool = False
 
     def virtual_stages(self) -> int:
         if self.pp_virtual_stages is not None:

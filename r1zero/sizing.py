@@ -626,6 +626,8 @@ def candidate_layouts(spec: ModelSpec, hw: Hardware, global_batch: int, zero_sta
             if global_batch % d:
                 continue
             eps = [e for e in _divisors(spec.experts) if d % e == 0] if spec.moe else [1]
+            if fsdp:  # the engine's default: an ep group (ep x tp consecutive ranks) inside one node
+                eps = [e for e in eps if e == 1 or e * t <= hw.gpus_per_node]
             for e in eps:
                 for z in zero_stages:
                     if z and d == 1:
@@ -672,6 +674,10 @@ def to_json(est: Estimate, hw: Hardware) -> dict:
         "tp": L.tp, "pp": L.pp, "dp": L.dp, "ep": L.ep, "zero_stage": L.zero_stage,
         "micro_batch": L.micro_batch, "grad_accum": est.grad_accum, "recompute": L.recompute,
         "nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node,
+        # nodes one expert-parallel group (ep x tp consecutive ranks in r1zero's mesh) and one
+        # tensor-parallel group span
+        "ep_group_nodes": -(-L.ep * L.tp // hw.gpus_per_node) if L.ep > 1 else 1,
+        "tp_group_nodes": -(-L.tp // hw.gpus_per_node),
         "memory_per_gpu_gb": round(est.memory_per_gpu_gb, 2),
         "memory_gb": {k: round(v, 2) for k, v in est.memory_gb.items()},
         "tflops_per_gpu": round(est.tflops_per_gpu, 1), "mfu": round(est.mfu, 4),

@@ -181,6 +181,9 @@ def _plan(args) -> int:
               f"micro_batch={C.micro_batch} recompute={C.recompute}: {'fits' if mine.fits else 'does NOT fit'}, "
               f"{mine.memory_per_gpu_gb:.1f} GB, {mine.tflops_per_gpu:.0f} TFLOP/s per GPU, MFU {mine.mfu:.1%}, "
               f"bubble {mine.bubble_fraction:.1%}, communication {mine.comm_fraction:.1%}")
+        spans = to_json(mine, hw)
+        print(f"  an expert-parallel group spans {spans['ep_group_nodes']} node(s), a tensor-parallel group "
+              f"{spans['tp_group_nodes']} (of {hw.gpus_per_node} GPUs each)")
     if spec.moe and hw.gpus == 1024 and "a100" in hw.gpu.name:
         c = ARTICLE_CLAIMS
         print("article's claims (not verified here) vs this planner's predictions:")

@@ -149,6 +149,20 @@ def test_candidate_layouts_are_runnable():
         assert spec.layers % L.pp == 0 and (L.pp == 1 or m >= L.pp)
         assert spec.experts % L.ep == 0 and L.dp % L.ep == 0
         assert L.tp * L.pp * L.dp == 16
+        assert L.ep == 1 or L.ep * L.tp <= 8  # an ep group (ep x tp consecutive ranks) inside one 8-GPU node
+    assert any(L.ep == 8 and L.tp == 1 for L in layouts) and any(L.ep == 4 and L.tp == 2 for L in layouts)
+
+
+def test_group_spans_in_the_plan_json():
+    from r1zero.sizing import to_json
+
+    spec = ModelSpec(layers=8, hidden=1024, heads=8, vocab=1000, seq=512, experts=8, top_k=2, expert_ffn=768,
+                     gated=True)
+    hw = Hardware(A100_80, 64)
+    out = to_json(estimate(spec, hw, Layout(tp=4, pp=2, dp=8, ep=8, micro_batch=1), 64), hw)
+    assert (out["ep_group_nodes"], out["tp_group_nodes"]) == (4, 1)
+    out = to_json(estimate(spec, hw, Layout(tp=4, pp=2, dp=8, ep=2, micro_batch=1), 64), hw)
+    assert (out["ep_group_nodes"], out["tp_group_nodes"]) == (1, 1)
 
 
 def test_zero_paper_memory_figures():

@@ -54,9 +54,7 @@ STAGES = ("pretrain", "grpo")  # grpo: policy + reference + rollout engine (r1ze
 
 def world_size_of(cfg) -> int:
     """World size the config's cluster section launches: nodes x processes per node."""
-    c = cfg.cluster
-    per_node = c.gpus_per_node if c.gpu != "cpu" and c.gpus_per_node else c.procs_per_node
-    return c.nodes * per_node
+    return cfg.cluster.nodes * ranks_per_node(cfg)
 
 
 def layout_problems(cfg, world_size: int) -> list[str]:
@@ -72,10 +70,33 @@ def layout_problems(cfg, world_size: int) -> list[str]:
     dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, world_size=world_size, v=p.virtual_stages(),
                         schedule=p.pp_schedule, dp_replicate=p.dp_replicate)
     out = dims.problems(cfg.model, grad_accum=pre.grad_accum)
+    if not out:
+        out += span_problems(cfg, dims)
     per_step = pre.micro_batch * pre.grad_accum * p.dp
     if cfg.cluster.gpu != "cpu" and per_step != cfg.cluster.global_batch:
         out.append(f"cluster.global_batch({cfg.cluster.global_batch}) != pretrain.micro_batch({pre.micro_batch})"
                    f" * pretrain.grad_accum({pre.grad_accum}) * dp({p.dp}) = {per_step}")
+    return out
+
+
+def ranks_per_node(cfg) -> int:
+    c = cfg.cluster
+    return c.gpus_per_node if c.gpu != "cpu" and c.gpus_per_node else c.procs_per_node
+
+
+def group_spans(cfg, dims) -> dict[str, int]:
+    """Nodes an expert-parallel and a tensor-parallel group span (the largest group of each)."""
+    per = ranks_per_node(cfg)
+    return {"ep_group_nodes": dims.group_nodes("ep", per), "tp_group_nodes": dims.group_nodes("tp", per)}
+
+
+def span_problems(cfg, dims) -> list[str]:
+    """An ep group across nodes (its all-to-all runs every MoE layer, forward and backward) is
+    refused unless ``parallel.ep_across_nodes`` (a tp group's span is reported, not refused)."""
+    spans, per, out = group_spans(cfg, dims), ranks_per_node(cfg), []
+    if dims.ep > 1 and spans["ep_group_nodes"] > 1 and not cfg.parallel.ep_across_nodes:
+        out.append(f"an expert-parallel group (ep({dims.ep}) x tp({dims.tp}) = {dims.ep * dims.tp} ranks) spans "
+                   f"{spans['ep_group_nodes']} nodes of {per}: make ep * tp <= {per} or set parallel.ep_across_nodes: true")
     return out
 
 
@@ -408,8 +429,13 @@ def dry_run(cfg, ranks: list[int] | None = None, stage: str = "pretrain", world_
                  "kv_cache_tokens": largest["kv_cache_tokens"], "kv_tokens_needed": largest["kv_tokens_needed"],
                  "phases": "total_bytes = max(update_bytes, rollout_bytes, reference_phase_bytes): the rollout "
                            "engine sleeps during the update (r1zero.grpo.sharded)"}
+    from r1zero.train.parallel_dims import ParallelDims
+
+    p = cfg.parallel
+    spans = group_spans(cfg, ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, world_size=world,
+                                          dp_replicate=p.dp_replicate)) if stage == "pretrain" else {}
     return {
-        **extra,
+        **extra, **spans,
         "world_size": world, "stage": stage, "gpu": gpu_name,
         "ranks": results,
         "planner_total_bytes": planner["total"], "planner_states_bytes": planner["states"],

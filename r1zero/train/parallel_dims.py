@@ -139,6 +139,11 @@ class ParallelDims:
             raise ValueError(f"unknown group kind {kind!r}")
         return groups
 
+    def group_nodes(self, kind: str, ranks_per_node: int) -> int:
+        """Most nodes any group of ``kind`` spans when node ``n`` holds ranks
+        ``[n * ranks_per_node, (n + 1) * ranks_per_node)`` (torchrun's node-major rank order)."""
+        return max(len({r // ranks_per_node for r in g}) for g in self.group_ranks(kind))
+
     def group_of(self, kind: str, rank: int) -> list[int]:
         for g in self.group_ranks(kind):
             if rank in g:

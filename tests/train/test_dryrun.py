@@ -113,6 +113,8 @@ def test_a100_13b_fits_with_headroom_and_agrees_with_the_planner():
     out = json.loads(proc.stdout)
     assert out["world_size"] == 1024 and out["fits"] is True
     assert [r["rank"] for r in out["ranks"]] == [0, 512]
+    # ep 8 x tp 4 = 32 consecutive ranks: 4 nodes of 8 (accepted by parallel.ep_across_nodes); tp inside one
+    assert (out["ep_group_nodes"], out["tp_group_nodes"]) == (4, 1)
     largest = max(out["ranks"], key=lambda r: r["total_bytes"])
     assert largest["total_bytes"] <= 0.9 * out["device_bytes"]
     states = max(r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in out["ranks"])
@@ -135,6 +137,15 @@ def test_a100_13b_interleaved_1f1b_fits_and_agrees_with_the_planner():
     assert out["planner_states_bytes"] == pytest.approx(states, rel=0.10)
 
 
+def test_group_spans_count_nodes():
+    from r1zero.train.parallel_dims import ParallelDims
+
+    dims = ParallelDims(dp=128, tp=4, pp=2, ep=8, world_size=1024)
+    assert (dims.group_nodes("ep", 8), dims.group_nodes("tp", 8)) == (4, 1)
+    assert ParallelDims(dp=256, tp=4, pp=1, ep=2, world_size=1024).group_nodes("ep", 8) == 1
+    assert ParallelDims(dp=64, tp=16, pp=1, ep=1, world_size=1024).group_nodes("tp", 8) == 2
+
+
 def test_interleaved_in_flight_follows_the_schedule():
     # pp 2, v 2, 8 micro-batches: rank 0 warms up (2-1)*2 + 2*1 = 4 chunk forwards, holds 5 chunks
     # of half its layers = 2.5 micro-batches (Korthikanti et al. 2022: 2 * (1 + 1/4)); rank 1 holds 1.5
@@ -155,6 +166,7 @@ def test_interleaved_in_flight_follows_the_schedule():
     (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp=1", "parallel.dp=256", "cluster.global_batch=2048"],
      "interleaved_1f1b needs pp >= 2"),
     (["parallel.dp_replicate=32"], "dp_replicate(32) * ep(8) must divide dp(128)"),
+    (["parallel.ep_across_nodes=false"], "an expert-parallel group (ep(8) x tp(4) = 32 ranks) spans 4 nodes of 8"),
 ])
 def test_bad_interleaved_layouts_exit_2_in_one_line(capsys, sets, phrase):
     argv = ["plan", "--config", A100]
