@@ -178,3 +178,174 @@ def check_rollout(budget: dict) -> None:
         raise UserError(f"grpo.rollout.gpu_memory_utilization ({budget['gpu_memory_utilization']}) leaves no KV "
                         f"cache: the engine's {budget['rollout_engine_bytes'] / 1e9:.1f} GB do not hold the "
                         f"{budget['rollout_weights_bytes'] / 1e9:.1f} GB of weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# the micro-batched update on the sharded policy
+
+
+def _rows(batch, lo: int, hi: int, dummy: bool = False):
+    """Rows ``lo:hi`` of ``batch`` as a batch of its own (full-batch forward, no prompt sharing:
+    FSDP2 gathers parameters in the modules' forward, which only ``model(...)`` runs). ``dummy``:
+    the same rows with no real token, for a rank that has run out of rows (every rank must run
+    the same number of forwards and backwards: FSDP2's and EP's collectives)."""
+    from r1zero.grpo.update import Batch
+
+    mask = batch.mask_BT[lo:hi]
+    return Batch(batch.input_ids_BL[lo:hi], batch.attention_BL[lo:hi], batch.position_BL[lo:hi],
+                 batch.targets_BT[lo:hi], mask * 0 if dummy else mask, batch.prompt_len)
+
+
+def _micro_slices(B: int, size: int) -> tuple[list[tuple[int, int, bool]], int]:
+    """This rank's ``(lo, hi, dummy)`` micro-batches, padded with dummies to the ranks' maximum."""
+    from r1zero.train import dist as rdist
+
+    own = [(lo, min(lo + size, B), False) for lo in range(0, B, size)]
+    n = torch.tensor([len(own)], dtype=torch.long)
+    n_all = int(rdist.all_reduce(n, None, op="max")[0])
+    return own + [(0, min(1, B), True)] * (n_all - len(own)), n_all
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax input in at least fp32 (bf16/fp16 compute: the log-probs of a 32k vocabulary
+    need fp32's mantissa)."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def _param_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Global L2 norm of sharded gradients (each element lives on exactly one rank under the GRPO
+    layout: FSDP2 shards over dp, experts over ep x edp, tp = pp = 1), one all-reduce of the
+    local squares; scaled by ``max_norm / (norm + 1e-6)`` when above (torch's clip_grad_norm_)."""
+    from r1zero.train import dist as rdist
+
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    total = float(rdist.all_reduce(sq.reshape(1), None)[0].sqrt())
+    if max_norm > 0 and math.isfinite(total):
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return total
+
+
+@torch.no_grad()
+def sharded_logprobs(model, batch, temperature: float, micro_batch: int) -> torch.Tensor:
+    """Per-token log-probs (B, T) of the completions (0 at padding), micro-batched: the reference's
+    and the rollout policy's log-probs on the sharded models."""
+    from r1zero.grpo.losses import token_logprobs
+    from r1zero.grpo.update import forward_completion, unpack
+
+    was = model.training
+    model.eval()
+    try:
+        B = batch.mask_BT.shape[0]
+        out_BT = torch.zeros(batch.mask_BT.shape, dtype=torch.promote_types(_param_dtype(model), torch.float32))
+        for lo, hi, dummy in _micro_slices(B, micro_batch)[0]:
+            mb = _rows(batch, lo, hi, dummy)
+            logits_NV, _ = forward_completion(model, mb, temperature)
+            real_BT = mb.mask_BT.bool()
+            if not dummy:
+                out_BT[lo:hi] = unpack(token_logprobs(_wide(logits_NV), mb.targets_BT[real_BT]), real_BT).cpu()
+        return out_BT
+    finally:
+        model.train(was)
+        reshard(model)
+
+
+def reshard(model) -> None:
+    """Free FSDP2's gathered parameters after forwards without a backward: with
+    ``reshard_after_forward=False`` (zero_stage < 3) a no_grad forward leaves them gathered, and
+    the next training forward would then compute on them without FSDP2's gradient hooks (its
+    gradients came out zero: the parity test)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def sharded_policy_update(model, optimizer, batch, adv_B: torch.Tensor, gcfg, *, guard, micro_batch: int,
+                          dp: int, old_logp_BT: torch.Tensor | None = None,
+                          ref_logp_BT: torch.Tensor | None = None, local_fraction: float = 1.0) -> dict:
+    """``gcfg.mu`` optimizer steps of the GRPO loss on the FSDP2 (+ EP) policy, ``micro_batch``
+    completions per forward/backward; same objective and stats as
+    :func:`r1zero.grpo.update.policy_update` (which holds the whole batch's logits at once).
+
+    The loss is ``sum over this rank's tokens / global denominator`` (the denominator all-reduced
+    first): scaled by ``dp`` because FSDP2 averages gradients over dp (experts: the all-to-all
+    sums over ep, FSDP2 divides by dp), so the step uses the sum over ranks, as world 1 does.
+    The MoE aux loss of each micro-batch is weighted by its share of the global completions.
+    Needs the same number of micro-batches on every rank: ranks with fewer rows run dummies.
+    """
+    from r1zero.grpo.losses import entropy_of, log_probs, pick, policy_loss
+    from r1zero.grpo.update import _denominator, all_sum, forward_completion, unpack
+
+    model.train()
+    B = batch.mask_BT.shape[0]
+    den = all_sum([_denominator(batch.mask_BT, gcfg)[1]])[0]
+    slices, _ = _micro_slices(B, micro_batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0,
+             "grad_norm": 0.0, "skipped": 0, "value_loss": 0.0}
+    for it in range(gcfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        loss_local, st_it = 0.0, {"tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl_sum": 0.0, "entropy": 0.0}
+        for lo, hi, dummy in slices:
+            mb = _rows(batch, lo, hi, dummy)
+            real_BT = mb.mask_BT.bool()
+            logits_NV, out = forward_completion(model, mb, gcfg.temperature)
+            logp_NV = log_probs(_wide(logits_NV))
+            logp_BT = unpack(pick(logp_NV, mb.targets_BT[real_BT]), real_BT)
+            old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[lo:hi]
+            ref = None if ref_logp_BT is None else ref_logp_BT[lo:hi]
+            num, _, st = policy_loss(logp_BT, old, adv_B[lo:hi], mb.mask_BT, eps_low=gcfg.eps_low,
+                                     eps_high=gcfg.eps_high, beta=gcfg.beta, ref_logp_BT=ref, agg=gcfg.loss_agg,
+                                     max_len=gcfg.max_new_tokens)
+            loss = num / max(den, 1e-12)
+            aux = getattr(out, "aux_loss", None)
+            if aux is not None and torch.is_tensor(aux) and aux.requires_grad:
+                loss = loss + aux * (0.0 if dummy else local_fraction * (hi - lo) / B)
+            (loss * dp).backward()
+            loss_local += float(loss.detach())
+            for k in ("tokens", "clip_low", "clip_high", "kl_sum"):
+                st_it[k] += st[k]
+            if it == 0:
+                st_it["entropy"] += float(entropy_of(logp_NV.detach()).sum())
+        gnorm = clip_grad_norm(params, gcfg.grad_clip)
+        loss_sum = all_sum([loss_local])[0]
+        if guard.ok(loss_sum, gnorm):
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            stats["skipped"] += 1
+        stats["loss"] += loss_sum / gcfg.mu
+        stats["grad_norm"] += gnorm / gcfg.mu
+        for k in ("tokens", "clip_low", "clip_high"):
+            stats[k] += st_it[k] / gcfg.mu
+        if it == 0:
+            stats["kl_sum"], stats["entropy_sum"] = st_it["kl_sum"], st_it["entropy"]
+    red = all_sum([stats["tokens"], stats["clip_low"], stats["clip_high"], stats["kl_sum"], stats["entropy_sum"]])
+    stats.update(tokens=red[0], clip_low=red[1], clip_high=red[2], kl_sum=red[3], entropy_sum=red[4])
+    return stats
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """``{world-1 FQN: full fp32 CPU tensor}`` of the parameters this rank holds (collective over
+    each parameter's FSDP2 mesh; under EP a rank holds only its own experts)."""
+    from r1zero.train.parallelize import canonical_fqn
+
+    out = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[canonical_fqn(name, False)] = full.detach().float().cpu().clone()
+    return out
