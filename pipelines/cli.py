@@ -1,6 +1,7 @@
 """``r1zero run`` and ``r1zero pipeline compile|submit``.
 
     r1zero run --config configs/tiny.yaml --out runs/tiny          # kfp.local, CPU, end to end
+    r1zero run --runner docker --config configs/tiny.yaml          # the same, each task in the runtime image
     r1zero pipeline compile [--out pipelines/r1zero_pipeline.yaml]
     r1zero pipeline submit --host https://kfp.example.com --config configs/a100-13b.yaml \
         --registry s3://models/r1zero [--schedule "0 3 * * 0"] [--dry-run]
@@ -28,7 +29,7 @@ def _run(args) -> int:
     from pipelines.local_run import run_local
 
     cfg = config_from_args(args)
-    run_local(cfg, Path(args.out), registry_uri=args.registry, warm_start=args.warm_start)
+    run_local(cfg, Path(args.out), registry_uri=args.registry, warm_start=args.warm_start, runner=args.runner)
     return 0
 
 
@@ -67,6 +68,9 @@ def register_run(sub) -> None:
         p.add_argument("--registry", default=None, help="model registry URI for the promotion gate "
                        "(default: OUT/registry)")
         p.add_argument("--warm-start", action="store_true", help="GRPO starts from the last promoted model")
+        p.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                       help="subprocess: tasks run with this interpreter (fastest); docker: each task runs "
+                       "in the runtime image (`python -m r1zero.images build` first)")
         p.set_defaults(func=_run)
 
 

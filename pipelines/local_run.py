@@ -3,7 +3,9 @@
     r1zero run --config configs/tiny.yaml --out runs/tiny
 
 Every task runs as a subprocess with this interpreter (``SubprocessRunner(use_venv=False)``), so
-the installed r1zero is what runs. Artifacts land under ``OUT/kfp/<run>/<task>/``; the summary,
+the installed r1zero is what runs. ``--runner docker`` runs every task as a container of the
+runtime image instead (kfp.local's ``DockerRunner``; settings and checks in
+:mod:`r1zero.cluster.docker_runner`): build it first with ``python -m r1zero.images build``. Artifacts land under ``OUT/kfp/<run>/<task>/``; the summary,
 the HTML reports and the insight plots are copied to the top of ``OUT`` and a table is printed.
 """
 
@@ -99,15 +101,43 @@ def print_summary(s: dict) -> None:
     console.print(st)
 
 
-def run_local(cfg, out: Path, registry_uri: str | None = None, warm_start: bool = False) -> dict:
+RUNNERS = ("subprocess", "docker")
+
+
+def _runner(kind: str, out: Path, kfp_root: Path, registry_uri: str):
+    """kfp.local's runner: this interpreter, or containers of the runtime image as its non-root uid."""
+    from kfp import local
+
+    if kind == "subprocess":
+        return local.SubprocessRunner(use_venv=False)
+    if kind != "docker":
+        raise UserError(f"unknown runner {kind!r}: one of {', '.join(RUNNERS)}")
+    from r1zero import store
+    from r1zero.cluster.docker_runner import container_run_args, preflight, prepare_dirs
+    from r1zero.images import RUNTIME_IMAGE
+
+    preflight(RUNTIME_IMAGE)
+    dirs = [out, kfp_root]
+    if registry_uri and not store.is_s3(registry_uri):
+        dirs.append(Path(registry_uri).resolve())
+    prepare_dirs(*dirs)
+    # out holds kfp_root (mounted by kfp.local) and the default registry
+    mounts = [out] + [d for d in dirs[2:] if not d.is_relative_to(out)]
+    return local.DockerRunner(**container_run_args(mounts))
+
+
+def run_local(cfg, out: Path, registry_uri: str | None = None, warm_start: bool = False,
+              runner: str = "subprocess") -> dict:
     from kfp import local
 
     from pipelines.r1zero_pipeline import r1zero_pipeline
 
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     kfp_root = out / "kfp"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root), raise_on_error=True)
+    registry_uri = registry_uri if registry_uri is not None else str(out / "registry")
+    task_runner = _runner(runner, out, kfp_root, registry_uri)  # checks the engine and image first
+    out.mkdir(parents=True, exist_ok=True)
+    local.init(runner=task_runner, pipeline_root=str(kfp_root), raise_on_error=True)
     config_yaml = cfg.to_yaml()  # the one serialisation (r1zero.config)
     (out / "config.yaml").write_text(config_yaml)
     t0 = time.perf_counter()
@@ -118,7 +148,7 @@ def run_local(cfg, out: Path, registry_uri: str | None = None, warm_start: bool 
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
             r1zero_pipeline(config_yaml=config_yaml, target="local",
-                            registry_uri=registry_uri if registry_uri is not None else str(out / "registry"),
+                            registry_uri=registry_uri,
                             warm_start=warm_start)
         except RuntimeError as err:
             raise UserError(f"pipeline failed: {str(err).strip().splitlines()[0]}") from None
