@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from r1zero.config import build_config
 from r1zero.grpo import sharded as S
-from r1zero.grpo.update import NanGuard, build_batch
+from r1zero.grpo.update import NanGuard, build_batch, forward_completion
 from r1zero.train import parallelize as P
 from r1zero.train.parallel_dims import ParallelDims
 
@@ -94,10 +94,14 @@ def run(out: Path, ep: int, precision: str) -> None:
         steps.append(S.sharded_policy_update(pm.model, opt, batch, adv[lo:hi], g, guard=guard,
                                              micro_batch=g.micro_batch, dp=dims.dp, old_logp_BT=old_logp,
                                              ref_logp_BT=ref_logp, local_fraction=(hi - lo) / (GROUPS * G)))
+    with torch.no_grad():  # the activations' dtype (FSDP2's MixedPrecisionPolicy casts to bf16)
+        compute_dtype = str(forward_completion(pm.model, _slice(batch, 0, 1), 1.0)[1].logits.dtype)
+    S.reshard(pm.model)
     weights = S.full_state(pm.model)
     (out / f"rank{rank}.pt").parent.mkdir(parents=True, exist_ok=True)
     torch.save({"rows": (lo, hi), "steps": steps, "ref_logp": ref_logp, "old_logp": old_logp, "weights": weights,
-                "fsdp": pm.fsdp, "mask": batch.mask_BT}, out / f"rank{rank}.pt")
+                "fsdp": pm.fsdp, "mask": batch.mask_BT,
+                "compute_dtype": compute_dtype}, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
