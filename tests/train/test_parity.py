@@ -11,7 +11,7 @@ Every run is ``r1zero pretrain`` through the real CLI under ``torchrun`` as a Py
 it; several runs share one launch (``parity_worker.py``: one interpreter start per rank, a fresh
 process group per run). Resharding resume: the dp2 run checkpoints at step 10; tp2, pp2 and ep2 runs
 start from a copy of that checkpoint, and their step-11 loss must equal the uninterrupted dp2
-run's within 1e-5 relative.
+run's within 1e-5 relative; likewise dp2 from the interleaved pp2 run's step-10 checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ WORLD2 = {
     "tp2": "parallel.tp=2,pretrain.grad_accum=2",
     "pp2": "parallel.pp=2,pretrain.grad_accum=2",
     # 4 layers: pp2 x 2 virtual stages of one layer each (rank 0: layers 0 and 2, rank 1: 1 and 3)
-    "pp2i": "model.n_layers=4,parallel.pp=2,parallel.pp_schedule=interleaved_1f1b,pretrain.grad_accum=2",
+    "pp2i": "model.n_layers=4,parallel.pp=2,parallel.pp_schedule=interleaved_1f1b,pretrain.grad_accum=2,"
+            "pretrain.checkpoint_every=10",
     "ep2": "parallel.dp=2,parallel.ep=2,pretrain.grad_accum=1",
 }
 WORLD4 = {
@@ -124,7 +125,8 @@ def test_world2_layouts_match_world1_and_resume_across_layouts(setup, data_dir):
     _check_layouts(out, WORLD2, refs, world=2)
     assert "2 pipeline stages per rank (interleaved 1F1B)" in json.loads((out / "pp2i" / "summary.json").read_text())["layout"]
 
-    # resharding resume: the dp2 (FSDP2) checkpoint of step 10, loaded by tp2, pp2 and ep2
+    # resharding resume: the dp2 (FSDP2) checkpoint of step 10, loaded by tp2, pp2 and ep2; the
+    # interleaved pp2 checkpoint loaded by dp2
     saved = out / "dp2" / "checkpoints" / "step-00000010"
     assert (saved / "engine" / ".metadata").is_file()
     assert sorted(p.name for p in (saved / "engine").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -133,14 +135,19 @@ def test_world2_layouts_match_world1_and_resume_across_layouts(setup, data_dir):
         ckpt = root / f"ckpt-{name}"
         shutil.copytree(saved, ckpt / saved.name)
         resume[f"{name}-from-dp2"] = f"{WORLD2[name]},pretrain.steps=11,pretrain.checkpoint_uri={ckpt}"
+    # the interleaved pipeline's checkpoint (two stages per rank) loaded by dp2 (FSDP2), 4 layers
+    ckpt = root / "ckpt-pp2i"
+    shutil.copytree(out / "pp2i" / "checkpoints" / saved.name, ckpt / saved.name)
+    resume["dp2-from-pp2i"] = ("model.n_layers=4,parallel.dp=2,pretrain.grad_accum=1,pretrain.steps=11,"
+                               f"pretrain.checkpoint_uri={ckpt}")
     _launch(2, config, data_dir, out, resume, timeout=400)
-    uninterrupted = _losses(out / "dp2")
     figures = {}
     for name in resume:
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["start_step"] == 10 and summary["steps"] == 11
+        uninterrupted = _losses(out / ("pp2i" if name.endswith("-from-pp2i") else "dp2"))
         figures[name] = abs(_losses(out / name)[11] - uninterrupted[11]) / uninterrupted[11]
-    print("step-11 relative loss difference after resuming the dp2 checkpoint:", figures)
+    print("step-11 relative loss difference after resuming the dp2 and pp2i checkpoints:", figures)
     assert all(v <= RESUME_TOL for v in figures.values()), figures
 
 
