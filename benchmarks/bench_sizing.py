@@ -68,6 +68,8 @@ DRY_RUN_LAYOUTS = {
                                            "pretrain.grad_accum=32"],
     "tp1 pp1 ep8 dp64, ZeRO-1, 64 GPUs": ["cluster.nodes=8", "parallel.tp=1", "parallel.pp=1", "parallel.dp=64",
                                           "pretrain.grad_accum=16"],
+    "preset with interleaved 1F1B (2 stages per rank)": ["parallel.pp_schedule=interleaved_1f1b"],
+    "preset with HSDP (16 replicas x 8 shards)": ["parallel.dp_replicate=16"],
 }
 
 

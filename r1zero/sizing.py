@@ -336,6 +336,20 @@ class Layout:
     dp_replicate: int = 1  # HSDP replicas (fsdp2): states shard over dp / dp_replicate ranks only
 
 
+def interleaved_in_flight(rank: int, pp: int, v: int, m: int) -> float:
+    """Micro-batches' worth of a rank's layers whose activations interleaved 1F1B keeps at its peak.
+
+    torch's ``ScheduleInterleaved1F1B`` runs ``m`` micro-batches in ``max(1, m // pp)`` rounds and
+    warms up ``(v - 1) * m_round + 2 * (pp - 1 - rank)`` chunk forwards (capped at ``m * v``;
+    ``torch.distributed.pipelining.schedules._get_warmup_ops``) before its first backward; with
+    the steady state's one more, each chunk ``1 / v`` of the rank's layers. Rank 0 with ``m`` a
+    multiple of ``pp``: ``pp + (pp - 1) / v`` = [Korthikanti] sec. 4.2.3's ``pp (1 + (pp - 1) / (pp v))``.
+    """
+    rounds = max(1, m // pp)
+    warmup = min((v - 1) * (m // rounds) + 2 * (pp - 1 - rank), m * v)
+    return min(warmup + 1, m * v) / v
+
+
 def fsdp2_state_bytes_per_param(n_shard: int) -> dict[str, float]:
     """Bytes per parameter of FSDP2 (``fully_shard``) on one rank, for any training precision.
 
@@ -368,8 +382,8 @@ def stage_memory(spec: ModelSpec, layout: Layout, micro_batches: int, precision:
     in_flight = min(p, micro_batches) if first else 1  # 1F1B: stage i holds p - i micro-batches
     if L.schedule == "gpipe" and p > 1:  # GPipe: every stage holds all m micro-batches
         in_flight = micro_batches
-    if L.interleave > 1 and first and p > 1:  # interleaved 1F1B: (1 + (p-1)/(p·v)) x ([Korthikanti] sec. 4.2.3)
-        in_flight *= 1 + (p - 1) / (p * L.interleave)
+    if L.interleave > 1 and p > 1:  # interleaved 1F1B: p·(1 + (p-1)/(p·v)) on stage 0 ([Korthikanti] sec. 4.2.3)
+        in_flight = interleaved_in_flight(0 if first else p - 1, p, L.interleave, micro_batches)
     split = L.engine != "fsdp2"
     act_layer = activation_bytes_per_layer(spec, b, t, L.recompute, sp, split)
     act = act_layer * layers * in_flight

@@ -221,6 +221,8 @@ def activation_bytes(cfg, layers: int, stage_index: int, holds_logits: bool) -> 
     if p.pp > 1 and p.pp_schedule == "gpipe":
         in_flight = pre.grad_accum
     if p.pp > 1 and p.pp_schedule == "interleaved_1f1b":
+        from r1zero.sizing import interleaved_in_flight
+
         in_flight = interleaved_in_flight(stage_index, p.pp, p.virtual_stages(), pre.grad_accum)
     # routed experts run on the tp-gathered sequence (r1zero.train.parallelize): not split over tp
     act = activation_bytes_per_layer(spec, pre.micro_batch, p.tp, recompute, sp, False) * layers * in_flight
@@ -230,19 +232,6 @@ def activation_bytes(cfg, layers: int, stage_index: int, holds_logits: bool) -> 
         low = 4 if cfg.pretrain.precision == "fp32" else 2
         act += pre.seq_len * pre.micro_batch * cfg.model.vocab_size / p.tp * (low + 8)
     return int(act)
-
-
-def interleaved_in_flight(rank: int, pp: int, v: int, m: int) -> float:
-    """Micro-batches' worth of this rank's layers whose activations interleaved 1F1B keeps at its
-    peak: torch's ``ScheduleInterleaved1F1B`` warms up ``(v - 1) * m_round + 2 * (pp - 1 - rank)``
-    chunk forwards (``_get_warmup_ops``, capped at ``m * v``) before its first backward, each
-    chunk being ``1 / v`` of the rank's layers: e.g. pp 2, v 2, m 8 on rank 0 keeps 5 chunks =
-    2.5 micro-batches, Korthikanti et al. 2022's ``pp * (1 + (pp - 1) / (pp * v))``."""
-    from torch.distributed.pipelining.schedules import _get_warmup_ops  # the schedule's own count
-
-    rounds = max(1, m // pp)  # as ScheduleInterleaved1F1B.__init__
-    # the warmup forwards plus the steady state's one, at most every chunk of every micro-batch
-    return min(_get_warmup_ops(rank, v, m // rounds, pp, m) + 1, m * v) / v
 
 
 def _optimizer(pm, cfg):

@@ -17,8 +17,9 @@ import pytest
 
 from r1zero.cli import main
 from r1zero.config import load_config
+from r1zero.sizing import interleaved_in_flight
 from r1zero.sizing_cli import planner_layout_bytes
-from r1zero.train.dryrun import check_layout, default_ranks, interleaved_in_flight, layout_problems
+from r1zero.train.dryrun import check_layout, default_ranks, layout_problems
 
 REPO = Path(__file__).resolve().parents[2]
 A100 = str(REPO / "configs" / "a100-13b.yaml")
@@ -153,6 +154,13 @@ def test_interleaved_in_flight_follows_the_schedule():
     assert interleaved_in_flight(1, 2, 2, 8) == 1.5
     # pp 4, v 2, 4 micro-batches: the warmup (4 + 6) reaches every chunk of every micro-batch
     assert interleaved_in_flight(0, 4, 2, 4) == 4.0
+    # the schedule's own warmup count (torch.distributed.pipelining), over a grid of layouts
+    from torch.distributed.pipelining.schedules import _get_warmup_ops
+
+    for pp, v, m in [(2, 2, 2), (2, 2, 8), (2, 3, 6), (4, 2, 4), (4, 2, 12), (4, 4, 8), (8, 2, 16), (2, 2, 5)]:
+        for rank in range(pp):
+            want = min(_get_warmup_ops(rank, v, m // max(1, m // pp), pp, m) + 1, m * v) / v
+            assert interleaved_in_flight(rank, pp, v, m) == want, (rank, pp, v, m)
 
 
 @pytest.mark.parametrize("sets, phrase", [
