@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def print_summary(s: dict) -> None:
 RUNNERS = ("subprocess", "docker")
 
 
-def _runner(kind: str, out: Path, kfp_root: Path, registry_uri: str):
+def _runner(kind: str, out: Path, kfp_root: Path, registry_uri: str, run_token: str):
     """kfp.local's runner: this interpreter, or containers of the runtime image as its non-root uid."""
     from kfp import local
 
@@ -123,7 +124,7 @@ def _runner(kind: str, out: Path, kfp_root: Path, registry_uri: str):
     prepare_dirs(*dirs)
     # out holds kfp_root (mounted by kfp.local) and the default registry
     mounts = [out] + [d for d in dirs[2:] if not d.is_relative_to(out)]
-    return local.DockerRunner(**container_run_args(mounts))
+    return local.DockerRunner(**container_run_args(mounts, run_token))
 
 
 def run_local(cfg, out: Path, registry_uri: str | None = None, warm_start: bool = False,
@@ -135,7 +136,8 @@ def run_local(cfg, out: Path, registry_uri: str | None = None, warm_start: bool 
     out = Path(out).resolve()
     kfp_root = out / "kfp"
     registry_uri = registry_uri if registry_uri is not None else str(out / "registry")
-    task_runner = _runner(runner, out, kfp_root, registry_uri)  # checks the engine and image first
+    run_token = uuid.uuid4().hex
+    task_runner = _runner(runner, out, kfp_root, registry_uri, run_token)  # checks the engine and image first
     out.mkdir(parents=True, exist_ok=True)
     local.init(runner=task_runner, pipeline_root=str(kfp_root), raise_on_error=True)
     config_yaml = cfg.to_yaml()  # the one serialisation (r1zero.config)
@@ -152,6 +154,11 @@ def run_local(cfg, out: Path, registry_uri: str | None = None, warm_start: bool 
                             warm_start=warm_start)
         except RuntimeError as err:
             raise UserError(f"pipeline failed: {str(err).strip().splitlines()[0]}") from None
+        finally:
+            if runner == "docker":  # Ctrl-C: the running task's container would go on
+                from r1zero.cluster.docker_runner import remove_containers
+
+                remove_containers(run_token)
     summary = collect(_latest_run_dir(kfp_root), out)
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

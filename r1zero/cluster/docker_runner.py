@@ -13,6 +13,7 @@ what r1zero adds around it, without importing kfp (the core's layering, ``pyproj
   (:data:`r1zero.images.UID`), was built from this source tree (else a one-line warning);
 - :func:`prepare_dirs`: the run directories become writable by that uid (the containers run as
   the image's own user, never as the caller's);
+- :func:`remove_containers`: an interrupted run leaves no task container running;
 - :func:`container_run_args`: the ``containers.run`` arguments of the docker SDK for every task:
   no network, read-only root with a tmpfs /tmp, all capabilities dropped, no privilege
   escalation, the run directory mounted.
@@ -25,12 +26,23 @@ import sys
 from pathlib import Path
 
 from r1zero.errors import UserError
-from r1zero.images import HASH_LABEL, REPO, UID, image_exists, image_label, image_user, inputs_hashes, require_engine
+from r1zero.images import (
+    HASH_LABEL,
+    REPO,
+    UID,
+    docker,
+    image_exists,
+    image_label,
+    image_user,
+    inputs_hashes,
+    require_engine,
+)
 
 # /dev/shm of a task container (docker's default is 64 MiB): torch's CPU collectives and data
 # workers use it; the pipeline's pods mount a Memory emptyDir there as well.
 SHM_SIZE = "1g"
 TMP_SIZE = "2g"  # /tmp (tmpfs, in memory): HOME and the stage's temporary config file
+RUN_LABEL = "org.r1zero.local-run"  # on every task container of one `r1zero run --runner docker`
 # caller's settings the tasks inherit under the subprocess runner and that change results
 FORWARDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 DOCKER_SDK_PIN = "docker==7.2.0"  # pyproject.toml, dev extra: kfp.local's DockerRunner needs the SDK
@@ -82,12 +94,14 @@ def prepare_dirs(*dirs: Path) -> None:
             d.chmod(0o777)
 
 
-def container_run_args(mount_dirs: list[Path]) -> dict:
+def container_run_args(mount_dirs: list[Path], run_token: str) -> dict:
     """``docker.containers.run`` arguments for every task (kfp.local adds image, command and the
-    pipeline root's volume; it refuses those three here)."""
+    pipeline root's volume; it refuses those three here). ``run_token`` labels the containers
+    (:func:`remove_containers`)."""
     from docker.types import Mount
 
     return {
+        "labels": {RUN_LABEL: run_token},
         # The image's ENTRYPOINT is `r1zero` (for the pods' `r1zero <stage>` args); kfp passes the
         # component's whole command (sh -c ... kfp.dsl.executor_main) as the container's Cmd.
         "entrypoint": [],
@@ -107,3 +121,12 @@ def container_run_args(mount_dirs: list[Path]) -> dict:
         # directories outside the pipeline root that tasks write (the promotion gate's registry)
         "mounts": [Mount(target=str(d), source=str(d), type="bind") for d in mount_dirs],
     }
+
+
+def remove_containers(run_token: str) -> list[str]:
+    """Force-remove the task containers of one run still there (an interrupted run: kfp.local
+    leaves the running task's container behind, as it auto-removes only containers that exit)."""
+    ids = docker("ps", "--all", "--quiet", "--filter", f"label={RUN_LABEL}={run_token}", check=False).stdout.split()
+    if ids:
+        docker("rm", "--force", *ids, check=False)
+    return ids

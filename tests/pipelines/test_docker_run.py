@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -149,10 +150,45 @@ def test_preflight_refuses_a_missing_image_and_a_root_image(images):
         preflight(f"{BASE_NAME}:{BASE_SUITE}-{base_hash()}")
 
 
-def test_container_settings(tmp_path):
-    from r1zero.cluster.docker_runner import container_run_args
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_interrupted_docker_run_leaves_no_container(runtime_image, tmp_path):
+    """Ctrl-C while a task runs: r1zero exits 130 and removes the task's container (kfp.local
+    would leave it running)."""
+    from r1zero.cluster.docker_runner import RUN_LABEL
+    from r1zero.images import docker
 
-    args = container_run_args([tmp_path])
+    def ours() -> list[str]:
+        return docker("ps", "--all", "--quiet", "--filter", f"label={RUN_LABEL}").stdout.split()
+
+    assert not ours()
+    # the whole tiny preset: its first task (the data mix) runs long enough to be interrupted
+    proc = subprocess.Popen([sys.executable, "-m", "r1zero.cli", "run", "--runner", "docker", "--config",
+                             "configs/tiny.yaml", "--out", str(tmp_path / "run")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not ours():
+            assert proc.poll() is None and time.monotonic() < deadline, "no task container started"
+            time.sleep(0.5)
+        time.sleep(2)
+        assert ours(), "the task finished before the interrupt"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "r1zero: interrupted" in err
+    assert not ours()
+
+
+def test_container_settings(tmp_path):
+    from r1zero.cluster.docker_runner import RUN_LABEL, container_run_args
+
+    args = container_run_args([tmp_path], "run-1")
+    assert args["labels"] == {RUN_LABEL: "run-1"}
     assert args["entrypoint"] == [] and args["network_mode"] == "none" and args["read_only"] is True
     assert args["cap_drop"] == ["ALL"] and args["security_opt"] == ["no-new-privileges"]
     assert "user" not in args  # the image's own non-root USER (checked by preflight)
