@@ -1,6 +1,6 @@
 """Layout parity on CPU/gloo against world 1, 20 steps: dp2 (FSDP2), tp2 (+SP), pp2 (1F1B), pp2 with
 interleaved 1F1B (2 stages per rank, on a 4-layer model), ep2, and the 4-process dp4 x ep2,
-tp2 x pp2 and HSDP (2 replicas x 2 shards); each also in bf16; and resume across layouts.
+tp2 x pp2 (also interleaved) and HSDP (2 replicas x 2 shards); each also in bf16; and resume across layouts.
 
 The global batch is the same in every layout (dp splits it, grad_accum makes up the rest; pipeline
 micro-batches are the grad_accum micro-batches), so fp32 layouts must reproduce the world=1 losses
@@ -48,6 +48,9 @@ WORLD2 = {
 WORLD4 = {
     "dp4ep2": "parallel.dp=4,parallel.ep=2,pretrain.grad_accum=1",
     "tp2pp2": "parallel.tp=2,parallel.pp=2,pretrain.grad_accum=4",
+    # interleaved 1F1B with tensor + sequence parallelism inside each of the 4 one-layer stages
+    "tp2pp2i": "model.n_layers=4,parallel.tp=2,parallel.pp=2,parallel.pp_schedule=interleaved_1f1b,"
+               "pretrain.grad_accum=4",
     # HSDP: 2 replicas x 2 shards (fully_shard over the 2-D (dpr, dp_shard) mesh)
     "hsdp2x2": "parallel.dp=4,parallel.dp_replicate=2,pretrain.grad_accum=1",
 }
@@ -75,7 +78,7 @@ def setup(data_dir, make_config, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for ga, layers in ((2, 2), (4, 2), (2, 4)):
+        for ga, layers in ((2, 2), (4, 2), (2, 4), (4, 4)):
             out = root / f"ref-ga{ga}-L{layers}"
             summary = run_pretrain(cfg.model_copy(update={
                 "pretrain": cfg.pretrain.model_copy(update={"grad_accum": ga}),
