@@ -49,14 +49,14 @@ DOCKER_SDK_PIN = "docker==7.2.0"  # pyproject.toml, dev extra: kfp.local's Docke
 
 
 def _runs_as_uid(user: str) -> bool:
-    """Whether an image's USER ("10001", "10001:10001" or a name) is :data:`UID`."""
+    """Whether an image's USER ("10001" or "10001:10001"; the Dockerfiles set the number) is :data:`UID`."""
     return user.split(":")[0] == str(UID)
 
 
 def preflight(image: str, log=lambda m: print(m, file=sys.stderr, flush=True)) -> None:
     """Refuse to start unless ``image`` can run the tasks here; one-line UserErrors naming the fix."""
     try:
-        import docker  # noqa: F401  (kfp.local imports it when the runner is created)
+        import docker as docker_sdk  # noqa: F401  (kfp.local imports it when the runner is created)
     except ImportError:
         raise UserError(f"--runner docker needs the docker Python SDK: pip install {DOCKER_SDK_PIN}") from None
     require_engine()
