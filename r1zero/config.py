@@ -337,6 +337,10 @@ class GRPOConfig(_Section):
     # completions per forward/backward of the sharded update (r1zero.grpo.sharded): a rank's whole
     # batch of logits is never materialised at once; None = all of the rank's completions at once
     micro_batch: int | None = Field(None, ge=1)
+    # where the update runs: ``replicated`` (every rank a full fp32 policy, gradients all-reduced:
+    # the CPU preset's fast path) or ``fsdp2`` (the pretraining engine: FSDP2 + EP shards,
+    # r1zero.grpo.sharded; r1zero MoE policies)
+    update_engine: Literal["replicated", "fsdp2"] = "replicated"
     advantage: Literal["group", "mean", "batch"] = "group"
     loss_agg: Literal["sequence", "token", "constant"] = "token"
     dynamic_sampling: bool = False

@@ -101,12 +101,12 @@ def reference_dtype(ecfg) -> torch.dtype:
     return param_dtype(ecfg.pretrain.precision)
 
 
-def build_reference(ecfg, mesh):
+def build_reference(ecfg, mesh, hf_config=None):
     """The frozen reference: the policy's layout in the compute dtype, resharded after each
     block's forward, no activation checkpointing (it runs under no_grad), no gradients."""
     from r1zero.train import parallelize as P
 
-    model = P.build_meta_model(ecfg).to(reference_dtype(ecfg))
+    model = P.build_meta_model(ecfg, hf_config=hf_config).to(reference_dtype(ecfg))
     pre = ecfg.pretrain.model_copy(update={"activation_checkpointing": False})
     rcfg = ecfg.model_copy(update={"parallel": ecfg.parallel.model_copy(update={"zero_stage": 3}), "pretrain": pre})
     pm = P.parallelize(model, mesh, rcfg)
@@ -349,3 +349,136 @@ def full_state(model) -> dict[str, torch.Tensor]:
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         out[canonical_fqn(name, False)] = full.detach().float().cpu().clone()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's side (grpo.update_engine: fsdp2)
+
+
+@torch.no_grad()
+def load_full(model, full_sd: dict[str, torch.Tensor]) -> None:
+    """Copy full (world-1) tensors into this rank's shards of ``model`` (parameters and buffers)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from r1zero.train.parallelize import canonical_fqn
+
+    for name, t in model.state_dict().items():
+        src = full_sd[canonical_fqn(name, False)]
+        if isinstance(t, DTensor):
+            local = distribute_tensor(src.to(t.dtype), t.device_mesh, t.placements, src_data_rank=None).to_local()
+            t.to_local().copy_(local)
+        else:
+            t.copy_(src)
+
+
+def gather_full(model) -> dict[str, torch.Tensor]:
+    """Collective: every world-1 parameter on every rank (:func:`full_state`, then each expert that
+    expert parallelism keeps on other ranks broadcast from the lowest rank holding it)."""
+    from r1zero.train import dist as rdist
+
+    mine = full_state(model)
+    parts = rdist.all_gather_object(sorted(mine), None)
+    owners: dict[str, int] = {}
+    for rank, names in enumerate(parts):
+        for n in names:
+            owners.setdefault(n, rank)
+    if all(len(p) == len(owners) for p in parts):
+        return mine  # no expert parallelism: every rank holds every tensor
+    shapes = rdist.all_gather_object({n: (tuple(t.shape), str(t.dtype)) for n, t in mine.items()}, None)
+    me = torch.distributed.get_rank()
+    for name in sorted(owners):
+        owner = owners[name]
+        if all(name in p for p in parts):
+            continue
+        shape, _ = shapes[owner][name]
+        t = mine[name] if me == owner else torch.empty(shape, dtype=torch.float32)
+        mine[name] = rdist.broadcast(t, src=owner)
+    return mine
+
+
+class ShardedGRPO:
+    """The GRPO loop's policy update on the pretraining engine (``grpo.update_engine: fsdp2``).
+
+    Holds the sharded policy, the sharded reference (``beta > 0``) and the RL AdamW over the
+    shards; the loop's plain ``rollout_model`` (the native sampler's or the vLLM engine's source of
+    weights, the evaluation and the export) gets the updated full weights after every update.
+    Needs r1zero's MoE policy (the engine parallelises it), an initialised process group (the
+    trainer starts a one-rank group at world 1) and the ``replicated`` path for PPO.
+    """
+
+    def __init__(self, cfg, rollout_model, world_size: int, device: torch.device):
+        from r1zero.model.modeling import R1ZeroForCausalLM
+        from r1zero.train import parallelize as P
+        from r1zero.train.parallel_dims import ParallelDims
+
+        if not isinstance(rollout_model, R1ZeroForCausalLM):
+            raise UserError(f"grpo.update_engine=fsdp2 runs r1zero's MoE policy on the pretraining engine; the policy is "
+                            f"a {type(rollout_model).__name__} (use grpo.update_engine=replicated)")
+        if cfg.grpo.algorithm == "ppo":
+            raise UserError("grpo.update_engine=fsdp2 does not run PPO's value head (use grpo.update_engine=replicated)")
+        for problem in grpo_layout_problems(cfg, world_size):
+            raise UserError(problem)
+        self.cfg, self.g = cfg, cfg.grpo
+        self.ecfg = engine_config(cfg, world_size)
+        self.dims = ParallelDims.from_config(self.ecfg.parallel, self.ecfg.model, world_size=world_size)
+        self.mesh = P.build_mesh(self.dims, device.type)
+        self.micro = micro_batch(cfg, world_size)
+        full = {k: v.detach().cpu() for k, v in rollout_model.state_dict().items()}
+        hf = rollout_model.config
+        self.pm = P.parallelize(P.build_meta_model(self.ecfg, hf_config=hf), self.mesh, self.ecfg)
+        P.materialize(self.pm, device, cfg.seed)
+        load_full(self.pm.model, full)
+        self.ref = None
+        if self.g.beta > 0:
+            self.ref = build_reference(self.ecfg, self.mesh, hf_config=hf)
+            P.materialize(self.ref, device, cfg.seed)
+            load_full(self.ref.model, full)
+        self.optimizer = build_optimizer(self.pm.model, self.g)
+        self.rollout_model = rollout_model
+
+    def logprobs(self, batch) -> torch.Tensor:
+        return sharded_logprobs(self.pm.model, batch, self.g.temperature, self.micro)
+
+    def ref_logprobs(self, batch) -> torch.Tensor | None:
+        return None if self.ref is None else sharded_logprobs(self.ref.model, batch, self.g.temperature, self.micro)
+
+    def update(self, batch, adv, *, guard, old_logp_BT=None, ref_logp_BT=None, local_fraction: float = 1.0) -> dict:
+        """One :func:`sharded_policy_update`, then the rollout model takes the new weights."""
+        stats = sharded_policy_update(self.pm.model, self.optimizer, batch, adv, self.g, guard=guard,
+                                      micro_batch=self.micro, dp=self.dims.dp, old_logp_BT=old_logp_BT,
+                                      ref_logp_BT=ref_logp_BT, local_fraction=local_fraction)
+        self.sync()
+        return stats
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        full = gather_full(self.pm.model)
+        dev = next(self.rollout_model.parameters()).device
+        missing = self.rollout_model.load_state_dict({k: v.to(dev) for k, v in full.items()}, strict=False).missing_keys
+        # buffers (RoPE, the routers' aux-free bias, which GRPO does not step) stay as they are
+        params = {n for n, _ in self.rollout_model.named_parameters()}
+        if set(missing) & params:
+            raise RuntimeError(f"sharded policy lacks {sorted(set(missing) & params)[:3]}")
+
+    # -- checkpoints: torch.distributed.checkpoint, every rank its own shards ---------------------
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.pm.model, self.optimizer,
+                                            options=StateDictOptions(flatten_optimizer_state_dict=True))
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, directory) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(directory))
+
+    def load(self, directory) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.pm.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(flatten_optimizer_state_dict=True))
+        self.sync()

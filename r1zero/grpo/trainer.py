@@ -417,7 +417,13 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
     torch.manual_seed(cfg.seed)
     model, tok = load_policy(policy_uri)
     model.to(device)
-    ref = load_policy(policy_uri)[0].eval().requires_grad_(False).to(device) if g.beta > 0 else None
+    sharded = None
+    if g.update_engine == "fsdp2":  # the policy update on the pretraining engine (r1zero.grpo.sharded)
+        from r1zero.grpo.sharded import ShardedGRPO
+
+        sharded = ShardedGRPO(cfg, model, ws, device)
+    ref = load_policy(policy_uri)[0].eval().requires_grad_(False).to(device) if g.beta > 0 and sharded is None \
+        else None
     data_dir = store.materialize(data_uri)
     budget = max_positions(model) - g.max_new_tokens
     if budget < 8:
@@ -445,7 +451,7 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
     params = [p for p in model.parameters() if p.requires_grad]
     if value_head is not None:
         params += list(value_head.parameters())
-    optimizer = make_optimizer(params, g.lr)
+    optimizer = make_optimizer(params, g.lr) if sharded is None else sharded.optimizer
 
     strata = [adaptive.stratum_of(e.item) for e in entries] if g.adaptive.enabled and g.adaptive.stratum_prior else None
     st = RunState(stream=PromptStream(len(entries), cfg.seed), guard=NanGuard(g.nan_abort_after),
@@ -465,7 +471,10 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
     if loaded is not None:
         sd = torch.load(loaded.path / "grpo_state.pt", weights_only=False, map_location="cpu")
         model.load_state_dict(sd["model"])
-        optimizer.load_state_dict(sd["optimizer"])
+        if sharded is None:
+            optimizer.load_state_dict(sd["optimizer"])
+        else:  # the shards of the policy and its optimizer state (torch.distributed.checkpoint)
+            sharded.load(loaded.path / "engine")
         if value_head is not None:
             value_head.load_state_dict(sd["value_head"])
         st.load(loaded.state["run"])
@@ -490,14 +499,15 @@ def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
     try:
         return _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subset, scorer, pattern,
                      metrics, samples_path, ckpt, work, engine, {"dropped_prompts": dropped,
-                                                                 "dropped_eval_prompts": eval_dropped})
+                                                                 "dropped_eval_prompts": eval_dropped},
+                     sharded=sharded)
     finally:
         if engine is not None:
             engine.close()
 
 
 def _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subset, scorer, pattern, metrics,
-          samples_path, ckpt, work, engine, dropped_info) -> dict | None:
+          samples_path, ckpt, work, engine, dropped_info, sharded=None) -> dict | None:
     g = cfg.grpo
     rank, _ = world()
     tel = _telemetry(cfg, rank)
@@ -520,12 +530,14 @@ def _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subs
         batch = build_batch(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
         old_logp = ref_logp = old_v = ret = None
         if g.mu > 1 or g.algorithm == "ppo" or roll.logprobs is not None:
-            old_logp = sequence_logprobs(model, batch, g.temperature)
+            old_logp = sequence_logprobs(model, batch, g.temperature) if sharded is None else sharded.logprobs(batch)
             if value_head is not None:
                 with torch.no_grad():
                     old_v = value_head.values()[:, -(batch.mask_BT.shape[1] + 1):-1].detach().cpu()
         if ref is not None:
             ref_logp = sequence_logprobs(ref, batch, g.temperature)
+        elif sharded is not None:
+            ref_logp = sharded.ref_logprobs(batch)
         if g.algorithm == "ppo":
             adv, ret = ppo_advantages(cfg, roll, batch, old_v)
         else:
@@ -540,9 +552,13 @@ def _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subs
         n_global = all_sum([float(len(roll.completion_ids))])[0]
         if engine is not None:
             engine.before_update()
-        upd = policy_update(model, optimizer, batch, adv, g, params=params, guard=st.guard, old_logp_BT=old_logp,
-                            ref_logp_BT=ref_logp, value_head=value_head, old_values_BT=old_v, returns_BT=ret,
-                            local_fraction=len(roll.completion_ids) / max(n_global, 1.0))
+        if sharded is not None:  # micro-batched on the FSDP2 (+EP) shards; the rollout model synced after
+            upd = sharded.update(batch, adv, guard=st.guard, old_logp_BT=old_logp, ref_logp_BT=ref_logp,
+                                 local_fraction=len(roll.completion_ids) / max(n_global, 1.0))
+        else:
+            upd = policy_update(model, optimizer, batch, adv, g, params=params, guard=st.guard, old_logp_BT=old_logp,
+                                ref_logp_BT=ref_logp, value_head=value_head, old_values_BT=old_v, returns_BT=ret,
+                                local_fraction=len(roll.completion_ids) / max(n_global, 1.0))
         if engine is not None:
             engine.update_weights(model)
         summaries = _gather(_rollout_summary(roll, info, pattern, info["first_round"]))
@@ -577,7 +593,7 @@ def _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subs
         bar.set_postfix(reward=f"{m['grpo/reward/mean']:.3f}", acc=f"{m['grpo/accuracy']:.3f}")
         if st.step % g.checkpoint_every == 0:
             with tel.checkpoint_timer() if tel is not None else contextlib.nullcontext():
-                _save(ckpt, st, model, optimizer, value_head, work)
+                _save(ckpt, st, model, optimizer, value_head, work, sharded)
     bar.close()
     if subset and stop_reason == "time_budget" and st.step % g.eval_every != 0 and st.step > 0:
         st.last_eval = run_eval(model, tok, subset, scorer, g.max_new_tokens)  # the curve ends where training did
@@ -644,13 +660,17 @@ def _streaming_detector(cfg, path: Path, tel):
     return StreamingDetector(cfg.insight, on_event=[metrics_callback(write)])
 
 
-def _save(ckpt, st: RunState, model, optimizer, value_head, work: Path) -> None:
+def _save(ckpt, st: RunState, model, optimizer, value_head, work: Path, sharded=None) -> None:
     rank, _ = world()
 
     def write(d: Path) -> None:
+        if sharded is not None:  # every rank writes its own shards of the policy and optimizer
+            sharded.save(d / "engine")
         if rank != 0:
             return
-        sd = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        sd = {"model": model.state_dict()}
+        if sharded is None:
+            sd["optimizer"] = optimizer.state_dict()
         if value_head is not None:
             sd["value_head"] = value_head.state_dict()
         torch.save(sd, d / "grpo_state.pt")
@@ -684,7 +704,9 @@ def run_grpo(cfg, policy_uri: str, data_uri: str, out_uri: str) -> dict | None:
     store.configure(cfg.store)
     env = rdist.read_env()
     device = rdist.device_for(env)  # cuda:LOCAL_RANK on a GPU node, else CPU
-    if env.world_size > 1 and not dist.is_initialized():
+    # the fsdp2 update engine builds a DeviceMesh: a one-rank group at world 1
+    group = env.world_size > 1 or cfg.grpo.update_engine == "fsdp2"
+    if group and not dist.is_initialized():
         rdist.init_default_group(env, device)
     ckpt_uri = store.join(out_uri, "checkpoints")
     remote = store.is_s3(out_uri)
@@ -696,7 +718,7 @@ def run_grpo(cfg, policy_uri: str, data_uri: str, out_uri: str) -> dict | None:
             store.publish(work, out_uri)
         return summary
     finally:
-        if env.world_size > 1:
+        if group:
             rdist.shutdown()
         if remote:
             shutil.rmtree(work, ignore_errors=True)
