@@ -215,3 +215,46 @@ def test_trainer_fsdp2_engine_matches_the_replicated_step_and_resumes(grpo_env, 
     assert _series(tmp_path / "part", "grpo/loss") == pytest.approx(_series(tmp_path / "full", "grpo/loss"), rel=1e-6)
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "part" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_trainer_world2_fsdp2_with_ep_matches_the_replicated_step(grpo_env, tmp_path, make_cfg):
+    """``torchrun --nproc-per-node 2 -m r1zero.cli grpo`` with grpo.update_engine=fsdp2 and
+    parallel.ep=2 (FSDP2 over 2 ranks, 2 of the MoE's 4 experts per rank, the rollout models
+    synced with every expert): one step equals the replicated update at world 2."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data, _, moe_dir = grpo_env
+    moe = tmp_path / "moe"  # as above: no balance/z loss terms (their token sets differ by path)
+    shutil.copytree(moe_dir, moe)
+    hf = json.loads((moe / "config.json").read_text())
+    hf.update(aux_loss_coef=0.0, z_loss_coef=0.0, router_aux_loss_coef=0.0)
+    if isinstance(hf.get("r1zero"), dict):
+        hf["r1zero"].update(aux_loss_coef=0.0, z_loss_coef=0.0)
+    (moe / "config.json").write_text(json.dumps(hf))
+    cfg = make_cfg("grpo.beta=0.02", "grpo.eval_problems=0", "grpo.reward.overlong=true",
+                   "grpo.reward.overlong_buffer=16", "grpo.steps=1", "model.moe.n_experts=4")
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+
+    def launch(out: str, *sets: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "r1zero.cli", "grpo", "--config", str(tmp_path / "cfg.yaml"),
+               "--policy", str(moe), "--data", str(data), "--out", str(tmp_path / out)]
+        for s in sets:
+            cmd += ["--set", s]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "R1ZERO_PROGRESS": "0"}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    launch("rep")
+    launch("ep2", "grpo.update_engine=fsdp2", "grpo.micro_batch=3", "parallel.ep=2")
+    for name in ("grpo/loss", "grpo/grad_norm", "grpo/entropy", "grpo/reward/mean"):
+        want, got = _series(tmp_path / "rep", name), _series(tmp_path / "ep2", name)
+        assert len(got) == 1 and got == pytest.approx(want, rel=TOL, abs=1e-6), (name, got, want)
+    a, b = load_file(str(tmp_path / "rep" / "model.safetensors")), load_file(str(tmp_path / "ep2" / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=TOL, rtol=0), (k, float((a[k] - b[k]).abs().max()))
