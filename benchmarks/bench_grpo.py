@@ -17,8 +17,8 @@ AdamW kernel (transformers' default ``adamw_torch_fused`` on TRL's side,
 
 - step: one full GRPO step (sample G completions per prompt, reward, group advantages, one
   optimizer update). r1zero: :func:`r1zero.grpo.rollout.generate_groups`-equivalent sampling with
-  :func:`r1zero.generate.sample` + :func:`r1zero.grpo.update.policy_update` (both take their lean
-  paths for a Llama policy: static-KV-cache decoding, shared-prompt training forward). TRL: ``trainer.train``
+  :func:`r1zero.generate.sample` + :func:`r1zero.grpo.update.policy_update` (the policy's own forward;
+  for a Llama policy transformers' cache at decode and the shared-prompt training forward). TRL: ``trainer.train``
   for ``steps`` steps, timed per step by a callback (the first steps are warm-up and dropped).
   Figure: completion tokens per second of step wall time.
 - generate: :func:`r1zero.generate.sample` vs ``model.generate(do_sample=True)`` on the same

@@ -1,4 +1,4 @@
-"""GRPO step pieces on the tiny preset's own policy: r1zero's lean paths vs the generic ones.
+"""GRPO step pieces on the tiny preset's own policy: r1zero's default paths vs their peers.
 
     .venv/bin/python benchmarks/bench_grpo_preset.py --policy runs/tiny/pretrain --data runs/tiny/data
 
@@ -11,12 +11,13 @@ the pretrained MoE base (most completions stop early, so the batch is ragged), t
 update on 8 of those groups (dynamic sampling keeps about half). Pieces, interleaved and repeated
 in one process, process CPU time, one intra-op thread:
 
-- sampling: :func:`r1zero.generate.sample` on its lean path (static KV cache; the MoE decoded
-  densely, :func:`r1zero.lean._moe_dense`) vs the lean path with the routed MoE module
-  (``moe=routed``) vs ``sample(lean=False)`` (the model's own forward with a transformers cache);
-- update: :func:`r1zero.grpo.update.policy_update` with the lean training forward (each unique
-  prompt once, padding rows skipped) vs ``LEAN_FORWARD = False`` (``model(...)`` over the padded
-  batch). Same batch, same advantages; each side updates its own copy of the policy.
+- sampling: :func:`r1zero.generate.sample` (the model's own forward with its preallocated
+  ``KVCache``, the MoE decoded densely inside ``MoELayer.forward``) vs the same with the routed
+  MoE path at decode (``routed``) vs the same with transformers' ``DynamicCache`` (``dynamic``);
+- update: :func:`r1zero.grpo.update.policy_update` with the shared-prompt forward (each unique
+  prompt once, completions in length buckets from its cache) vs ``SHARED_PROMPT_FORWARD = False``
+  (``model(...)`` over the padded batch). Same batch, same advantages; each side updates its own
+  copy of the policy.
 
 Prints a table, and with ``--json`` a last line of figures (tokens/s and ms, medians).
 """
@@ -48,7 +49,7 @@ def main() -> None:
 
     import r1zero.generate as gen_mod
     import r1zero.grpo.update as upd_mod
-    import r1zero.lean as lean_mod
+    import r1zero.model.moe as moe_mod
     from r1zero.config import GRPOConfig
     from r1zero.grpo.advantages import advantages
     from r1zero.grpo.trainer import load_policy, load_rows, prepare_entries
@@ -59,17 +60,19 @@ def main() -> None:
     rows = [p for p in prompts for _ in range(G)]
     eos, pad = tok.eos_token_id, tok.pad_token_id
 
-    dense_limit = lean_mod._MOE_DENSE_MAX_FLOPS
+    dense_limit = moe_mod._DENSE_DECODE_MAX_FLOPS
 
     def sample(kind: str, seed: int):
-        lean_mod._MOE_DENSE_MAX_FLOPS = 0.0 if kind == "routed" else dense_limit
+        moe_mod._DENSE_DECODE_MAX_FLOPS = 0.0 if kind == "routed" else dense_limit
+        gen_mod._STATIC_CACHE = kind != "dynamic"
         try:
             return gen_mod.sample(model, rows, MAX_NEW, 1.0, 1.0, eos_id=eos, pad_id=pad,
-                                  generator=torch.Generator().manual_seed(seed), lean=kind != "generic")
+                                  generator=torch.Generator().manual_seed(seed))
         finally:
-            lean_mod._MOE_DENSE_MAX_FLOPS = dense_limit
+            moe_mod._DENSE_DECODE_MAX_FLOPS = dense_limit
+            gen_mod._STATIC_CACHE = True
 
-    samp = {k: [] for k in ("lean", "routed", "generic")}
+    samp = {k: [] for k in ("native", "routed", "dynamic")}
     for rep in range(a.repeats + 1):
         for kind in samp:
             t0 = time.process_time()
@@ -77,10 +80,10 @@ def main() -> None:
             dt = time.process_time() - t0
             if rep:  # the first round warms up
                 samp[kind].append(sum(len(c) for c in out.completion_ids) / dt)
-            elif kind == "lean":
+            elif kind == "native":
                 first = out
 
-    # one update batch: the first UPDATE_GROUPS groups of the warm-up round's lean step
+    # one update batch: the first UPDATE_GROUPS groups of the warm-up round's native step
     out = first
     n = UPDATE_GROUPS * G
     comps = out.completion_ids[:n]
@@ -90,20 +93,20 @@ def main() -> None:
                      torch.arange(UPDATE_GROUPS).repeat_interleave(G), "group")
     cfg = GRPOConfig(group_size=G, max_new_tokens=MAX_NEW, beta=0.0, mu=1, loss_agg="token", lr=1e-6)
     sides = {}
-    for kind in ("lean", "generic"):
+    for kind in ("shared", "generic"):
         m = copy.deepcopy(model).train()
         params = list(m.parameters())
         sides[kind] = (m, params, upd_mod.make_optimizer(params, cfg.lr), upd_mod.NanGuard(5))
     upd = {k: [] for k in sides}
     for rep in range(a.repeats + 1):
         for kind, (m, params, opt, guard) in sides.items():
-            upd_mod.LEAN_FORWARD = kind == "lean"
+            upd_mod.SHARED_PROMPT_FORWARD = kind == "shared"
             try:
                 t0 = time.process_time()
                 upd_mod.policy_update(m, opt, batch, adv, cfg, params=params, guard=guard)
                 dt = time.process_time() - t0
             finally:
-                upd_mod.LEAN_FORWARD = True
+                upd_mod.SHARED_PROMPT_FORWARD = True
             if rep:
                 upd[kind].append(dt * 1e3)
 
@@ -114,15 +117,15 @@ def main() -> None:
           f"thread(s), process CPU time, {a.repeats} repeats; update batch {n} completions, {sum(lens)} real "
           f"of {padded} padded completion positions ({1 - sum(lens) / padded:.0%} padding), "
           f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
-    print(f"sampling  lean {med['lean']:9.1f} tok/s  lean+routed MoE {med['routed']:9.1f}  generic "
-          f"{med['generic']:9.1f}   lean/routed {med['lean'] / med['routed']:.2f}x  lean/generic "
-          f"{med['lean'] / med['generic']:.2f}x")
-    print(f"update    lean {medu['lean']:9.1f} ms     generic {medu['generic']:9.1f} ms   generic/lean "
-          f"{medu['generic'] / medu['lean']:.2f}x   (per repeat: {[round(x, 1) for x in upd['lean']]} vs "
+    print(f"sampling  native {med['native']:9.1f} tok/s  routed MoE decode {med['routed']:9.1f}  DynamicCache "
+          f"{med['dynamic']:9.1f}   native/routed {med['native'] / med['routed']:.2f}x  native/dynamic "
+          f"{med['native'] / med['dynamic']:.2f}x   (per repeat: {[round(x) for x in samp['native']]})")
+    print(f"update    shared-prompt {medu['shared']:9.1f} ms     generic {medu['generic']:9.1f} ms   generic/shared "
+          f"{medu['generic'] / medu['shared']:.2f}x   (per repeat: {[round(x, 1) for x in upd['shared']]} vs "
           f"{[round(x, 1) for x in upd['generic']]})")
     if a.json:
-        print(json.dumps({"sample_lean_tokens_per_s": med["lean"], "sample_routed_tokens_per_s": med["routed"],
-                          "sample_generic_tokens_per_s": med["generic"], "update_lean_ms": medu["lean"],
+        print(json.dumps({"sample_native_tokens_per_s": med["native"], "sample_routed_tokens_per_s": med["routed"],
+                          "sample_dynamic_cache_tokens_per_s": med["dynamic"], "update_shared_prompt_ms": medu["shared"],
                           "update_generic_ms": medu["generic"]}))
 
 

@@ -23,7 +23,7 @@ Models:
 the last two with 256-token completions and random weights (completions run to the limit).
 
 The native sampler takes the model the trainer would (``r1zero.model.load_causal_lm``: standard
-Llama/Mixtral checkpoints map into r1zero's model and its lean decoder); ``generate()`` takes the
+Llama/Mixtral checkpoints map into r1zero's model and its decode path); ``generate()`` takes the
 stock transformers model from the same directory. The last line with ``--json`` is
 ``{"models": {NAME: {"vllm_tokens_per_s", "native_tokens_per_s", "hf_tokens_per_s", "default_engine"}}}``
 plus per-model detail (min/max, engine start, parameter count) under ``"detail"``.

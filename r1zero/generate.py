@@ -17,12 +17,10 @@ How it is fast (compared with ``model.generate()``):
   logits-processor chain, stopping-criteria objects or ``prepare_inputs_for_generation`` round
   trips; for transformers' own SDPA models the (key-padding) attention mask is passed prebuilt;
 - everything runs under ``torch.inference_mode()``;
-- for transformers' Llama/Qwen2/Mistral and r1zero's own model, the lean decoder of
-  :mod:`r1zero.lean` replaces ``model(...)``: a KV cache preallocated once per call (no per-step
-  growth), RoPE tables computed once, and the layers' weights applied directly, which skips
-  transformers' per-step module, mask and cache bookkeeping. Any other model, or one with hooks
-  or DTensor weights, takes the generic path; both give the same tokens for a generator seed
-  (tests).
+- every model runs its own forward (one transformer implementation): r1zero's model with its
+  preallocated :class:`~r1zero.model.layers.KVCache` (no per-step cache growth; RoPE tables
+  computed once; a small MoE decoded densely inside ``MoELayer.forward``), any other causal LM
+  (transformers' Llama, Qwen2, Mistral, GPT-2, ...) with transformers' own cache.
 
 Greedy (argmax) when ``temperature == 0``. Sampling draws come from ``generator`` so results are
 reproducible for a given generator seed.
@@ -37,12 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
-from r1zero.lean import lean_decoder
-
 # Compact the batch once this fraction of the running rows has finished (at least one row).
 # Selecting rows copies the KV cache, so compacting on every single finished row costs more than
 # it saves on a 2-core CPU; 1/8 was the best of {1/16, 1/8, 1/4} in benchmarks/bench_grpo.py.
 _COMPACT_FRACTION = 0.125
+
+# r1zero's model decodes with its preallocated KVCache (False: transformers' DynamicCache, the
+# peer in benchmarks/bench_grpo_preset.py; same tokens for a seed, tests/test_generate.py).
+_STATIC_CACHE = True
 
 
 @dataclass(frozen=True)
@@ -59,18 +59,29 @@ def _forward_kwargs(model) -> tuple[str, bool]:
 
 
 def _prebuilt_mask_ok(model) -> bool:
-    """Whether the model takes a prepared boolean 4D mask as-is (transformers' own models on SDPA).
+    """Whether the model takes a prepared boolean 4D mask as-is (transformers' own models on SDPA,
+    r1zero's model).
 
-    transformers' ``create_causal_mask`` returns a 4D mask unchanged; for one new token the causal
-    part is trivial, so the mask is just key padding: building it ourselves skips the per-step mask
-    construction (a sizeable share of a tiny model's decode step). Other models get the 2D mask.
+    transformers' ``create_causal_mask`` (and r1zero's ``attention_mask_4d``) returns a 4D mask
+    unchanged; for one new token the causal part is trivial, so the mask is just key padding:
+    building it ourselves skips the per-step mask construction (a sizeable share of a tiny model's
+    decode step). Other models get the 2D mask.
     """
+    if type(model).__module__.startswith("r1zero.model"):
+        return True
     return (type(model).__module__.startswith("transformers.")
             and getattr(model.config, "_attn_implementation", None) == "sdpa")
 
 
-def _new_cache(model):
+def _new_cache(model, max_len: int):
+    """r1zero's preallocated cache for its own model; transformers' cache for any other."""
     from transformers import DynamicCache
+
+    from r1zero.model.layers import KVCache
+    from r1zero.model.modeling import R1ZeroForCausalLM
+
+    if isinstance(model, R1ZeroForCausalLM) and _STATIC_CACHE:
+        return KVCache(model.config.num_hidden_layers, max_len)
 
     try:
         return DynamicCache(config=model.config)
@@ -122,8 +133,12 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids_BL, mask_BL
 
 
-class _GenericDecoder:
-    """Any causal LM through ``model(...)`` and a transformers cache (the fallback path)."""
+class _Decoder:
+    """Prefill and decode steps through ``model(...)`` and its cache (see :func:`_new_cache`).
+
+    The key-padding mask is preallocated for the whole call (prompt mask, then ones) and sliced
+    per step; finished rows are dropped from it and from the cache together.
+    """
 
     def __init__(self, model):
         self.model = model
@@ -131,19 +146,21 @@ class _GenericDecoder:
         self.fast_mask = _prebuilt_mask_ok(model)
 
     def prefill(self, ids_UL, mask_UL, pos_UL, src_B, max_new_tokens):
-        n = src_B.shape[0]
-        self.cache = _new_cache(self.model)
+        n, L = src_B.shape[0], ids_UL.shape[1]
+        self.cache = _new_cache(self.model, L + max_new_tokens)
         kw = {self.cache_kw: self.cache, "use_cache": True}
         if self.has_keep:
             kw["logits_to_keep"] = 1
         out = self.model(input_ids=ids_UL, attention_mask=mask_UL, position_ids=pos_UL, **kw)
         self.cache = _returned_cache(out, self.cache_kw, self.cache)
         logits_BV = out.logits[:, -1, :]
-        self.mask_BT = mask_UL
+        mask_UT = torch.cat([mask_UL, mask_UL.new_ones((mask_UL.shape[0], max_new_tokens))], 1)
         if ids_UL.shape[0] != n or not torch.equal(src_B, torch.arange(n, device=src_B.device)):
             self.cache = _select_rows(self.cache, src_B)
             logits_BV = logits_BV.index_select(0, src_B)
-            self.mask_BT = mask_UL.index_select(0, src_B)
+            mask_UT = mask_UT.index_select(0, src_B)
+        self.mask_BT = mask_UT.bool() if self.fast_mask else mask_UT
+        self.width = L
         return logits_BV
 
     def select(self, idx_B):
@@ -151,8 +168,10 @@ class _GenericDecoder:
         self.mask_BT = self.mask_BT.index_select(0, idx_B)
 
     def step(self, tok_B, pos_B):
-        self.mask_BT = torch.cat([self.mask_BT, torch.ones_like(self.mask_BT[:, :1])], dim=1)
-        att = self.mask_BT.bool()[:, None, None, :] if self.fast_mask else self.mask_BT
+        self.width += 1
+        att = self.mask_BT[:, :self.width]
+        if self.fast_mask:
+            att = att[:, None, None, :]
         out = self.model(input_ids=tok_B[:, None], attention_mask=att, position_ids=pos_B[:, None],
                          **{self.cache_kw: self.cache, "use_cache": True})
         self.cache = _returned_cache(out, self.cache_kw, self.cache)
@@ -162,30 +181,18 @@ class _GenericDecoder:
 @torch.inference_mode()
 def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, *, eos_id: int, pad_id: int,
-           generator: torch.Generator | None = None, lean: bool = True) -> GenerationOutput:
-    """Sample one completion per prompt row (see module docstring).
-
-    ``lean=False`` forces the generic ``model(...)`` + transformers-cache path (same tokens for
-    the same generator seed, up to float rounding; used by the tests).
-    """
+           generator: torch.Generator | None = None) -> GenerationOutput:
+    """Sample one completion per prompt row (see module docstring)."""
     n = len(prompt_ids)
     if n == 0 or max_new_tokens <= 0:
         return GenerationOutput([[] for _ in range(n)], [max_new_tokens <= 0] * n)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample: every prompt needs at least one token")
     device = next(model.parameters()).device
-    dec = lean_decoder(model) if lean else None
-    # eval mode: the whole model on the generic path; on the lean path only the few modules it
-    # calls as modules (the rest is plain weights), which saves two walks over every module
-    was_training, generic = model.training, dec is None
-    modes = [] if generic else [(m, m.training) for top in dec.called_modules() for m in top.modules()]
-    for m, _ in modes:
-        m.training = False
-    if generic:
-        model.eval()
+    was_training = model.training
+    model.eval()
     try:
-        if generic:
-            dec = _GenericDecoder(model)
+        dec = _Decoder(model)
         # --- prefill each unique prompt once, then one row per requested completion
         keys = [tuple(p) for p in prompt_ids]
         uniq: dict[tuple, int] = {}
@@ -219,10 +226,7 @@ def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature:
             logits_BV = dec.step(tok_B.masked_fill(done_B, pad_id), next_pos_B)
             next_pos_B = next_pos_B + 1
     finally:
-        for m, mode in modes:
-            m.training = mode
-        if generic:
-            model.train(was_training)
+        model.train(was_training)
     out_NT = torch.full((n, len(steps)), pad_id, dtype=torch.long)
     for t, (rows, tok) in enumerate(steps):
         if rows is None:

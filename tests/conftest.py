@@ -103,7 +103,7 @@ def s3_bucket(s3_server, request):
 
 
 # ---------------------------------------------------------------------------------------------
-# tiny causal LMs for tests/test_generate.py and tests/test_lean.py (EOS likely enough that some
+# tiny causal LMs for tests/test_generate.py and tests/grpo/test_update.py (EOS likely enough that some
 # rows stop early). Fixtures, because --import-mode=importlib cannot import a helper module.
 
 LM_EOS, LM_PAD = 1, 0

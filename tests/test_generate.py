@@ -92,22 +92,113 @@ def test_edge_cases(model):
     assert model.training is False
 
 
-def test_lean_path_supported_and_generic_fallback(model, tiny_lms):
+def test_other_causal_lms_take_their_own_forward_and_cache(model, tiny_lms):
+    """Any transformers causal LM (GPT-2 here) samples through its own forward and cache, hooks
+    included (tensor parallelism and telemetry hook modules), and agrees with generate()."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from r1zero.lean import lean_decoder
-
-    assert lean_decoder(model) is not None
-    assert lean_decoder(tiny_lms["qwen2"]()) is not None
-    assert lean_decoder(tiny_lms["r1zero_moe"]()) is not None
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                       eos_token_id=EOS, pad_token_id=PAD, bos_token_id=EOS)).eval()
-    assert lean_decoder(gpt2) is None
-    prompts = [[5, 6, 7], [8, 9], [5, 6, 7]]  # the generic path still agrees with generate()
+    prompts = [[5, 6, 7], [8, 9], [5, 6, 7]]
     assert sample(gpt2, prompts, 6, 0.0, eos_id=EOS, pad_id=PAD).completion_ids == _hf_greedy(gpt2, prompts, 6)
-    # a forward hook (e.g. tensor parallelism, telemetry) must not be bypassed: generic path
-    h = model.model.layers[0].register_forward_hook(lambda *a: None)
+    calls = []
+    h = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     try:
-        assert lean_decoder(model) is None
+        sample(model, [[4, 5]], 3, 0.0, eos_id=EOS, pad_id=PAD)
     finally:
         h.remove()
+    assert calls, "a forward hook must not be bypassed"
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding with the model's own forward and cache == one uncached forward (ported from the lean
+# decoder's tests: r1zero's KVCache, RoPE tables and dense MoE decode are now the model's)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "r1zero_moe"])
+def any_model(request, model, tiny_lms):
+    return model if request.param == "llama" else tiny_lms[request.param]()
+
+
+def test_cached_decode_logits_match_full_forward(any_model):
+    """Prefill + decode-step logits of the sampler's path (r1zero: preallocated KVCache, dense MoE
+    decode; transformers: its own cache) == logits of one uncached forward, within 1e-5."""
+    from r1zero.generate import _Decoder
+
+    m = any_model
+    uniq = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    src = torch.tensor([0, 1, 2, 1])
+    ids, mask = left_pad(uniq, PAD)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    dec = _Decoder(m)
+    steps = 6
+    with torch.inference_mode():
+        logits = [dec.prefill(ids, mask, pos, src, steps)]
+        toks = []
+        next_pos = pos[:, -1].index_select(0, src) + 1
+        for t in range(steps - 1):
+            tok = logits[-1].argmax(-1)
+            if t == 2:  # perturb so rows of the same prompt diverge
+                tok = (tok + torch.arange(4)) % 40
+            toks.append(tok)
+            logits.append(dec.step(tok, next_pos))
+            next_pos = next_pos + 1
+        full = torch.cat([ids.index_select(0, src), torch.stack(toks, 1)], 1)
+        fmask = torch.cat([mask.index_select(0, src), torch.ones(4, steps - 1, dtype=torch.long)], 1)
+        ref = m(input_ids=full, attention_mask=fmask, position_ids=(fmask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=False).logits
+    L = ids.shape[1]
+    for t, lg in enumerate(logits):
+        torch.testing.assert_close(lg, ref[:, L - 1 + t], atol=1e-5, rtol=1e-5)
+
+
+def test_static_and_dynamic_cache_sample_the_same_tokens(tiny_lms, monkeypatch):
+    """r1zero's model: the preallocated KVCache path and transformers' DynamicCache give the same
+    tokens for a generator seed, with rows finishing at different steps (batch compaction)."""
+    import copy
+
+    import r1zero.generate as G
+
+    m = copy.deepcopy(tiny_lms["r1zero_moe"]())
+    with torch.no_grad():  # EOS likely, so rows finish at different steps and the batch compacts
+        m.lm_head.weight[EOS] = 0.0
+    prompts = [[i % 37 + 2, (i * 7) % 37 + 2, 3][: 1 + i % 3] for i in range(12)] * 2
+    for temp, top_p in ((1.0, 1.0), (0.7, 0.9), (0.0, 1.0)):
+        a = sample(m, prompts, 14, temp, top_p, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(5))
+        monkeypatch.setattr(G, "_STATIC_CACHE", False)
+        b = sample(m, prompts, 14, temp, top_p, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(5))
+        monkeypatch.setattr(G, "_STATIC_CACHE", True)
+        assert a == b
+        if temp == 1.0:
+            assert len({len(c) for c in a.completion_ids}) > 1, "expected rows to finish at different steps"
+
+
+def test_sampling_leaves_training_mode(tiny_lms):
+    m = tiny_lms["r1zero_moe"]().train()
+    sample(m, [[4, 5, 6]] * 3, 4, 1.0, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(0))
+    assert m.training and all(x.training for x in m.modules())
+
+
+def test_decode_sees_weights_changed_in_place_by_fused_adamw(tiny_lms):
+    """Weights derived for decoding (stacked q|k|v, the dense MoE's stacked experts) are rebuilt for
+    every sample() call: fused AdamW steps the parameters in place without bumping their version
+    counters, so a cache keyed on versions would sample from stale weights."""
+    import copy
+
+    m = tiny_lms["r1zero_moe"]()
+    prompts = [[5, 6, 7], [8, 9]] * 3
+    sample(m, prompts, 8, 0.0, eos_id=EOS, pad_id=PAD)  # a decode before the step
+    params = list(m.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=0.05, fused=True)
+    versions = [p._version for p in params]
+    opt.step()
+    assert [p._version for p in params] == versions  # (why the store is per decode)
+    fresh = copy.deepcopy(m)
+    got = sample(m, prompts, 8, 0.0, eos_id=EOS, pad_id=PAD)
+    assert got == sample(fresh, prompts, 8, 0.0, eos_id=EOS, pad_id=PAD)
+    with torch.inference_mode():
+        ids, mask = left_pad(prompts, PAD)
+        ref = m(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert [c[0] for c in got.completion_ids] == ref[:, -1].argmax(-1).tolist()

@@ -28,7 +28,6 @@ import torch.distributed as dist
 from r1zero.generate import left_pad
 from r1zero.grpo.losses import entropy_of, log_probs, pick, policy_loss, token_logprobs
 from r1zero.grpo.ppo import value_loss
-from r1zero.lean import lean_aux_loss, lean_decoder
 
 
 def world() -> tuple[int, int]:
@@ -98,12 +97,18 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
                  torch.tensor(src, dtype=torch.long) if shared else None)
 
 
-# Use the lean shared-prompt forward (r1zero.lean._LeanDecoder) where the model supports it.
-LEAN_FORWARD = True
+# Run each unique prompt once (its cache shared by its G completions) where the model allows it.
+SHARED_PROMPT_FORWARD = True
+
+# Completion rows run in up to this many length-sorted buckets (each its own forward from the
+# shared prompt cache) when that cuts the padded completion work (queries x keys) to at most
+# _BUCKET_GAIN of one padded block: each bucket is one more forward call, so small gains do not pay.
+_MAX_BUCKETS = 4
+_BUCKET_GAIN = 0.75
 
 
 @dataclass
-class _LeanOutput:
+class _Output:
     logits: torch.Tensor
     aux_loss: torch.Tensor | None = None
 
@@ -114,31 +119,128 @@ def forward_completion(model, batch: Batch, temperature: float = 1.0):
 
     Completions were drawn from ``softmax(logits / T)``, so the ratio, KL and entropy must use the
     same distribution, or T != 1 trains a different policy than the one sampled (TRL does the same).
-    Only real positions are returned: padding carries no loss, and the lean path never computes it.
+    Only real positions are returned: padding carries no loss.
 
-    For transformers Llama-family policies and r1zero's dropless MoE models (see
-    :func:`r1zero.lean.lean_decoder`) each unique prompt is run once and shared by its G
-    completions, and padding positions are skipped (same logits up to float rounding; the
-    gradient is the same sum over rows); otherwise one ``model(...)`` over the whole batch.
+    Every path is the model's own forward. Where :func:`_shares_prompts` allows, each unique
+    prompt runs once and its keys/values (a transformers ``DynamicCache``, autograd through it)
+    are shared by its G completions, which run in length buckets (:func:`_length_buckets`): the
+    same logits up to float rounding and the same gradient (tests/grpo/test_update.py);
+    otherwise one ``model(...)`` over the whole padded batch.
     """
     batch = batch.to(_device(model))
     T = batch.targets_BT.shape[1]
     real_BT = batch.mask_BT.bool()
-    dec = lean_decoder(model, training=True) if LEAN_FORWARD and batch.prompt_src_B is not None else None
-    if dec is not None:
-        P, first_U = batch.prompt_len, batch.prompt_first_U
-        ids_UP = batch.input_ids_BL.index_select(0, first_U)[:, :P]
-        att_UP = batch.attention_BL.index_select(0, first_U)[:, :P]
-        pos_UP = batch.position_BL.index_select(0, first_U)[:, :P]
-        logits_NV = dec.shared_prompt_logits(ids_UP, att_UP, pos_UP, batch.prompt_src_B,
-                                             batch.input_ids_BL[:, P:P + T - 1], batch.position_BL[:, P:P + T - 1],
-                                             real_BT)
-        return _tempered(logits_NV, temperature), _LeanOutput(logits_NV, lean_aux_loss(model) if model.training else None)
+    if SHARED_PROMPT_FORWARD and batch.prompt_src_B is not None and _shares_prompts(model):
+        logits_NV, aux = _shared_prompt_forward(model, batch, real_BT)
+        return _tempered(logits_NV, temperature), _Output(logits_NV, aux)
     kw = {"use_cache": False}
     if _accepts_keep(model):
         kw["logits_to_keep"] = T + 1
     out = model(input_ids=batch.input_ids_BL, attention_mask=batch.attention_BL, position_ids=batch.position_BL, **kw)
     return _tempered(out.logits[:, -(T + 1):-1][real_BT], temperature), out
+
+
+def _shares_prompts(model) -> bool:
+    """Whether a prompt forward + completion forwards from its cache equal one forward over the
+    batch: r1zero's model or a transformers causal LM taking a cache, without gradient
+    checkpointing (no cache then), dropout (prompt noise would be shared by the group), or a MoE
+    capacity factor / expert parallelism (which tokens drop depends on the batch's composition),
+    or forward hooks (a hook, e.g. PPO's value head on ``lm_head``, expects one forward over the
+    padded batch)."""
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return False
+    ckpt = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"  # transformers 5 deprecates the second name
+    if getattr(model, ckpt, False):
+        return False
+    mod = type(model).__module__
+    if mod.startswith("r1zero.model"):
+        return all(m.capacity_factor is None and m.ep_dispatch is None for m in model.moe_layers())
+    if not mod.startswith("transformers."):
+        return False
+    cfg = model.config
+    return not (model.training and any(float(getattr(cfg, a, 0.0) or 0.0) > 0 for a in
+                                       ("attention_dropout", "hidden_dropout", "dropout", "mlp_dropout",
+                                        "resid_pdrop", "attn_pdrop", "embd_pdrop")))
+
+
+def _length_buckets(len_B: torch.Tensor, width: int, prompt_len: int) -> list[tuple[torch.Tensor, int]]:
+    """(rows, width) groups of completion rows: one padded block, or up to ``_MAX_BUCKETS`` of
+    rows sorted by length when that cuts the (queries x keys) work to ``_BUCKET_GAIN`` of it.
+    Rows with no completion input (width 0) are left out."""
+    B = len_B.shape[0]
+    whole = [(torch.arange(B, device=len_B.device), width)]
+    order = torch.sort(len_B, stable=True).indices
+    chunks = [c for c in order.tensor_split(min(_MAX_BUCKETS, B)) if c.numel()]
+    split = [(c, int(len_B[c].max())) for c in chunks]
+    split = [(c, w) for c, w in split if w > 0]
+    P = prompt_len
+    if sum(c.numel() * w * (P + w) for c, w in split) <= _BUCKET_GAIN * B * width * (P + width):
+        return split
+    return whole if width > 0 else []
+
+
+def _cache_kw(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _shared_prompt_forward(model, batch: Batch, real_BT: torch.Tensor):
+    """(logits_NV, aux loss) of :func:`forward_completion` from one forward over the U unique
+    prompts and one forward per length bucket of completions, each from the prompt cache's rows.
+
+    Completion input t (right-padded, S = T - 1 per row) predicts token t + 1; token 0 is predicted
+    from the prompt's last position. The aux loss of r1zero's MoE is the token-weighted mean of the
+    forwards' (each unique prompt token counted once).
+    """
+    from transformers import DynamicCache
+
+    P, first_U, src_B = batch.prompt_len, batch.prompt_first_U, batch.prompt_src_B
+    B, T = real_BT.shape
+    S = T - 1
+    dev = real_BT.device
+    ids_UP = batch.input_ids_BL.index_select(0, first_U)[:, :P]
+    att_UP = batch.attention_BL.index_select(0, first_U)[:, :P]
+    pos_UP = batch.position_BL.index_select(0, first_U)[:, :P]
+    ckw = _cache_kw(model)
+    keep = {"logits_to_keep": 1} if _accepts_keep(model) else {}
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids_UP, attention_mask=att_UP, position_ids=pos_UP, use_cache=True, **{ckw: cache}, **keep)
+    # r1zero's model fills the cache passed in (returning none in training mode); transformers'
+    # models return it
+    got = getattr(out, ckw, None)
+    got = cache if got is None else got
+    kv = [(layer.keys, layer.values) for layer in got.layers]
+    parts = [out.logits[:, -1].index_select(0, src_B)]  # (B, V): predicts completion token 0
+    auxes = [(out.aux_loss, ids_UP.numel())] if getattr(out, "aux_loss", None) is not None else []
+    idx_BT = torch.zeros((B, T), dtype=torch.long, device=dev)
+    idx_BT[:, 0] = torch.arange(B, device=dev)
+    n_done = B
+    keep_BS = real_BT[:, 1:]  # completion input t is needed iff token t + 1 is real
+    for rows, w in _length_buckets(keep_BS.sum(1), S, P):
+        src = src_B.index_select(0, rows)
+        c = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(kv):
+            c.update(k.index_select(0, src), v.index_select(0, src), i)
+        ids = batch.input_ids_BL.index_select(0, rows)[:, P:P + w]
+        att = torch.cat([att_UP.index_select(0, src), torch.ones_like(ids)], 1)
+        pos = batch.position_BL.index_select(0, rows)[:, P:P + w]
+        o = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, **{ckw: c})
+        k_bw = keep_BS.index_select(0, rows)[:, :w]
+        parts.append(o.logits[k_bw])
+        # where each kept slot landed in the concatenation of parts
+        slot_bw = torch.zeros(k_bw.shape, dtype=torch.long, device=dev)
+        slot_bw[k_bw] = n_done + torch.arange(int(k_bw.sum()), device=dev)
+        idx_BT[rows, 1:w + 1] = slot_bw
+        n_done += int(k_bw.sum())
+        if getattr(o, "aux_loss", None) is not None:
+            auxes.append((o.aux_loss, ids.numel()))
+    logits_NV = torch.cat(parts).index_select(0, idx_BT[real_BT])
+    aux = None
+    if model.training and auxes:
+        aux = sum(a * n for a, n in auxes) / sum(n for _, n in auxes)
+    return logits_NV, aux
 
 
 def unpack(values_N: torch.Tensor, real_BT: torch.Tensor) -> torch.Tensor:

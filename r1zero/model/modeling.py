@@ -25,7 +25,7 @@ from transformers import initialization as hf_init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from r1zero.model.config import R1ZeroConfig
-from r1zero.model.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask_4d
+from r1zero.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask_4d
 from r1zero.model.moe import MoELayer, flat_moe_metrics
 
 
@@ -54,6 +54,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_BSD, cos_sin, mask, cache=None):
         x_BSD = x_BSD + self.self_attn(self.attn_norm(x_BSD), cos_sin, mask, cache)
+        if isinstance(cache, KVCache) and isinstance(self.mlp, MoELayer):  # a decode: its weight store
+            return x_BSD + self.mlp(self.ffn_norm(x_BSD), cache.derived)
         return x_BSD + self.mlp(self.ffn_norm(x_BSD))
 
 
@@ -168,9 +170,15 @@ class R1ZeroForCausalLM(R1ZeroPreTrainedModel, GenerationMixin):
         logits_BSV = self.lm_head(hidden_BSD)
 
         cfg = self.config
-        moes = self.moe_layers()
+        # the MoE feed-forwards of plain decoder layers without a walk over every module (a decode
+        # step of a small model notices); wrapped layers (checkpointing, pipeline stages): the walk
+        layers = getattr(self.model, "layers", None)
+        if layers is not None and all(isinstance(x, DecoderLayer) for x in layers):
+            moes = [x.mlp for x in layers if isinstance(x.mlp, MoELayer)]
+        else:
+            moes = self.moe_layers()
         aux = None
-        if moes:
+        if moes and all(m.aux_loss is not None for m in moes):  # None: a dense decode step (moe.py)
             aux = cfg.aux_loss_coef * torch.stack([m.aux_loss for m in moes]).sum()
             aux = aux + cfg.z_loss_coef * torch.stack([m.z_loss for m in moes]).sum()
         lm_loss = loss = None

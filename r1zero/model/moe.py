@@ -22,6 +22,14 @@ from r1zero.model import router as R
 from r1zero.model.experts import RoutedExperts
 from r1zero.model.layers import SwiGLU
 
+# Decode a MoE feed-forward densely (every expert on every token, weight 0 where not routed) when
+# that costs at most this many times the routed FLOPs: at decode sizes (one new token per row) the
+# routed path's sort / gather / scatter bookkeeping and its host sync (``counts.tolist()``) cost
+# more than the extra matmul work (BENCHMARKS.md, "GRPO on the tiny preset": sampling 1.4-1.5x).
+# The tiny preset routes 2 of 4 experts (2x); the 13B preset's 2 of 8 (4x) keeps the routed path.
+# Prefill keeps the routed path too: over many tokens the extra FLOPs cost more than they save.
+_DENSE_DECODE_MAX_FLOPS = 2.0
+
 
 class MoELayer(nn.Module):
     """Routed + shared experts with Switch aux loss, z-loss, capacity and aux-loss-free bias."""
@@ -52,9 +60,13 @@ class MoELayer(nn.Module):
         self.z_loss: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, decode_weights: dict | None = None) -> torch.Tensor:
+        """``decode_weights``: the decode's store for derived weights (``KVCache.derived``), given
+        by a decode step; enables the dense decode path (:meth:`_dense_decode`)."""
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
+        if decode_weights is not None and self._dense_decode(x_BSD):
+            return self._forward_dense(x_TD, decode_weights).view(shape)
         T, K, E = x_TD.shape[0], self.top_k, self.n_experts
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         weights_TK, ids_TK, probs_TE = R.route(logits_TE, K, self.kind, self.selection_bias(), self.route_scale)
@@ -89,6 +101,59 @@ class MoELayer(nn.Module):
                 "z_loss": self.z_loss.detach(),
             }
         return out_TD.view(shape)
+
+    def _dense_decode(self, x_BSD: torch.Tensor) -> bool:
+        """Whether this forward is a decode step that :meth:`_forward_dense` serves: one new token
+        per row, no autograd, eval mode, dropless, local experts, E <= 2K."""
+        return (x_BSD.dim() == 3 and x_BSD.shape[1] == 1 and not self.training and not torch.is_grad_enabled()
+                and self.capacity_factor is None and self.ep_dispatch is None
+                and self.n_experts <= _DENSE_DECODE_MAX_FLOPS * self.top_k
+                and type(self.experts) is RoutedExperts and (self.shared is None or type(self.shared) is SwiGLU)
+                # plain weights only: sharded (DTensor) ones would be gathered per call by the stacking
+                and type(self.gate.weight) is nn.Parameter and type(self.experts.w_gate_up[0]) is nn.Parameter)
+
+    def _dense_weights(self, store: dict) -> tuple:
+        """(stacked gate|up (Eb*2F, D), stacked down (D, Eb*F), shared blocks, bias) for
+        :meth:`_forward_dense`, built once per decode and kept in its ``store`` (weights and bias
+        do not change while sampling).
+
+        Eb = routed experts + shared blocks: the shared SwiGLU of width n_shared*F is n_shared
+        always-on experts of width F (block-diagonal), appended with weight 1.
+        """
+        key = (id(self), "dense")
+        if key in store:
+            return store[key]
+        ex = self.experts
+        Fd = ex.d_ff
+        gu, dn = list(ex.w_gate_up), list(ex.w_down)
+        n_sh = 0
+        if self.shared is not None:
+            sh = self.shared
+            wg, wu, wd = sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight
+            n_sh = wg.shape[0] // Fd
+            for j in range(n_sh):
+                gu.append(torch.cat([wg[j * Fd:(j + 1) * Fd], wu[j * Fd:(j + 1) * Fd]]))
+                dn.append(wd[:, j * Fd:(j + 1) * Fd])
+        # resolved once here: selection_bias() syncs with the host (bool(any()))
+        store[key] = (torch.cat(gu), torch.cat(dn, 1), n_sh, self.selection_bias())
+        return store[key]
+
+    def _forward_dense(self, x_TD: torch.Tensor, store: dict) -> torch.Tensor:
+        """The same routing and expert math as the routed path, as two dense matmuls over all
+        experts (unrouted ones weighted 0); no aux-loss or statistics bookkeeping (inference)."""
+        gu_CD, dn_DC, n_sh, bias_E = self._dense_weights(store)
+        T, E = x_TD.shape[0], self.n_experts
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        weights_TK, ids_TK, _ = R.route(logits_TE, self.top_k, self.kind, bias_E, self.route_scale)
+        w_TB = x_TD.new_zeros((T, E + n_sh))
+        if n_sh:
+            w_TB[:, E:] = 1.0
+        w_TB.scatter_(1, ids_TK, weights_TK.to(x_TD.dtype))
+        h_TB2F = F.linear(x_TD, gu_CD).view(T, E + n_sh, -1)
+        Fd = h_TB2F.shape[-1] // 2
+        a_TBF = F.silu(h_TB2F[..., :Fd]) * h_TB2F[..., Fd:] * w_TB[..., None]
+        self.aux_loss = self.z_loss = None
+        return F.linear(a_TBF.reshape(T, -1), dn_DC)
 
     def selection_bias(self) -> torch.Tensor | None:
         """The aux-loss-free selection bias for :func:`r1zero.model.router.route`, or None while

@@ -165,3 +165,123 @@ def test_batch_moves_every_tensor_to_the_model_device_and_collectives_stay_on_cp
         else:
             assert v == getattr(batch, f.name), f.name
     assert collective_device().type == "cpu"  # no process group (and gloo in the world-2 test)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared-prompt forward (each unique prompt once, completions in length buckets from its
+# cache: the model's own forward) against one model(...) forward over the padded batch
+
+_EOS, _PAD = 1, 0  # of the tiny LMs in tests/conftest.py
+
+
+def test_shared_prompt_forward_matches_generic_update(tiny_lms, monkeypatch):
+    """policy_update with the shared-prompt forward == with one model(...) forward (transformers'
+    Llama through its own forward and DynamicCache)."""
+    import copy
+
+    import r1zero.grpo.update as U
+
+    m0 = copy.deepcopy(tiny_lms["llama"]())
+    m0.model.embed_tokens.padding_idx = _PAD  # as in transformers' Llama: no lookup gradient into the pad row
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    rows = [p for p in prompts for _ in range(3)]
+    # varying lengths (right padding) and PAD/EOS sampled as real tokens in the completions
+    comps = [[4, _PAD, 6, _EOS], [7, 8], [9], [_PAD, 3, 2, 2, 5], [6, _EOS], [2, 2, 2], [8, 9, 10], [3], [_EOS]]
+    batch = U.build_batch(rows, comps, _PAD)
+    assert batch.prompt_src_B.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert U._shares_prompts(m0.train())
+    cfg = GRPOConfig(group_size=3, max_new_tokens=5, beta=0.0, mu=2, loss_agg="token", lr=1e-2)
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5, 1.0, 0.0, -1.0])
+    res = {}
+    for shared in (True, False):
+        monkeypatch.setattr(U, "SHARED_PROMPT_FORWARD", shared)
+        m = copy.deepcopy(m0)
+        params = list(m.parameters())
+        # SGD: the parameters then differ by lr x the gradients' difference (AdamW's m/sqrt(v)
+        # would turn float rounding on a near-zero gradient into a full lr-sized step)
+        opt = torch.optim.SGD(params, lr=cfg.lr)
+        logp = U.sequence_logprobs(m, batch)
+        stats = U.policy_update(m, opt, batch, adv, cfg, params=params, guard=U.NanGuard(3))
+        res[shared] = (logp, stats, [p.detach().clone() for p in params])
+    real = batch.mask_BT.bool()  # padding positions are masked out everywhere downstream
+    torch.testing.assert_close(res[True][0][real], res[False][0][real], atol=1e-5, rtol=1e-5)
+    for k in ("loss", "grad_norm", "entropy_sum", "tokens"):
+        assert res[True][1][k] == pytest.approx(res[False][1][k], rel=1e-5, abs=1e-6), k
+    for a, b in zip(res[True][2], res[False][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["ragged", "short", "equal", "empty"])
+def test_shared_prompt_forward_for_r1zero_moe(tiny_lms, monkeypatch, case):
+    """r1zero's dropless MoE: the shared-prompt forward gives the generic forward's logits and
+    policy-gradient gradients for ragged, one-token, equal-length and empty completions; the MoE
+    sees each unique prompt once (U x P prompt tokens, not B x P); the aux loss still trains the
+    router; a capacity factor (dropping depends on the batch) takes the generic path."""
+    import copy
+
+    import r1zero.grpo.update as U
+    from r1zero.model.moe import MoELayer
+
+    m0 = tiny_lms["r1zero_moe"]().train()
+    seen: list[int] = []
+    fwd = MoELayer.forward
+
+    def counting(self, x):
+        seen.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return fwd(self, x)
+
+    monkeypatch.setattr(MoELayer, "forward", counting)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    rows = [p for p in prompts for _ in range(3)]
+    comps = {
+        "ragged": [[4, 6, 6, _EOS], [7, 8], [9], [3, 3, 2, 2, 5], [6, _EOS], [2, 2, 2], [8, 9, 10], [3], [_EOS]],
+        "short": [[4], [7], [9], [], [6], [_EOS], [3], [3], [2]],
+        "equal": [[4, 6, 6], [7, 8, 1], [9, 9, 9], [3, 3, 2], [6, 1, 1], [2, 2, 2], [1, 2, 3], [3, 2, 1], [4, 4, 4]],
+        "empty": [[]] * 9,
+    }[case]
+    batch = U.build_batch(rows, comps, _PAD)
+    real = batch.mask_BT.bool()
+    adv_B1 = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5, 1.0, 0.0, -1.0])[:, None]
+    res = {}
+    for shared in (True, False):
+        monkeypatch.setattr(U, "SHARED_PROMPT_FORWARD", shared)
+        m = copy.deepcopy(m0)
+        seen.clear()
+        logits_NV, out = U.forward_completion(m, batch)
+        assert logits_NV.shape[0] == int(real.sum())  # real positions only, row-major
+        res[shared] = [list(seen), out.aux_loss]
+        if not real.any():
+            continue
+        logp_N = torch.log_softmax(logits_NV, -1).gather(-1, batch.targets_BT[real][:, None])[:, 0]
+        (-(logp_N * adv_B1.expand_as(real)[real]).sum()).backward()
+        res[shared] += [logp_N.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                          for p in m.parameters()]]
+    if real.any():
+        torch.testing.assert_close(res[True][2], res[False][2], atol=1e-5, rtol=1e-5)
+        for a, b in zip(res[True][3], res[False][3]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert res[True][0][0] == len(prompts) * batch.prompt_len  # unique prompt tokens, once
+    assert sum(res[True][0]) < sum(res[False][0]) == len(rows) * batch.input_ids_BL.shape[1]
+    assert res[True][1] is not None and res[True][1].requires_grad  # the balance loss still trains the router
+    m_cap = copy.deepcopy(m0)
+    for moe in m_cap.moe_layers():
+        moe.capacity_factor = 1.0
+    assert not U._shares_prompts(m_cap)
+
+
+def test_length_buckets_cover_each_row_once_and_cut_padded_work():
+    from r1zero.grpo.update import _BUCKET_GAIN, _length_buckets
+
+    lens = torch.tensor([1, 9, 2, 0, 9, 3, 8, 1])
+    B, S, P = lens.numel(), 9, 5
+    buckets = _length_buckets(lens, S, P)
+    assert 1 < len(buckets) <= 4
+    assert sum(r.numel() * w * (P + w) for r, w in buckets) <= _BUCKET_GAIN * B * S * (P + S)
+    covered = [int(r) for rows, _ in buckets for r in rows]
+    assert len(covered) == len(set(covered))  # each row in one bucket at most
+    assert {i for i in range(B) if lens[i] > 0} <= set(covered)  # a row with no input may be left out
+    for rows, w in buckets:
+        assert w == int(lens[rows].max())
+    near = torch.tensor([9, 9, 9, 9, 9, 9, 9, 8])  # splitting would not pay: one padded block
+    assert [(r.tolist(), w) for r, w in _length_buckets(near, S, P)] == [(list(range(B)), S)]
+    assert _length_buckets(torch.zeros(4, dtype=torch.long), 0, P) == []

@@ -126,3 +126,42 @@ def test_stats_and_flat_metrics():
     assert flat["moe/L0/max_load_ratio"] == pytest.approx(2.0)
     assert flat["moe/L0/load/E0"] == pytest.approx(0.5)
     assert flat["moe/L0/dead_experts"] == 2.0
+
+
+@pytest.mark.parametrize("router,e,k,n_shared,biased", [("softmax", 4, 2, 1, False), ("sigmoid", 4, 2, 2, True),
+                                                         ("soft", 4, 4, 0, False), ("softmax", 2, 1, 0, True)])
+def test_dense_decode_matches_the_routed_path(router, e, k, n_shared, biased):
+    """A decode step (one token per row, eval, no autograd) runs every expert densely (unrouted ones
+    weighted 0, shared experts as weight-1 blocks) and gives the routed path's output; it is taken
+    only where it costs at most ``_DENSE_DECODE_MAX_FLOPS`` x the routed FLOPs and nothing depends on
+    the batch (no capacity dropping) and a decode passed its weight store (``KVCache.derived``)."""
+    from r1zero.model import R1ZeroConfig
+    from r1zero.model.moe import _DENSE_DECODE_MAX_FLOPS, MoELayer
+
+    torch.manual_seed(0)
+    cfg = R1ZeroConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, n_experts=e,
+                       num_experts_per_tok=k, n_shared=n_shared, d_expert=16, router=router, route_scale=1.5)
+    moe = MoELayer(cfg, 0).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    if biased:
+        moe.expert_bias_E.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1])[:e])
+    x_T1D = torch.randn(37, 1, 32)
+    with torch.inference_mode():
+        assert moe._dense_decode(x_T1D)
+        store: dict = {}
+        dense = moe(x_T1D, store)
+        assert moe.aux_loss is None and store  # the dense path ran and skipped the routed bookkeeping
+        routed = moe(x_T1D)  # no decode store: the routed path
+        assert moe.aux_loss is not None
+    torch.testing.assert_close(dense, routed, atol=1e-5, rtol=1e-5)
+    moe.capacity_factor = 1.0  # dropping depends on the batch: routed path
+    assert not moe._dense_decode(x_T1D)
+    moe.capacity_factor = None
+    moe.train()
+    assert not moe._dense_decode(x_T1D)
+    moe.eval()
+    moe.top_k = 1
+    moe.n_experts = int(_DENSE_DECODE_MAX_FLOPS) + 1  # E > limit * K: more than the allowed extra work
+    with torch.no_grad():
+        assert not moe._dense_decode(x_T1D)
