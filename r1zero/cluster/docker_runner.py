@@ -112,7 +112,9 @@ def container_run_args(mount_dirs: list[Path], run_token: str) -> dict:
         # capabilities, no privilege escalation; HOME on a small writable /tmp, as in the pods
         "read_only": True,
         "tmpfs": {"/tmp": f"size={TMP_SIZE}"},
-        "environment": {"HOME": "/tmp", "GLOO_SOCKET_IFNAME": "lo",  # no network: gloo binds loopback
+        # no network: the hostname must resolve (torch.distributed's rendezvous looks it up)
+        "hostname": "localhost",
+        "environment": {"HOME": "/tmp",
                         # thread counts decide CPU reduction order: the same as a subprocess run
                         **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
         "cap_drop": ["ALL"],

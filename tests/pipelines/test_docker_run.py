@@ -196,4 +196,4 @@ def test_container_settings(tmp_path):
     assert args["cap_drop"] == ["ALL"] and args["security_opt"] == ["no-new-privileges"]
     assert "user" not in args  # the image's own non-root USER (checked by preflight)
     assert [(m["Source"], m["Target"], m["Type"]) for m in args["mounts"]] == [(str(tmp_path), str(tmp_path), "bind")]
-    assert args["environment"]["HOME"] == "/tmp" and "/tmp" in args["tmpfs"]
+    assert args["environment"]["HOME"] == "/tmp" and "/tmp" in args["tmpfs"] and args["hostname"] == "localhost"
