@@ -32,9 +32,9 @@ MAX_TRAIN_S = 8 * 60
 def heldout(policy: str, data: str, cfg) -> dict:
     """Greedy pass@1 of ``policy`` on the whole eval split (also used by bench_rl_algorithms.py)."""
     from r1zero.eval.metrics import bootstrap_ci
+    from r1zero.grpo.inputs import load_policy, load_rows, max_positions, prepare_entries
     from r1zero.grpo.rewards import RewardScorer
     from r1zero.grpo.rollout import greedy_eval
-    from r1zero.grpo.trainer import load_policy, load_rows, max_positions, prepare_entries
 
     model, tok = load_policy(policy)
     entries, dropped = prepare_entries(load_rows(Path(data), "eval"), tok, max_positions(model) - cfg.grpo.max_new_tokens)
@@ -98,9 +98,9 @@ def test_grpo_fits_a_fixed_prompt_set(tmp_path):
 
     from r1zero.config import load_config
     from r1zero.grpo.advantages import advantages
+    from r1zero.grpo.inputs import load_policy, load_rows, prepare_entries
     from r1zero.grpo.rewards import RewardScorer
     from r1zero.grpo.rollout import generate_groups
-    from r1zero.grpo.trainer import load_policy, load_rows, prepare_entries
     from r1zero.grpo.update import NanGuard, build_batch, make_optimizer, policy_update
 
     data, policy = os.environ.get("R1ZERO_ACCEPT_DATA"), os.environ.get("R1ZERO_ACCEPT_POLICY")

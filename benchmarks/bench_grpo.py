@@ -223,7 +223,7 @@ def main() -> None:
     if bool(a.policy) != bool(a.data):
         ap.error("--policy and --data go together")
     if a.policy:
-        from r1zero.grpo.trainer import RL_DOMAINS, load_policy, load_rows
+        from r1zero.grpo.inputs import RL_DOMAINS, load_policy, load_rows
         from r1zero.template import render_prompt
 
         POLICY = load_policy(a.policy)

@@ -52,7 +52,7 @@ def main() -> None:
     import r1zero.model.moe as moe_mod
     from r1zero.config import GRPOConfig
     from r1zero.grpo.advantages import advantages
-    from r1zero.grpo.trainer import load_policy, load_rows, prepare_entries
+    from r1zero.grpo.inputs import load_policy, load_rows, prepare_entries
 
     model, tok = load_policy(a.policy)
     entries, _ = prepare_entries(load_rows(a.data, "train"), tok, 1 << 30)

@@ -99,7 +99,7 @@ def heldout(policy: str, data: str, config: str, threads: int) -> list[float]:
 
 @functools.cache  # one policy load per algorithm, not per variant
 def n_trainable(policy: str, algorithm: str) -> int:
-    from r1zero.grpo.trainer import load_policy
+    from r1zero.grpo.inputs import load_policy
 
     model, _ = load_policy(policy)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)

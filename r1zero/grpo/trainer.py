@@ -38,18 +38,26 @@ import torch.distributed as dist
 from r1zero import store
 from r1zero.errors import UserError
 from r1zero.grpo import adaptive
-from r1zero.grpo.advantages import advantages, gae, zero_std_groups
+from r1zero.grpo.advantages import advantages, gae
+from r1zero.grpo.inputs import (
+    check_run,
+    eval_subset,
+    load_policy,
+    load_rows,
+    max_positions,
+    prepare_entries,
+)
 from r1zero.grpo.metrics import (
     MetricsWriter,
     keyword_pattern,
     mean,
-    reflection_flags,
     rollout_consistency,
-    std,
+    rollout_summary,
+    step_metrics,
     unpack_rows,
 )
 from r1zero.grpo.rewards import RewardScorer
-from r1zero.grpo.rollout import PromptEntry, Rollout, concat, generate_groups, greedy_eval
+from r1zero.grpo.rollout import Rollout, concat, generate_groups, greedy_eval
 from r1zero.grpo.sampling import PromptStream, keep_informative
 from r1zero.grpo.update import (
     Batch,
@@ -63,88 +71,6 @@ from r1zero.grpo.update import (
     world,
 )
 from r1zero.progress import print0, progress
-
-RL_DOMAINS = ("math", "code", "cross")
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-
-def load_rows(data_dir: Path, split: str) -> list[dict]:
-    """Rows of a data artifact split (the data package's reader, or the parquet shards directly)."""
-    try:
-        from r1zero.data.shards import read_rows
-    except ImportError:
-        read_rows = None
-    if read_rows is not None:
-        return list(read_rows(data_dir, split))
-    import pyarrow.parquet as pq
-
-    parts = sorted((Path(data_dir) / split).glob("part-*.parquet"))
-    if not parts:
-        raise UserError(f"data artifact {data_dir} has no {split}/part-*.parquet shards")
-    return [r for p in parts for r in pq.read_table(p).to_pylist()]
-
-
-def load_policy(policy_uri: str):
-    """(model, tokenizer) from any transformers causal LM dir (r1zero.model.load_causal_lm)."""
-    from r1zero.model import load_causal_lm
-
-    model, tok = load_causal_lm(policy_uri)
-    if tok.eos_token_id is None or tok.pad_token_id is None:
-        raise UserError(f"{policy_uri}: tokenizer needs eos and pad tokens")
-    return model, tok
-
-
-def max_positions(model) -> int:
-    c = model.config
-    for name in ("max_position_embeddings", "max_seq_len", "n_positions"):
-        v = getattr(c, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 1 << 30
-
-
-def prepare_entries(rows: list[dict], tokenizer, max_prompt_tokens: int,
-                    render=None) -> tuple[list[PromptEntry], dict]:
-    """Render + tokenize prompts; rows that cannot be used are counted by reason, never silently lost."""
-    from r1zero.template import render_prompt
-
-    entries, dropped = [], {}
-    for r in rows:
-        if r.get("domain") not in RL_DOMAINS:
-            dropped["not_rl_domain"] = dropped.get("not_rl_domain", 0) + 1
-            continue
-        ids = tokenizer((render or render_prompt)(r["prompt"]), add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_tokens:
-            dropped["prompt_too_long"] = dropped.get("prompt_too_long", 0) + 1
-            continue
-        entries.append(PromptEntry(item=r, ids=list(ids)))
-    return entries, dropped
-
-
-def eval_subset(entries: list[PromptEntry], n: int, seed: int) -> list[PromptEntry]:
-    """A fixed held-out subset (seeded shuffle) for the periodic greedy curve."""
-    order = np.random.default_rng([seed, 4242]).permutation(len(entries))
-    return [entries[i] for i in order[:n]]
-
-
-def _check(cfg, world_size: int) -> None:
-    g = cfg.grpo
-    for problem in cfg.grpo_world_problems(world_size):
-        raise UserError(problem)
-    if g.adaptive.enabled and g.adaptive.min_group > g.adaptive.max_group:
-        raise UserError("grpo.adaptive.min_group must be <= grpo.adaptive.max_group")
-    if g.rollout.engine == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise UserError("grpo.rollout.engine=vllm needs vLLM: run r1zero from the vLLM environment "
-                            "(make vllm-env; .venv-vllm/bin/r1zero grpo ...)")
-    if g.algorithm == "grpo" and g.group_size < 2 and not g.adaptive.enabled:
-        raise UserError("grpo.group_size must be >= 2 for GRPO (a group of one has zero advantage)")
-
 
 # ---------------------------------------------------------------------------------------------
 # state
@@ -304,84 +230,6 @@ def ppo_advantages(cfg, roll: Rollout, batch: Batch, old_values_BT: torch.Tensor
     return (adv_BT - mu) / (var + 1e-8) ** 0.5 * m, ret_BT
 
 
-def step_metrics(cfg, rolls: list[dict], upd: dict, seconds: float, pattern) -> dict[str, float]:
-    """Per-step metrics from every rank's rollout summary (already gathered).
-
-    Accuracy, reward, format, length, truncation and reflection are over ALL groups sampled this
-    step (every dynamic-sampling round); ``grpo/kept/*`` repeats them over the groups the update
-    trained on (with dynamic sampling those are biased toward 50% accuracy)."""
-    out = population_metrics("grpo/", [r["sampled"] for r in rolls])
-    out.update(population_metrics("grpo/kept/", [r["kept"] for r in rolls], short=True))
-    lengths = [x for r in rolls for x in r["sampled"]["lengths"]]
-    zero = [x for r in rolls for x in r["zero_std"]]
-    gen_s = max(r["gen_seconds"] for r in rolls)
-    out.update({
-        "grpo/frac_zero_std": mean([float(z) for z in zero]),
-        "grpo/kl": upd["kl_sum"] / max(upd["tokens"], 1.0),
-        "grpo/clip_frac/low": upd["clip_low"] / max(upd["tokens"], 1.0),
-        "grpo/clip_frac/high": upd["clip_high"] / max(upd["tokens"], 1.0),
-        "grpo/entropy": upd["entropy_sum"] / max(upd["tokens"], 1.0),  # tokens: per inner iteration
-        "grpo/loss": upd["loss"],
-        "grpo/grad_norm": upd["grad_norm"],
-        "grpo/tokens_per_s": sum(lengths) / max(seconds, 1e-9),
-        "grpo/generate_tokens_per_s": sum(lengths) / max(gen_s, 1e-9),
-        "grpo/step_seconds": seconds,
-        "grpo/n_completions": float(sum(len(r["kept"]["total"]) for r in rolls)),
-        "grpo/n_sampled": float(len(lengths)),
-        "grpo/dropped_groups": float(sum(r["dropped_groups"] for r in rolls)),
-        "grpo/refills": float(max(r["refills"] for r in rolls)),
-        "grpo/nan_skipped": float(upd["skipped"]),
-    })
-    if cfg.grpo.algorithm == "ppo":
-        out["grpo/value_loss"] = upd["value_loss"]
-    if "logp_diff" in rolls[0]:  # rollout engine vs trainer log-probs on the sampled tokens
-        n = sum(r["logp_diff"]["n"] for r in rolls)
-        out["grpo/rollout_logp_diff/mean"] = sum(r["logp_diff"]["sum"] for r in rolls) / max(n, 1)
-        out["grpo/rollout_logp_diff/max"] = max(r["logp_diff"]["max"] for r in rolls)
-        out["grpo/tis/weight_mean"] = sum(r["logp_diff"]["w_sum"] for r in rolls) / max(n, 1)
-        out["grpo/tis/clipped_frac"] = sum(r["logp_diff"]["w_clipped"] for r in rolls) / max(n, 1)
-    return out
-
-
-def population_metrics(prefix: str, parts: list[dict], short: bool = False) -> dict[str, float]:
-    """Reward/accuracy/format/length/reflection metrics over the completions of ``parts``
-    (one :func:`_population` dict per rank); ``short`` keeps the headline series only."""
-    tot = [x for r in parts for x in r["total"]]
-    correct = [x for r in parts for x in r["correct"]]
-    formatted = [x for r in parts for x in r["formatted"]]
-    lengths = [x for r in parts for x in r["lengths"]]
-    out = {f"{prefix}reward/mean": mean(tot),
-           f"{prefix}accuracy": mean([float(c) for c in correct]),
-           f"{prefix}format_rate": mean([float(f) for f in formatted]),
-           f"{prefix}completion_length/mean": mean(lengths),
-           f"{prefix}reflection_rate": mean([float(x) for x in (y for r in parts for y in r["reflect"])])}
-    if short:
-        return out
-    out[f"{prefix}reward/std"] = std(tot)
-    for name in parts[0]["terms"]:
-        out[f"{prefix}reward/{name}/mean"] = mean([x for r in parts for x in r["terms"][name]])
-    out[f"{prefix}accuracy_formatted"] = sum(c and f for c, f in zip(correct, formatted)) / max(1, sum(formatted))
-    out[f"{prefix}completion_length/max"] = float(max(lengths) if lengths else 0)
-    out[f"{prefix}truncated_frac"] = mean([float(t) for r in parts for t in r["truncated"]])
-    return out
-
-
-def _population(roll: Rollout, pattern) -> dict:
-    return {"total": roll.reward.total, "terms": roll.reward.terms, "correct": roll.reward.correct,
-            "formatted": roll.reward.formatted, "lengths": [len(c) for c in roll.completion_ids],
-            "truncated": roll.truncated, "reflect": reflection_flags(roll.texts, pattern)}
-
-
-def _rollout_summary(roll: Rollout, info: dict, pattern, first: Rollout) -> dict:
-    z = zero_std_groups(torch.tensor(first.reward.total), first.group_B).tolist() if first.n_groups else []
-    out = {"sampled": _population(info["sampled"], pattern), "kept": _population(roll, pattern), "zero_std": z,
-           "gen_seconds": info["gen_seconds"], "dropped_groups": info["dropped_groups"], "refills": info["refills"],
-           "group_acc": list(zip(first.prompt_index, first.group_accuracy()))}
-    if "logp_diff" in info:
-        out["logp_diff"] = info["logp_diff"]
-    return out
-
-
 def run_eval(model, tok, subset, scorer, max_new_tokens) -> dict[str, float]:
     """Greedy pass@1 on this rank's share of the subset, gathered; returns eval/* metrics."""
     rank, ws = world()
@@ -400,148 +248,159 @@ def run_eval(model, tok, subset, scorer, max_new_tokens) -> dict[str, float]:
 # the loop
 
 
-def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
-          device: torch.device = torch.device("cpu")) -> dict | None:
-    """The RL loop; rank 0 writes the outputs into ``work``. Collective.
+class GRPOTrainer:
+    """The RL loop as named parts (torchtitan's ``Trainer`` shape); rank 0 writes into ``work``.
 
-    ``device``: where the policy (and reference / value head) run; rollouts, rewards and batches
-    are built on CPU and moved at the update.
+        trainer = GRPOTrainer(cfg, policy_uri, data_uri, work, ckpt_uri, device)
+        try:
+            summary = trainer.fit()        # resume, eval at 0, train_step until steps/budget, finish
+        finally:
+            trainer.close()
+
+    Parts: :meth:`rollout` (sample + score this rank's groups, dynamic-sampling refills),
+    :meth:`score` (old-policy, reference and value estimates on the batch), :meth:`advantages`
+    (GRPO/RLOO/PPO, TIS weights), :meth:`update` (the policy step, replicated or sharded),
+    :meth:`step_metrics` (gathered over ranks), :meth:`evaluate`, :meth:`save`. Collective: every
+    rank builds one and calls the same methods. ``device``: where the policy (and reference /
+    value head) run; rollouts, rewards and batches are built on CPU and moved at the update.
     """
-    from r1zero.train.checkpoint import Checkpointer
 
-    g = cfg.grpo
-    rank, ws = world()
-    _check(cfg, ws)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model, tok = load_policy(policy_uri)
-    model.to(device)
-    sharded = None
-    if g.update_engine == "fsdp2":  # the policy update on the pretraining engine (r1zero.grpo.sharded)
-        from r1zero.grpo.sharded import ShardedGRPO
+    def __init__(self, cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
+                 device: torch.device = torch.device("cpu")):
+        from r1zero.train.checkpoint import Checkpointer
 
-        sharded = ShardedGRPO(cfg, model, ws, device)
-    ref = load_policy(policy_uri)[0].eval().requires_grad_(False).to(device) if g.beta > 0 and sharded is None \
-        else None
-    data_dir = store.materialize(data_uri)
-    budget = max_positions(model) - g.max_new_tokens
-    if budget < 8:
-        raise UserError(f"grpo.max_new_tokens ({g.max_new_tokens}) leaves no room for prompts in the "
-                        f"policy's context ({max_positions(model)})")
-    from r1zero.data.shards import bench_split
-    from r1zero.template import prompt_renderer
+        g = self.g = cfg.grpo
+        self.cfg, self.work, self.device = cfg, work, device
+        self.rank, ws = world()
+        check_run(cfg, ws)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tok = load_policy(policy_uri)
+        self.model.to(device)
+        self.sharded = None
+        if g.update_engine == "fsdp2":  # the policy update on the pretraining engine (r1zero.grpo.sharded)
+            from r1zero.grpo.sharded import ShardedGRPO
 
-    render = prompt_renderer(tok, cfg.data.chat_template)  # the base's chat template when asked
-    entries, dropped = prepare_entries(load_rows(data_dir, "train"), tok, budget, render)
-    # the periodic held-out curve follows a named benchmark when grpo.eval_benchmark is set
-    eval_split = bench_split(g.eval_benchmark) if g.eval_benchmark else "eval"
-    eval_entries, eval_dropped = prepare_entries(load_rows(data_dir, eval_split), tok, budget, render)
-    if not entries:
-        raise UserError(f"data artifact {data_uri}: no usable RL prompts in the train split (dropped: {dropped})")
-    subset = eval_subset(eval_entries, g.eval_problems, cfg.seed) if g.eval_problems else []
-    scorer = RewardScorer(g.reward, g.max_new_tokens, sandbox=cfg.sandbox)
-    pattern = keyword_pattern(g.reflection_keywords)
+            self.sharded = ShardedGRPO(cfg, self.model, ws, device)
+        self.ref = load_policy(policy_uri)[0].eval().requires_grad_(False).to(device) \
+            if g.beta > 0 and self.sharded is None else None
+        self._load_prompts(data_uri)
+        self.scorer = RewardScorer(g.reward, g.max_new_tokens, sandbox=cfg.sandbox)
+        self.pattern = keyword_pattern(g.reflection_keywords)
+        self.value_head = None
+        if g.algorithm == "ppo":
+            from r1zero.grpo.ppo import ValueHead
 
-    value_head = None
-    if g.algorithm == "ppo":
-        from r1zero.grpo.ppo import ValueHead
+            self.value_head = ValueHead(self.model).to(device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            self.params += list(self.value_head.parameters())
+        self.optimizer = make_optimizer(self.params, g.lr) if self.sharded is None else self.sharded.optimizer
+        self.st = self._new_state()
+        self.metrics = MetricsWriter(work / "metrics.jsonl")
+        self.samples_path = work / "samples.jsonl"
+        self.ckpt = Checkpointer(ckpt_uri, keep_last=2)
+        self.engine = None  # the rollout engine (vLLM) when grpo.rollout.engine says so; started by fit()
+        self.tel = self.detector = None
 
-        value_head = ValueHead(model).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if value_head is not None:
-        params += list(value_head.parameters())
-    optimizer = make_optimizer(params, g.lr) if sharded is None else sharded.optimizer
+    # -- setup --------------------------------------------------------------------------------
 
-    strata = [adaptive.stratum_of(e.item) for e in entries] if g.adaptive.enabled and g.adaptive.stratum_prior else None
-    st = RunState(stream=PromptStream(len(entries), cfg.seed), guard=NanGuard(g.nan_abort_after),
-                  tracker=adaptive.PassRateTracker(strata))
-    if g.grouping.enabled:
-        from r1zero.grpo.grouping import DynamicGroups
+    def _load_prompts(self, data_uri: str) -> None:
+        from r1zero.data.shards import bench_split
+        from r1zero.template import prompt_renderer
 
-        st.grouping = DynamicGroups.build(model, entries, g.grouping, cfg.seed)
-    if g.reward.three_level:
-        from r1zero.grpo.three_level import ThreeLevelState
+        g, tok = self.g, self.tok
+        data_dir = store.materialize(data_uri)
+        budget = max_positions(self.model) - g.max_new_tokens
+        if budget < 8:
+            raise UserError(f"grpo.max_new_tokens ({g.max_new_tokens}) leaves no room for prompts in the "
+                            f"policy's context ({max_positions(self.model)})")
+        render = prompt_renderer(tok, self.cfg.data.chat_template)  # the base's chat template when asked
+        self.entries, self.dropped = prepare_entries(load_rows(data_dir, "train"), tok, budget, render)
+        # the periodic held-out curve follows a named benchmark when grpo.eval_benchmark is set
+        eval_split = bench_split(g.eval_benchmark) if g.eval_benchmark else "eval"
+        eval_entries, self.eval_dropped = prepare_entries(load_rows(data_dir, eval_split), tok, budget, render)
+        if not self.entries:
+            raise UserError(f"data artifact {data_uri}: no usable RL prompts in the train split "
+                            f"(dropped: {self.dropped})")
+        self.subset = eval_subset(eval_entries, g.eval_problems, self.cfg.seed) if g.eval_problems else []
 
-        st.three_level_state = ThreeLevelState()
-    metrics = MetricsWriter(work / "metrics.jsonl")
-    samples_path = work / "samples.jsonl"
-    ckpt = Checkpointer(ckpt_uri, keep_last=2)
-    loaded = ckpt.load_latest()
-    if loaded is not None:
+    def _new_state(self) -> RunState:
+        g, cfg = self.g, self.cfg
+        strata = [adaptive.stratum_of(e.item) for e in self.entries] \
+            if g.adaptive.enabled and g.adaptive.stratum_prior else None
+        st = RunState(stream=PromptStream(len(self.entries), cfg.seed), guard=NanGuard(g.nan_abort_after),
+                      tracker=adaptive.PassRateTracker(strata))
+        if g.grouping.enabled:
+            from r1zero.grpo.grouping import DynamicGroups
+
+            st.grouping = DynamicGroups.build(self.model, self.entries, g.grouping, cfg.seed)
+        if g.reward.three_level:
+            from r1zero.grpo.three_level import ThreeLevelState
+
+            st.three_level_state = ThreeLevelState()
+        return st
+
+    def resume(self) -> None:
+        """Load the newest valid checkpoint (weights, optimizer, run state, RNG, metrics so far),
+        or clear the outputs of an earlier run in ``work``."""
+        work, loaded = self.work, self.ckpt.load_latest()
+        if loaded is None:
+            if self.rank == 0:
+                for name in ("metrics.jsonl", "samples.jsonl", "insight_stream.jsonl"):
+                    (work / name).unlink(missing_ok=True)
+            return
         sd = torch.load(loaded.path / "grpo_state.pt", weights_only=False, map_location="cpu")
-        model.load_state_dict(sd["model"])
-        if sharded is None:
-            optimizer.load_state_dict(sd["optimizer"])
+        self.model.load_state_dict(sd["model"])
+        if self.sharded is None:
+            self.optimizer.load_state_dict(sd["optimizer"])
         else:  # the shards of the policy and its optimizer state (torch.distributed.checkpoint)
-            sharded.load(loaded.path / "engine")
-        if value_head is not None:
-            value_head.load_state_dict(sd["value_head"])
-        st.load(loaded.state["run"])
-        ckpt.restore_rng(loaded)
-        if rank == 0:
+            self.sharded.load(loaded.path / "engine")
+        if self.value_head is not None:
+            self.value_head.load_state_dict(sd["value_head"])
+        self.st.load(loaded.state["run"])
+        self.ckpt.restore_rng(loaded)
+        if self.rank == 0:
             for name in ("metrics.jsonl", "samples.jsonl"):
                 src = loaded.path / name
                 if src.exists():
                     shutil.copyfile(src, work / name)
                 else:
                     (work / name).unlink(missing_ok=True)
-        print0(f"grpo: resumed from step {st.step}")
-    elif rank == 0:
-        for name in ("metrics.jsonl", "samples.jsonl", "insight_stream.jsonl"):
-            (work / name).unlink(missing_ok=True)
+        print0(f"grpo: resumed from step {self.st.step}")
 
-    engine = None
-    if g.rollout.engine == "vllm":
-        from r1zero.grpo.vllm_rollout import start_engine
+    # -- one step -----------------------------------------------------------------------------
 
-        engine = start_engine(g.rollout, model, tok, max_len=max_positions(model), seed=cfg.seed + rank)
-    try:
-        return _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subset, scorer, pattern,
-                     metrics, samples_path, ckpt, work, engine, {"dropped_prompts": dropped,
-                                                                 "dropped_eval_prompts": eval_dropped},
-                     sharded=sharded)
-    finally:
-        if engine is not None:
-            engine.close()
+    def rollout(self) -> tuple[Rollout, dict]:
+        """This rank's scored groups for the step (see :func:`collect_rollouts`). Collective."""
+        return collect_rollouts(self.cfg, self.st, self.model, self.tok, self.entries, self.scorer, self.engine)
 
-
-def _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subset, scorer, pattern, metrics,
-          samples_path, ckpt, work, engine, dropped_info, sharded=None) -> dict | None:
-    g = cfg.grpo
-    rank, _ = world()
-    tel = _telemetry(cfg, rank)
-    scorer.attach_metrics(tel)
-    detector = _streaming_detector(cfg, work / "insight_stream.jsonl", tel)
-    if st.step == 0 and subset:
-        ev = run_eval(model, tok, subset, scorer, g.max_new_tokens)
-        st.first_eval = st.last_eval = ev
-        if rank == 0:
-            metrics.write(0, ev)
-    t_start = time.perf_counter() - st.elapsed_s
-    bar = progress(total=g.steps, initial=st.step, desc="grpo", unit="step")
-    stop_reason = "steps"
-    while st.step < g.steps:
-        if g.time_budget_s is not None and _flag(time.perf_counter() - t_start >= g.time_budget_s):
-            stop_reason = "time_budget"
-            break
-        t0 = time.perf_counter()
-        roll, info = collect_rollouts(cfg, st, model, tok, entries, scorer, engine)
-        batch = build_batch(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
-        old_logp = ref_logp = old_v = ret = None
+    def score(self, roll: Rollout, batch: Batch) -> tuple:
+        """(old_logp_BT, ref_logp_BT, old_values_BT) on the batch; None where not needed."""
+        g, sharded = self.g, self.sharded
+        old_logp = ref_logp = old_v = None
         if g.mu > 1 or g.algorithm == "ppo" or roll.logprobs is not None:
-            old_logp = sequence_logprobs(model, batch, g.temperature) if sharded is None else sharded.logprobs(batch)
-            if value_head is not None:
+            old_logp = sequence_logprobs(self.model, batch, g.temperature) if sharded is None \
+                else sharded.logprobs(batch)
+            if self.value_head is not None:
                 with torch.no_grad():
-                    old_v = value_head.values()[:, -(batch.mask_BT.shape[1] + 1):-1].detach().cpu()
-        if ref is not None:
-            ref_logp = sequence_logprobs(ref, batch, g.temperature)
+                    old_v = self.value_head.values()[:, -(batch.mask_BT.shape[1] + 1):-1].detach().cpu()
+        if self.ref is not None:
+            ref_logp = sequence_logprobs(self.ref, batch, g.temperature)
         elif sharded is not None:
             ref_logp = sharded.ref_logprobs(batch)
+        return old_logp, ref_logp, old_v
+
+    def advantages(self, roll: Rollout, batch: Batch, info: dict, old_logp, old_v) -> tuple:
+        """(adv, returns, old_logp): GRPO/RLOO per row or PPO's GAE per token, times the TIS weights
+        when the rollout engine's log-probs are corrected; records the engine/trainer gap in ``info``."""
+        g = self.g
+        ret = None
         if g.algorithm == "ppo":
-            adv, ret = ppo_advantages(cfg, roll, batch, old_v)
+            adv, ret = ppo_advantages(self.cfg, roll, batch, old_v)
         else:
-            adv = compute_advantages(cfg, roll, batch)
+            adv = compute_advantages(self.cfg, roll, batch)
         if roll.logprobs is not None:  # train/inference consistency, optional TIS correction
             rollout_BT = unpack_rows(roll.logprobs, batch.mask_BT)
             info["logp_diff"], w_BT = rollout_consistency(old_logp, rollout_BT, batch.mask_BT, g.rollout.tis_cap)
@@ -549,64 +408,137 @@ def _loop(cfg, st, model, tok, ref, value_head, optimizer, params, entries, subs
                 adv = (adv[:, None] if adv.dim() == 1 else adv) * w_BT
             if g.mu == 1 and g.algorithm != "ppo":
                 old_logp = None  # pi_old = the detached current policy, as without an engine
+        return adv, ret, old_logp
+
+    def update(self, roll: Rollout, batch: Batch, adv, old_logp, ref_logp, old_v, ret) -> dict:
+        """The policy step (``mu`` clipped iterations), then the rollout engine's weights follow."""
         n_global = all_sum([float(len(roll.completion_ids))])[0]
-        if engine is not None:
-            engine.before_update()
-        if sharded is not None:  # micro-batched on the FSDP2 (+EP) shards; the rollout model synced after
-            upd = sharded.update(batch, adv, guard=st.guard, old_logp_BT=old_logp, ref_logp_BT=ref_logp,
-                                 local_fraction=len(roll.completion_ids) / max(n_global, 1.0))
+        local_fraction = len(roll.completion_ids) / max(n_global, 1.0)
+        if self.engine is not None:
+            self.engine.before_update()
+        if self.sharded is not None:  # micro-batched on the FSDP2 (+EP) shards; the rollout model synced after
+            upd = self.sharded.update(batch, adv, guard=self.st.guard, old_logp_BT=old_logp, ref_logp_BT=ref_logp,
+                                      local_fraction=local_fraction)
         else:
-            upd = policy_update(model, optimizer, batch, adv, g, params=params, guard=st.guard, old_logp_BT=old_logp,
-                                ref_logp_BT=ref_logp, value_head=value_head, old_values_BT=old_v, returns_BT=ret,
-                                local_fraction=len(roll.completion_ids) / max(n_global, 1.0))
-        if engine is not None:
-            engine.update_weights(model)
-        summaries = _gather(_rollout_summary(roll, info, pattern, info["first_round"]))
-        for s in summaries:  # identical tracker on every rank
+            upd = policy_update(self.model, self.optimizer, batch, adv, self.g, params=self.params,
+                                guard=self.st.guard, old_logp_BT=old_logp, ref_logp_BT=ref_logp,
+                                value_head=self.value_head, old_values_BT=old_v, returns_BT=ret,
+                                local_fraction=local_fraction)
+        if self.engine is not None:
+            self.engine.update_weights(self.model)
+        return upd
+
+    def step_metrics(self, roll: Rollout, info: dict, upd: dict, seconds: float) -> dict[str, float]:
+        """Gathers every rank's rollout summary, feeds the pass-rate tracker (identical on every
+        rank), and returns the step's ``grpo/*`` series."""
+        st = self.st
+        summaries = _gather(rollout_summary(roll, info, self.pattern, info["first_round"]))
+        for s in summaries:
             for p, acc in s["group_acc"]:
                 st.tracker.update(p, acc)
-        st.step += 1
-        seconds = time.perf_counter() - t0
-        m = step_metrics(cfg, summaries, upd, seconds, pattern)
+        m = step_metrics(self.cfg, summaries, upd, seconds, self.pattern)
         st.tokens += int(sum(sum(s["sampled"]["lengths"]) for s in summaries))
-        if st.grouping is not None:
-            m.update(st.grouping.report(st.tracker))
-            if st.step % g.grouping.recluster_every == 0:
-                st.grouping.regroup(st.tracker)
-                st.stream.reset_groups()
-        if subset and (st.step % g.eval_every == 0 or st.step == g.steps):
-            ev = run_eval(model, tok, subset, scorer, g.max_new_tokens)
-            st.last_eval = ev
-            m.update(ev)
-        if rank == 0:
-            metrics.write(st.step, m)
-            for name, value in m.items():  # "aha" events as soon as they are detectable
-                detector.update(st.step, name, value)
-            if st.step % g.sample_every == 0 or st.step == 1:
-                _write_samples(samples_path, st.step, roll, entries)
+        return m
+
+    def train_step(self) -> tuple[dict[str, float], Rollout, dict]:
+        """rollout -> score -> advantages -> update -> metrics; returns (metrics, rollout, update)."""
+        t0 = time.perf_counter()
+        roll, info = self.rollout()
+        batch = build_batch(roll.prompt_ids, roll.completion_ids, self.tok.pad_token_id)
+        old_logp, ref_logp, old_v = self.score(roll, batch)
+        adv, ret, old_logp = self.advantages(roll, batch, info, old_logp, old_v)
+        upd = self.update(roll, batch, adv, old_logp, ref_logp, old_v, ret)
+        self.st.step += 1
+        return self.step_metrics(roll, info, upd, time.perf_counter() - t0), roll, upd
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy pass@1 on the fixed held-out subset (``eval/*``)."""
+        return run_eval(self.model, self.tok, self.subset, self.scorer, self.g.max_new_tokens)
+
+    def save(self) -> None:
+        with self.tel.checkpoint_timer() if self.tel is not None else contextlib.nullcontext():
+            _save(self.ckpt, self.st, self.model, self.optimizer, self.value_head, self.work, self.sharded)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> dict | None:
+        """Resume, train until ``steps`` or the time budget, finish; rank 0 returns the summary."""
+        g, st, rank, subset = self.g, self.st, self.rank, self.subset
+        self.resume()
+        if g.rollout.engine == "vllm":
+            from r1zero.grpo.vllm_rollout import start_engine
+
+            self.engine = start_engine(g.rollout, self.model, self.tok, max_len=max_positions(self.model),
+                                       seed=self.cfg.seed + rank)
+        tel = self.tel = _telemetry(self.cfg, rank)
+        self.scorer.attach_metrics(tel)
+        detector = _streaming_detector(self.cfg, self.work / "insight_stream.jsonl", tel)
+        if st.step == 0 and subset:
+            st.first_eval = st.last_eval = self.evaluate()
+            if rank == 0:
+                self.metrics.write(0, st.first_eval)
+        t_start = time.perf_counter() - st.elapsed_s
+        bar = progress(total=g.steps, initial=st.step, desc="grpo", unit="step")
+        stop_reason = "steps"
+        while st.step < g.steps:
+            if g.time_budget_s is not None and _flag(time.perf_counter() - t_start >= g.time_budget_s):
+                stop_reason = "time_budget"
+                break
+            m, roll, upd = self.train_step()
+            seconds = m["grpo/step_seconds"]
+            if st.grouping is not None:
+                m.update(st.grouping.report(st.tracker))
+                if st.step % g.grouping.recluster_every == 0:
+                    st.grouping.regroup(st.tracker)
+                    st.stream.reset_groups()
+            if subset and (st.step % g.eval_every == 0 or st.step == g.steps):
+                st.last_eval = self.evaluate()
+                m.update(st.last_eval)
+            if rank == 0:
+                self.metrics.write(st.step, m)
+                for name, value in m.items():  # "aha" events as soon as they are detectable
+                    detector.update(st.step, name, value)
+                if st.step % g.sample_every == 0 or st.step == 1:
+                    _write_samples(self.samples_path, st.step, roll, self.entries)
+            if tel is not None:
+                tel.observe_step(seconds, tokens=int(sum(len(c) for c in roll.completion_ids)), loss=upd["loss"],
+                                 lr=g.lr, reward=m["grpo/reward/mean"], accuracy=m["grpo/accuracy"])
+                tel.set_gauges(**m)
+            st.elapsed_s = time.perf_counter() - t_start
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['grpo/reward/mean']:.3f}", acc=f"{m['grpo/accuracy']:.3f}")
+            if st.step % g.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        if subset and stop_reason == "time_budget" and st.step % g.eval_every != 0 and st.step > 0:
+            st.last_eval = self.evaluate()  # the curve ends where training did
+            if rank == 0:
+                self.metrics.write(st.step, st.last_eval)
         if tel is not None:
-            tel.observe_step(seconds, tokens=int(sum(len(c) for c in roll.completion_ids)), loss=upd["loss"], lr=g.lr,
-                             reward=m["grpo/reward/mean"], accuracy=m["grpo/accuracy"])
-            tel.set_gauges(**m)
-        st.elapsed_s = time.perf_counter() - t_start
-        bar.update(1)
-        bar.set_postfix(reward=f"{m['grpo/reward/mean']:.3f}", acc=f"{m['grpo/accuracy']:.3f}")
-        if st.step % g.checkpoint_every == 0:
-            with tel.checkpoint_timer() if tel is not None else contextlib.nullcontext():
-                _save(ckpt, st, model, optimizer, value_head, work, sharded)
-    bar.close()
-    if subset and stop_reason == "time_budget" and st.step % g.eval_every != 0 and st.step > 0:
-        st.last_eval = run_eval(model, tok, subset, scorer, g.max_new_tokens)  # the curve ends where training did
-        if rank == 0:
-            metrics.write(st.step, st.last_eval)
-    if tel is not None:
-        tel.close()
-    if rank != 0:
-        return None
-    return _finish(cfg, model, tok, work, st, {**dropped_info,
-                                               "rollout_engine": g.rollout.engine,
-                                               "rl_prompts": len(entries), "eval_subset": len(subset),
-                                               "stop_reason": stop_reason, "verify_calls": scorer.verify_calls})
+            tel.close()
+            self.tel = None
+        if rank != 0:
+            return None
+        return _finish(self.cfg, self.model, self.tok, self.work, st, {
+            "dropped_prompts": self.dropped, "dropped_eval_prompts": self.eval_dropped,
+            "rollout_engine": g.rollout.engine, "rl_prompts": len(self.entries), "eval_subset": len(subset),
+            "stop_reason": stop_reason, "verify_calls": self.scorer.verify_calls})
+
+    def close(self) -> None:
+        """Stop the rollout engine (its process or server connection); idempotent."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
+          device: torch.device = torch.device("cpu")) -> dict | None:
+    """The RL loop (:class:`GRPOTrainer`); rank 0 writes the outputs into ``work``. Collective."""
+    trainer = GRPOTrainer(cfg, policy_uri, data_uri, work, ckpt_uri, device)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def _flag(local: bool) -> bool:

@@ -118,8 +118,7 @@ def test_spectral_grouping_three_level_and_batch_advantages(grpo_env, tmp_path, 
 
 def test_step_metrics_over_all_sampled_groups_with_kept_series():
     from r1zero.config import load_config
-    from r1zero.grpo.metrics import keyword_pattern
-    from r1zero.grpo.trainer import step_metrics
+    from r1zero.grpo.metrics import keyword_pattern, step_metrics
 
     def pop(correct, lengths, texts):
         return {"total": [float(c) for c in correct], "terms": {"accuracy": [float(c) for c in correct]},
@@ -139,3 +138,29 @@ def test_step_metrics_over_all_sampled_groups_with_kept_series():
     assert abs(m["grpo/completion_length/mean"] - 26 / 6) < 1e-9 and m["grpo/kept/completion_length/mean"] == 7.0
     assert abs(m["grpo/reflection_rate"] - 1 / 6) < 1e-9 and m["grpo/kept/reflection_rate"] == 0.5
     assert m["grpo/n_sampled"] == 6 and m["grpo/n_completions"] == 2 and m["grpo/tokens_per_s"] == 13.0
+
+
+def test_trainer_named_parts_make_one_train_step(grpo_env, tmp_path, make_cfg):
+    """GRPOTrainer's parts called one by one give what train_step gives, and train_step moves the
+    policy, the step counter and the prompt stream (one step, no eval)."""
+    from r1zero.grpo.trainer import GRPOTrainer
+    from r1zero.grpo.update import build_batch
+
+    data, llama, _ = grpo_env
+    cfg = make_cfg("grpo.beta=0.02", "grpo.eval_problems=0")
+    trainer = GRPOTrainer(cfg, str(llama), str(data), tmp_path, str(tmp_path / "checkpoints"))
+    try:
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        m, roll, upd = trainer.train_step()
+        assert trainer.st.step == 1 and roll.n_groups == cfg.grpo.prompts_per_step
+        assert m["grpo/n_sampled"] == len(roll.completion_ids) and m["grpo/loss"] == upd["loss"]
+        assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+        # the parts by hand on the next step's rollout: scores, advantages and batch agree in shape
+        roll2, info = trainer.rollout()
+        batch = build_batch(roll2.prompt_ids, roll2.completion_ids, trainer.tok.pad_token_id)
+        old_logp, ref_logp, old_v = trainer.score(roll2, batch)
+        assert old_logp is None and old_v is None and ref_logp.shape == batch.mask_BT.shape  # mu=1, beta>0
+        adv, ret, _ = trainer.advantages(roll2, batch, info, old_logp, old_v)
+        assert adv.shape == (len(roll2.completion_ids),) and ret is None
+    finally:
+        trainer.close()
