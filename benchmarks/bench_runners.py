@@ -21,13 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipelines.local_run import SMOKE_SETS as SHRUNK
+
 REPO = Path(__file__).resolve().parents[1]
-# = tests/pipelines/test_docker_run.py TINY: about a minute per run on 2 cores
-SHRUNK = ["data.n_train=400", "data.n_eval=16", "data.tokenizer_rows=400", "pretrain.steps=5",
-          "pretrain.micro_batch=4", "pretrain.seq_len=64", "pretrain.warmup_steps=1", "pretrain.log_every=1",
-          "pretrain.heldout_per_domain=0", "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.group_size=4",
-          "grpo.max_new_tokens=16", "grpo.eval_every=1", "grpo.eval_problems=4", "eval.k=2", "eval.n_samples=2",
-          "eval.max_new_tokens=16"]
 
 
 def one_run(runner: str, out: Path) -> dict:

@@ -103,6 +103,13 @@ def print_summary(s: dict) -> None:
 
 
 RUNNERS = ("subprocess", "docker")
+# the tiny preset shrunk to about a minute per run on 2 cores (a few pretraining and GRPO steps, short
+# generations, a small eval split): the runner tests and benchmarks/bench_runners.py run it
+SMOKE_SETS = ["data.n_train=400", "data.n_eval=16", "data.tokenizer_rows=400", "pretrain.steps=5",
+              "pretrain.micro_batch=4", "pretrain.seq_len=64", "pretrain.warmup_steps=1", "pretrain.log_every=1",
+              "pretrain.heldout_per_domain=0", "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.group_size=4",
+              "grpo.max_new_tokens=16", "grpo.eval_every=1", "grpo.eval_problems=4", "eval.k=2",
+              "eval.n_samples=2", "eval.max_new_tokens=16"]
 
 
 def _runner(kind: str, out: Path, kfp_root: Path, registry_uri: str, run_token: str):

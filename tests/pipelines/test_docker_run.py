@@ -20,17 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.local_run import SMOKE_SETS as TINY
 from r1zero.errors import UserError
 from r1zero.images import BASE_NAME, BASE_SUITE, UID, base_hash
 
 REPO = Path(__file__).resolve().parents[2]
-# the tiny preset shrunk to about a minute and a half per run (tests/cluster/test_containers.py does
-# the same for one job): a few pretraining and GRPO steps, short generations, a small eval split
-TINY = ["data.n_train=400", "data.n_eval=16", "data.tokenizer_rows=400", "pretrain.steps=5",
-        "pretrain.micro_batch=4", "pretrain.seq_len=64", "pretrain.warmup_steps=1", "pretrain.log_every=1",
-        "pretrain.heldout_per_domain=0", "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.group_size=4",
-        "grpo.max_new_tokens=16", "grpo.eval_every=1", "grpo.eval_problems=4", "eval.k=2", "eval.n_samples=2",
-        "eval.max_new_tokens=16"]
 # each task and the artifact files it must leave in kfp.local's pipeline root
 TASK_OUTPUTS = {
     "data-mix": ["data/manifest.json"],
