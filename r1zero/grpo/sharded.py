@@ -284,15 +284,17 @@ def sharded_policy_update(model, optimizer, batch, adv_B: torch.Tensor, gcfg, *,
     The loss is ``sum over this rank's tokens / global denominator`` (the denominator all-reduced
     first): scaled by ``dp`` because FSDP2 averages gradients over dp (experts: the all-to-all
     sums over ep, FSDP2 divides by dp), so the step uses the sum over ranks, as world 1 does.
-    The MoE aux loss of each micro-batch is weighted by its share of the global completions.
+    The MoE aux loss of each micro-batch (a mean over its real tokens) is weighted by its share
+    of every rank's real tokens; ``local_fraction`` is not used any more (accepted for callers).
     Needs the same number of micro-batches on every rank: ranks with fewer rows run dummies.
     """
     from r1zero.grpo.losses import entropy_of, log_probs, pick, policy_loss
-    from r1zero.grpo.update import _denominator, all_sum, forward_completion, unpack
+    from r1zero.grpo.update import _denominator, all_sum, aux_tokens, forward_completion, unpack
 
     model.train()
     B = batch.mask_BT.shape[0]
-    den = all_sum([_denominator(batch.mask_BT, gcfg)[1]])[0]
+    # the MoE aux loss's tokens (real ones: the MoE layer skips padding) over every rank
+    den, n_aux = all_sum([_denominator(batch.mask_BT, gcfg)[1], aux_tokens(None, batch)])
     slices, _ = _micro_slices(B, micro_batch)
     params = [p for p in model.parameters() if p.requires_grad]
     stats = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0,
@@ -314,7 +316,8 @@ def sharded_policy_update(model, optimizer, batch, adv_B: torch.Tensor, gcfg, *,
             loss = num / max(den, 1e-12)
             aux = getattr(out, "aux_loss", None)
             if aux is not None and torch.is_tensor(aux) and aux.requires_grad:
-                loss = loss + aux * (0.0 if dummy else local_fraction * (hi - lo) / B)
+                # weight: the micro-batch's share of all ranks' real tokens (as policy_update)
+                loss = loss + aux * ((0.0 if dummy else aux_tokens(out, mb)) / max(n_aux, 1.0))
             (loss * dp).backward()
             loss_local += float(loss.detach())
             for k in ("tokens", "clip_low", "clip_high", "kl_sum"):

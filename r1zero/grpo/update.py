@@ -111,6 +111,15 @@ _BUCKET_GAIN = 0.75
 class _Output:
     logits: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    aux_tokens: float | None = None  # the real tokens the aux loss is the mean over
+
+
+def aux_tokens(out, batch: Batch) -> float:
+    """The number of real tokens that the MoE aux loss of ``forward_completion(model, batch)``
+    (its output ``out``) averages over: the shared-prompt forward reports it; one forward over the
+    padded batch counts its attention mask's tokens (r1zero's MoE layer skips padding)."""
+    n = getattr(out, "aux_tokens", None)
+    return float(batch.attention_BL.sum()) if n is None else float(n)
 
 
 def forward_completion(model, batch: Batch, temperature: float = 1.0):
@@ -131,8 +140,8 @@ def forward_completion(model, batch: Batch, temperature: float = 1.0):
     T = batch.targets_BT.shape[1]
     real_BT = batch.mask_BT.bool()
     if SHARED_PROMPT_FORWARD and batch.prompt_src_B is not None and _shares_prompts(model):
-        logits_NV, aux = _shared_prompt_forward(model, batch, real_BT)
-        return _tempered(logits_NV, temperature), _Output(logits_NV, aux)
+        logits_NV, aux, n_aux = _shared_prompt_forward(model, batch, real_BT)
+        return _tempered(logits_NV, temperature), _Output(logits_NV, aux, n_aux)
     kw = {"use_cache": False}
     if _accepts_keep(model):
         kw["logits_to_keep"] = T + 1
@@ -187,12 +196,13 @@ def _cache_kw(model) -> str:
 
 
 def _shared_prompt_forward(model, batch: Batch, real_BT: torch.Tensor):
-    """(logits_NV, aux loss) of :func:`forward_completion` from one forward over the U unique
+    """(logits_NV, aux loss, its real tokens) of :func:`forward_completion` from one forward over the U unique
     prompts and one forward per length bucket of completions, each from the prompt cache's rows.
 
     Completion input t (right-padded, S = T - 1 per row) predicts token t + 1; token 0 is predicted
-    from the prompt's last position. The aux loss of r1zero's MoE is the token-weighted mean of the
-    forwards' (each unique prompt token counted once).
+    from the prompt's last position. The aux loss of r1zero's MoE is the mean of the forwards',
+    weighted by their real tokens (each forward's attention mask marks them; the MoE layer counts
+    only those: each unique prompt token once, padding never).
     """
     from transformers import DynamicCache
 
@@ -213,7 +223,7 @@ def _shared_prompt_forward(model, batch: Batch, real_BT: torch.Tensor):
     got = cache if got is None else got
     kv = [(layer.keys, layer.values) for layer in got.layers]
     parts = [out.logits[:, -1].index_select(0, src_B)]  # (B, V): predicts completion token 0
-    auxes = [(out.aux_loss, ids_UP.numel())] if getattr(out, "aux_loss", None) is not None else []
+    auxes = [(out.aux_loss, float(att_UP.sum()))] if getattr(out, "aux_loss", None) is not None else []
     idx_BT = torch.zeros((B, T), dtype=torch.long, device=dev)
     idx_BT[:, 0] = torch.arange(B, device=dev)
     n_done = B
@@ -224,7 +234,10 @@ def _shared_prompt_forward(model, batch: Batch, real_BT: torch.Tensor):
         for i, (k, v) in enumerate(kv):
             c.update(k.index_select(0, src), v.index_select(0, src), i)
         ids = batch.input_ids_BL.index_select(0, rows)[:, P:P + w]
-        att = torch.cat([att_UP.index_select(0, src), torch.ones_like(ids)], 1)
+        # padded completion inputs marked as such (only for the MoE aux statistics: right padding
+        # comes after every real token, so no real query sees it either way)
+        real_bw = real_BT.index_select(0, rows)[:, :w]
+        att = torch.cat([att_UP.index_select(0, src), real_bw.to(att_UP.dtype)], 1)
         pos = batch.position_BL.index_select(0, rows)[:, P:P + w]
         o = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, **{ckw: c})
         k_bw = keep_BS.index_select(0, rows)[:, :w]
@@ -235,12 +248,12 @@ def _shared_prompt_forward(model, batch: Batch, real_BT: torch.Tensor):
         idx_BT[rows, 1:w + 1] = slot_bw
         n_done += int(k_bw.sum())
         if getattr(o, "aux_loss", None) is not None:
-            auxes.append((o.aux_loss, ids.numel()))
+            auxes.append((o.aux_loss, float(real_bw.sum())))
     logits_NV = torch.cat(parts).index_select(0, idx_BT[real_BT])
-    aux = None
+    aux, n_aux = None, sum(n for _, n in auxes)
     if model.training and auxes:
-        aux = sum(a * n for a, n in auxes) / sum(n for _, n in auxes)
-    return logits_NV, aux
+        aux = sum(a * n for a, n in auxes) / max(n_aux, 1.0)
+    return logits_NV, aux, n_aux
 
 
 def unpack(values_N: torch.Tensor, real_BT: torch.Tensor) -> torch.Tensor:
@@ -353,8 +366,10 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
                   returns_BT: torch.Tensor | None = None, local_fraction: float = 1.0) -> dict:
     """``gcfg.mu`` optimiser steps on one batch; returns summed stats (already reduced over ranks).
 
-    ``adv`` is adv_B (GRPO/RLOO) or adv_BT (PPO). ``local_fraction`` = this rank's share of the
-    global completions, used to weight the MoE auxiliary loss so that its ranks' sum is the mean.
+    ``adv`` is adv_B (GRPO/RLOO) or adv_BT (PPO). The MoE auxiliary loss (a mean over this rank's
+    real tokens) is weighted by the rank's share of the real tokens of every rank (all-reduced
+    here), so the ranks' sum is the token-weighted mean. ``local_fraction`` (the rank's share of
+    the completions, the weight used before) is not used any more; it is accepted for callers.
     """
     model.train()
     dev = _device(model)
@@ -388,7 +403,8 @@ def policy_update(model, optimizer, batch: Batch, adv, gcfg, *, params: list, gu
             vl_value = float(vl.detach())
         aux = getattr(out, "aux_loss", None)
         if aux is not None and torch.is_tensor(aux) and aux.requires_grad:
-            loss = loss + aux * local_fraction
+            n_aux = aux_tokens(out, batch)
+            loss = loss + aux * (n_aux / max(all_sum([n_aux])[0], 1.0))
         loss.backward()
         allreduce_grads(params)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, gcfg.grad_clip if gcfg.grad_clip > 0 else float("inf")))

@@ -56,10 +56,14 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MoELayer(config, layer_idx)
 
-    def forward(self, x_BSD, cos_sin, mask, cache=None):
+    def forward(self, x_BSD, cos_sin, mask, cache=None, token_mask_BS=None):
+        """``token_mask_BS``: the real (unpadded) tokens, for the MoE aux statistics only
+        (:meth:`MoELayer.forward`); None when nothing is padded."""
         x_BSD = x_BSD + self.self_attn(self.attn_norm(x_BSD), cos_sin, mask, cache)
         if isinstance(cache, KVCache) and isinstance(self.mlp, MoELayer):  # a decode: its weight store
             return x_BSD + self.mlp(self.ffn_norm(x_BSD), cache.derived)
+        if token_mask_BS is not None and isinstance(self.mlp, MoELayer):
+            return x_BSD + self.mlp(self.ffn_norm(x_BSD), token_mask=token_mask_BS)
         return x_BSD + self.mlp(self.ffn_norm(x_BSD))
 
 
@@ -121,8 +125,16 @@ class R1ZeroModel(R1ZeroPreTrainedModel):
                 position_ids = torch.arange(past, past + S, device=x_BSD.device)[None].expand(B, S)
         mask = attention_mask_4d(attention_mask, S, past, B, x_BSD.device)
         cos_sin = self.rotary(position_ids, x_BSD.dtype)
+        # the MoE balance/z losses count real tokens only (padding would move the router's aux
+        # gradient with the batch's padding); no padding: no mask, every token counts
+        token_mask_BS = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask[:, -S:].all()):
+            token_mask_BS = attention_mask[:, -S:]
         for layer in self.layers:
-            x_BSD = layer(x_BSD, cos_sin, mask, cache)
+            if token_mask_BS is None:
+                x_BSD = layer(x_BSD, cos_sin, mask, cache)
+            else:
+                x_BSD = layer(x_BSD, cos_sin, mask, cache, token_mask_BS)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD), **{_CACHE_FIELD: cache})
 
 

@@ -60,9 +60,16 @@ class MoELayer(nn.Module):
         self.z_loss: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, x_BSD: torch.Tensor, decode_weights: dict | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, decode_weights: dict | None = None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``decode_weights``: the decode's store for derived weights (``KVCache.derived``), given
-        by a decode step; enables the dense decode path (:meth:`_dense_decode`)."""
+        by a decode step; enables the dense decode path (:meth:`_dense_decode`).
+
+        ``token_mask`` (the shape of ``x_BSD`` without D; nonzero = a real token): the balance
+        loss, the z-loss and the load statistics count the real tokens only, as HF Mixtral's
+        ``load_balancing_loss_func(attention_mask=...)`` does; padding is still routed and run
+        (its outputs are ignored) but does not move the router's aux gradient. None: every token
+        counts (pretraining's unpadded batches, bit-identical to no mask)."""
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
         if decode_weights is not None and self._dense_decode(x_BSD):
@@ -70,10 +77,11 @@ class MoELayer(nn.Module):
         T, K, E = x_TD.shape[0], self.top_k, self.n_experts
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         weights_TK, ids_TK, probs_TE = R.route(logits_TE, K, self.kind, self.selection_bias(), self.route_scale)
-        self.aux_loss = R.switch_aux_loss(probs_TE, ids_TK)
-        self.z_loss = R.router_z_loss(logits_TE)
+        real_T = None if token_mask is None else token_mask.reshape(-1).to(x_TD.device).bool()
+        self.aux_loss, self.z_loss, real_counts_E, entropy = _aux_terms(logits_TE, probs_TE, ids_TK, E, real_T)
 
         order_N, counts_E = R.sort_by_expert(ids_TK, E)
+        real_counts_E = counts_E if real_counts_E is None else real_counts_E
         kept_E = counts_E
         if self.capacity_factor is not None:
             cap = R.capacity(T, K, E, self.capacity_factor)
@@ -91,12 +99,12 @@ class MoELayer(nn.Module):
 
         with torch.no_grad():
             if self.training:
-                self.tokens_per_expert_E += counts_E.float()
+                self.tokens_per_expert_E += real_counts_E.float()
             self.last_stats = {
-                "counts_E": counts_E.detach(),
+                "counts_E": real_counts_E.detach(),
                 "dropped": (counts_E - kept_E).sum().detach(),
                 "slots": torch.tensor(T * K),
-                "entropy": R.router_entropy(probs_TE).detach(),
+                "entropy": entropy.detach(),
                 "aux_loss": self.aux_loss.detach(),
                 "z_loss": self.z_loss.detach(),
             }
@@ -203,6 +211,22 @@ class MoELayer(nn.Module):
             "bias_abs_max": float(self.expert_bias_E.abs().max()),
             "dead_experts": int((s["counts_E"] == 0).sum()),
         }
+
+
+def _aux_terms(logits_TE: torch.Tensor, probs_TE: torch.Tensor, ids_TK: torch.Tensor, n_experts: int,
+               real_T: torch.Tensor | None) -> tuple:
+    """(Switch balance loss, z-loss, routed-slot counts_E, router entropy) over the real tokens
+    (``real_T``; None: all of them, and counts_E None: the dispatch's own counts are those). A forward with no real token gives zero losses that still
+    belong to the graph (its backward then adds nothing)."""
+    if real_T is not None:
+        if not bool(real_T.any()):
+            zero = logits_TE.sum() * 0.0
+            return zero, zero, torch.zeros(n_experts, dtype=torch.long, device=ids_TK.device), zero.detach()
+        logits_TE, probs_TE, ids_TK = logits_TE[real_T], probs_TE[real_T], ids_TK[real_T]
+    with torch.no_grad():  # statistics only
+        counts_E = None if real_T is None else R.expert_counts(ids_TK, n_experts)  # None: the dispatch's counts
+        entropy = R.router_entropy(probs_TE)
+    return R.switch_aux_loss(probs_TE, ids_TK), R.router_z_loss(logits_TE), counts_E, entropy
 
 
 def flat_moe_metrics(stats: list[dict]) -> dict[str, float]:

@@ -226,9 +226,9 @@ def test_shared_prompt_forward_for_r1zero_moe(tiny_lms, monkeypatch, case):
     seen: list[int] = []
     fwd = MoELayer.forward
 
-    def counting(self, x):
+    def counting(self, x, *args, **kwargs):
         seen.append(x.reshape(-1, x.shape[-1]).shape[0])
-        return fwd(self, x)
+        return fwd(self, x, *args, **kwargs)
 
     monkeypatch.setattr(MoELayer, "forward", counting)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]

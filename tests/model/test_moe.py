@@ -165,3 +165,37 @@ def test_dense_decode_matches_the_routed_path(router, e, k, n_shared, biased):
     moe.n_experts = int(_DENSE_DECODE_MAX_FLOPS) + 1  # E > limit * K: more than the allowed extra work
     with torch.no_grad():
         assert not moe._dense_decode(x_T1D)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "soft"])
+def test_token_mask_counts_real_tokens_only_in_aux_losses_and_stats(router):
+    """Padding tokens (token_mask 0) are routed and run, but the balance loss, the z-loss and the
+    load statistics are those of the real tokens alone, with the same router gradient; no mask and
+    an all-real mask give the same figures (issue 16: the GRPO update's padded batches)."""
+    layer = make_layer(seed=3, router=router).train()
+    x_BSD = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(4))
+    real_BS = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.long)
+
+    def run(x, mask=None):
+        layer.zero_grad(set_to_none=True)
+        layer.tokens_per_expert_E.zero_()
+        out = layer(x, token_mask=mask)
+        (layer.aux_loss + layer.z_loss).backward()
+        return out, layer.aux_loss.detach(), layer.z_loss.detach(), layer.gate.weight.grad.clone(), layer.stats(), \
+            layer.tokens_per_expert_E.clone()
+
+    out_m, aux_m, z_m, g_m, st_m, cnt_m = run(x_BSD, real_BS)
+    out_r, aux_r, z_r, g_r, st_r, cnt_r = run(x_BSD[real_BS.bool()][None])  # the real tokens only
+    torch.testing.assert_close(out_m[real_BS.bool()], out_r[0], rtol=1e-6, atol=1e-6)  # outputs untouched
+    torch.testing.assert_close(aux_m, aux_r, rtol=1e-6, atol=0)
+    torch.testing.assert_close(z_m, z_r, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_m, g_r, rtol=1e-5, atol=1e-7)
+    assert st_m["load"] == st_r["load"] and sum(st_m["load"]) == int(real_BS.sum()) * layer.top_k
+    assert torch.equal(cnt_m, cnt_r)
+    out_n, aux_n, z_n, g_n, *_ = run(x_BSD)
+    out_o, aux_o, z_o, g_o, *_ = run(x_BSD, torch.ones_like(real_BS))
+    assert torch.equal(aux_n, aux_o) and torch.equal(z_n, z_o) and torch.equal(g_n, g_o) and torch.equal(out_n, out_o)
+    # the padding did count without the mask (soft routing's balance loss is 1 for any tokens)
+    assert not torch.allclose(z_n, z_m) and (router == "soft" or not torch.allclose(aux_n, aux_m))
+    _, aux_0, z_0, g_0, st_0, _ = run(x_BSD, torch.zeros_like(real_BS))  # no real token: zero, still a graph
+    assert float(aux_0) == 0.0 and float(z_0) == 0.0 and float(g_0.abs().max()) == 0.0 and sum(st_0["load"]) == 0
