@@ -219,10 +219,11 @@ def _aux_terms(logits_TE: torch.Tensor, probs_TE: torch.Tensor, ids_TK: torch.Te
     (``real_T``; None: all of them, and counts_E None: the dispatch's own counts are those). A forward with no real token gives zero losses that still
     belong to the graph (its backward then adds nothing)."""
     if real_T is not None:
-        if not bool(real_T.any()):
+        idx_N = real_T.nonzero().squeeze(1)  # one host sync; the selections below need none
+        if idx_N.numel() == 0:
             zero = logits_TE.sum() * 0.0
             return zero, zero, torch.zeros(n_experts, dtype=torch.long, device=ids_TK.device), zero.detach()
-        logits_TE, probs_TE, ids_TK = logits_TE[real_T], probs_TE[real_T], ids_TK[real_T]
+        logits_TE, probs_TE, ids_TK = (t.index_select(0, idx_N) for t in (logits_TE, probs_TE, ids_TK))
     with torch.no_grad():  # statistics only
         counts_E = None if real_T is None else R.expert_counts(ids_TK, n_experts)  # None: the dispatch's counts
         entropy = R.router_entropy(probs_TE)
