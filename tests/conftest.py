@@ -180,3 +180,16 @@ def runtime_image(images):
 @pytest.fixture(scope="session")
 def train_image(images):
     return images["train"]
+
+
+@pytest.fixture(scope="session")
+def vllm_image():
+    """The vLLM image (images/vllm.Dockerfile: rollout servers, GRPO trainers with vLLM rollouts),
+    built once per session or reused when its inputs hash matches; no engine fails the test."""
+    from r1zero.errors import UserError
+    from r1zero.images import ensure_images
+
+    try:
+        return ensure_images(log=lambda m: print(m, file=sys.stderr, flush=True), only=("vllm",))["vllm"]
+    except UserError as err:
+        pytest.fail(f"container tests need the built vLLM image: {err}", pytrace=False)

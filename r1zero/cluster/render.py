@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from r1zero.cluster import rollout_manifests as rollout
 from r1zero.errors import UserError
 from r1zero.images import UID
 
@@ -170,6 +171,8 @@ def container_env(cfg, stage: str) -> list[dict]:
     ]
     if cfg.store.endpoint_url:
         env.append({"name": "R1ZERO_S3_ENDPOINT", "value": cfg.store.endpoint_url})
+    if rollout.uses_vllm(cfg, stage) and cfg.grpo.rollout.mode == "server":  # the rollout servers' key
+        env.append(rollout.key_env(job_name(cfg, stage)))
     if _gpu(cfg):
         # NCCL: surface init problems, fail fast on hangs (torch >= 2.2 name); bootstrap over eth0.
         env += [
@@ -427,7 +430,8 @@ def fit_parallel(cfg):
 
 
 def render_stage(cfg, stage: str, kind: str, uris: dict[str, str] | None = None) -> list[dict]:
-    """[ConfigMap, job] for one stage."""
+    """[ConfigMap, job] for one stage; GRPO in vLLM server mode adds the rollout servers'
+    [Service, StatefulSet] (r1zero/cluster/rollout_manifests.py)."""
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
     if kind not in RENDERERS:
@@ -446,9 +450,15 @@ def render_stage(cfg, stage: str, kind: str, uris: dict[str, str] | None = None)
     if stage == "grpo":  # fail at render time, not when 1,024 pods have started
         for problem in cfg.grpo_world_problems(cfg.parallel.dp * cfg.parallel.tp * cfg.parallel.pp):
             raise UserError(f"{cfg.name}: {problem}")
+    servers = rollout.renders_servers(cfg, stage)
+    cfg = rollout.prepare(cfg, stage, job_name(cfg, stage))  # vLLM image; servers' per-rank address
     uris = {**default_uris(cfg, stage), **(uris or {})}
     cm_name = f"{job_name(cfg, stage)}-config-{cfg.hash()[:8]}"
-    return [config_map(cfg, cm_name), RENDERERS[kind](cfg, stage, uris, cm_name)]
+    objs = [config_map(cfg, cm_name), RENDERERS[kind](cfg, stage, uris, cm_name)]
+    if servers:
+        world = cfg.parallel.dp * cfg.parallel.tp * cfg.parallel.pp
+        objs += rollout.render_servers(cfg, job_name(cfg, stage), world, uris["policy"])
+    return objs
 
 
 def dump_yaml(objs: list[dict]) -> str:

@@ -345,6 +345,57 @@ def layout_errors(job: dict, config_maps: dict[str, str]) -> list[str]:
     return errs
 
 
+def rollout_errors(docs: list, config_maps: dict[str, str]) -> list[str]:
+    """A GRPO job in vLLM server mode whose ``server_address`` names per-rank StatefulSet pods
+    (``<sts>-{rank}.<svc>.<namespace>.svc:<port>``) that are rendered in the same file: one server
+    per rank (``replicas`` = the job's world size), the StatefulSet's headless Service, the port."""
+    from r1zero.config import build_config
+    from r1zero.errors import UserError as _UserError
+
+    by = {(d.get("kind"), (d.get("metadata") or {}).get("name")): d for d in docs if isinstance(d, dict)}
+    errs = []
+    for job in by.values():
+        if ((job.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") != "grpo":
+            continue
+        texts = [config_maps[n] for n in sorted(_config_maps_named(job)) if n in config_maps]
+        if not texts:
+            continue
+        try:
+            r = build_config(yaml.load(texts[0], Loader=_Loader) or {}).grpo.rollout
+        except (_UserError, yaml.YAMLError):
+            continue  # reported by layout_errors
+        if r.engine != "vllm" or r.mode != "server" or not r.server_address or "-{rank}." not in r.server_address:
+            continue
+        host, _, port = r.server_address.rpartition(":")
+        sts_name, _, rest = host.partition("-{rank}.")
+        svc_name, ns = rest.split(".")[:2] if rest.count(".") >= 1 else (rest, "")
+        sts = by.get(("StatefulSet", sts_name))
+        if sts is None:
+            continue  # servers run elsewhere
+        name = (job.get("metadata") or {}).get("name")
+        spec = sts.get("spec") or {}
+        world = job_world_size(job)
+        if world is not None and spec.get("replicas") != world:
+            errs.append(f"{name}: {world} trainer ranks but StatefulSet {sts_name} has {spec.get('replicas')} "
+                        "rollout servers (one per rank: server_address uses {rank})")
+        if spec.get("serviceName") != svc_name:
+            errs.append(f"{name}: server_address names Service {svc_name} but StatefulSet {sts_name} has "
+                        f"serviceName {spec.get('serviceName')}")
+        if ns and (sts.get("metadata") or {}).get("namespace") != ns:
+            errs.append(f"{name}: server_address names namespace {ns}, StatefulSet {sts_name} is in "
+                        f"{(sts.get('metadata') or {}).get('namespace')}")
+        svc = by.get(("Service", svc_name))
+        if svc is None or (svc.get("spec") or {}).get("clusterIP") != "None":
+            errs.append(f"{name}: no headless Service {svc_name} for the per-rank server names")
+        elif port.isdigit() and int(port) not in [p.get("port") for p in svc["spec"].get("ports") or []]:
+            errs.append(f"{name}: Service {svc_name} does not expose the server_address port {port}")
+        ports = [p.get("containerPort") for c in (spec.get("template") or {}).get("spec", {}).get("containers") or []
+                 for p in c.get("ports") or []]
+        if port.isdigit() and int(port) not in ports:
+            errs.append(f"{name}: StatefulSet {sts_name} listens on {ports}, not the server_address port {port}")
+    return errs
+
+
 def _files(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
@@ -379,4 +430,6 @@ def validate_paths(paths, crds: dict, kube_version: str = KUBE_VERSION) -> Repor
                 errs = errs + layout_errors(doc, config_maps)
             rep.errors += [f"{label}: {e}" for e in errs]
             rep.notes += [f"{label}: {n}" for n in notes]
+        if config_maps:
+            rep.errors += [f"{f}: {e}" for e in rollout_errors(docs, config_maps)]
     return rep

@@ -54,6 +54,7 @@ from r1zero.generate import GenerationOutput
 from r1zero.train.dist import free_port
 
 KEY_ENV = "R1ZERO_ROLLOUT_KEY"  # shared secret of a rollout server (from a Secret in a pod)
+PORT = 7100  # the rollout server's default port (the rendered StatefulSet and Service use it)
 
 
 def _import_vllm():
@@ -256,8 +257,7 @@ class ServerEngine:
             key = os.environ.get(KEY_ENV)
             if not key:
                 raise UserError(f"grpo.rollout.server_address is set but {KEY_ENV} (the server's shared key) is not")
-            host, _, port = rcfg.server_address.rpartition(":")
-            self.address, self.key = (host, int(port)), key.encode()
+            self.address, self.key = server_address(rcfg.server_address), key.encode()
         else:
             self.dir = _export(model, tokenizer)
             self.key = secrets.token_hex(16).encode()
@@ -365,8 +365,8 @@ class ServerEngine:
     def close(self) -> None:
         import shutil
 
-        try:
-            self.conn.send(("close", None))
+        try:  # a spawned server stops with the run; a pod's server only ends this session ("bye")
+            self.conn.send(("close" if self.proc is not None else "bye", None))
         except (OSError, AttributeError):
             pass
         if self.proc is not None:
@@ -379,29 +379,82 @@ class ServerEngine:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def serve(model_dir: str, host: str, port: int, *, max_len: int, seed: int, kv_cache_gib: float,
+def server_address(address: str, rank: int | None = None) -> tuple[str, int]:
+    """``host:port`` of this trainer rank's rollout server. ``{rank}`` in the host is replaced by
+    the rank (``RANK``, set by torchrun; 0 without it): the rendered jobs name one server per
+    rank, ``<job>-rollout-{rank}.<job>-rollout.<namespace>.svc:7100`` (r1zero/cluster/rollout_manifests.py)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"grpo.rollout.server_address {address!r} is not host:port")
+    if "{rank}" in host:
+        rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        host = host.replace("{rank}", str(rank))
+    if "{" in host or "}" in host:
+        raise UserError(f"grpo.rollout.server_address {address!r}: the only placeholder is {{rank}}")
+    return host, int(port)
+
+
+def serving_dir(model: str) -> str:
+    """A standard HF dir for the engine from ``model`` (a local dir or ``s3://`` URI of a policy;
+    r1zero's own format is exported once, to a temporary dir). The trainer pushes its weights on
+    connect, so this only fixes the architecture and the tokenizer."""
+    import json
+
+    from r1zero import store
+
+    d = store.materialize(model)
+    try:
+        model_type = json.loads((d / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        raise UserError(f"rollout server model {model}: no readable config.json") from None
+    if model_type != "r1zero_moe":
+        return str(d)
+    from r1zero.model import load_causal_lm
+
+    policy, tok = load_causal_lm(str(d))
+    return _export(policy, tok)
+
+
+def serve(model: str, host: str, port: int, *, max_len: int | None, seed: int, kv_cache_gib: float,
           dtype: str = "auto") -> None:
-    """The rollout server: one trainer connection at a time; ``sample``, ``weight push``, ``close``."""
+    """The rollout server. The engine starts first, then the socket opens (so a TCP readiness
+    probe on the port means "ready"); each authenticated trainer connection gets a thread, and
+    requests (``sample``, ``weight push``) run one at a time. ``bye`` ends a session, ``close``
+    (from the trainer that spawned this server) stops it. A connection that fails the handshake
+    (a readiness probe, a wrong key) is dropped."""
+    from multiprocessing import AuthenticationError
+
     key = os.environ.get(KEY_ENV)
     if not key:
         raise UserError(f"{KEY_ENV} must be set (the key the trainer authenticates with)")
-    with Listener((host, port), authkey=key.encode()) as listener:
-        try:
-            sampler = VllmSampler(model_dir, max_len=max_len, seed=seed, kv_cache_gib=kv_cache_gib, dtype=dtype)
-            ready = ("ready", None)
-        except UserError as err:
-            sampler, ready = None, ("error", str(err))
-        while True:
-            conn = listener.accept()
-            conn.send(ready)
-            if sampler is None:
-                raise UserError(ready[1])
-            if _session(conn, sampler):
-                return
+    sampler = VllmSampler(serving_dir(model), max_len=max_len, seed=seed, kv_cache_gib=kv_cache_gib, dtype=dtype)
+    lock, stop = threading.Lock(), threading.Event()
+
+    def session(conn: Connection) -> None:
+        with conn:
+            conn.send(("ready", None))
+            if _session(conn, sampler, lock):
+                stop.set()
+
+    # backlog: kubelet probes and a restarted trainer may connect while a handshake is under way
+    listener = Listener((host, port), authkey=key.encode(), backlog=16)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn = listener.accept()
+            except (EOFError, OSError, AuthenticationError):
+                continue
+            threading.Thread(target=session, args=(conn,), daemon=True).start()
+
+    print(f"rollout server ready on {host}:{port}", flush=True)
+    threading.Thread(target=accept, daemon=True).start()
+    stop.wait()
+    listener.close()
 
 
-def _session(conn: Connection, sampler: VllmSampler) -> bool:
-    """Serve one trainer; True when it asked the server to stop."""
+def _session(conn: Connection, sampler: VllmSampler, lock: threading.Lock) -> bool:
+    """Serve one trainer connection; True when it asked the server to stop."""
     from safetensors.torch import load
 
     while True:
@@ -409,18 +462,23 @@ def _session(conn: Connection, sampler: VllmSampler) -> bool:
             what, payload = conn.recv()
         except (EOFError, OSError):
             return False
-        if what == "close":
-            return True
+        if what in ("close", "bye"):
+            return what == "close"
         try:
             if what == "sample":
                 prompts, n_new, temp, top_p, eos_id, seed = payload
-                result = sampler.sample(prompts, n_new, temp, top_p, eos_id=eos_id, seed=seed)
+                with lock:
+                    result = sampler.sample(prompts, n_new, temp, top_p, eos_id=eos_id, seed=seed)
             elif what == "weight push":
-                sampler.load_weights(load(conn.recv_bytes()).items())
+                named = load(conn.recv_bytes())
+                with lock:
+                    sampler.load_weights(named.items())
                 result = None
             else:
                 raise ValueError(f"unknown request {what!r}")
             conn.send(("ok", result))
+        except (EOFError, OSError):
+            return False
         except Exception as err:  # noqa: BLE001 - reported to the trainer as one line
             conn.send(("error", f"{type(err).__name__}: {_first_line(err)}"))
 
@@ -436,16 +494,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m r1zero.grpo.vllm_rollout")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run a vLLM rollout server (key from $" + KEY_ENV + ")")
-    s.add_argument("--model", required=True, help="HF model dir the engine starts from")
+    s.add_argument("--model", required=True, help="the policy the engine starts from: a dir or s3:// URI "
+                   "(standard HF or r1zero format); the trainer pushes its weights on connect")
     s.add_argument("--host", default="0.0.0.0")
-    s.add_argument("--port", type=int, default=7100)
-    s.add_argument("--max-len", type=int, default=2048)
+    s.add_argument("--port", type=int, default=PORT)
+    s.add_argument("--max-len", type=int, default=0, help="engine context length (0: the model's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--kv-cache-gib", type=float, default=1.0)
     s.add_argument("--dtype", default="auto")
     a = p.parse_args(argv)
     try:
-        serve(a.model, a.host, a.port, max_len=a.max_len, seed=a.seed, kv_cache_gib=a.kv_cache_gib, dtype=a.dtype)
+        serve(a.model, a.host, a.port, max_len=a.max_len or None, seed=a.seed, kv_cache_gib=a.kv_cache_gib, dtype=a.dtype)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
