@@ -142,7 +142,8 @@ def _dry_run(args) -> int:
                   f"activations {r['activations_bytes'] / 1e9:.2f} GB, "
                   f"total {r['total_bytes'] / 1e9:.2f} GB")
             if out["stage"] == "grpo":
-                print(f"  reference {r['reference_bytes'] / 1e9:.3f} GB; rollout engine {r['rollout_engine_bytes'] / 1e9:.1f}"
+                print(f"  reference {r['reference_bytes'] / 1e9:.3f} GB; full policy copy "
+                      f"{r['rollout_copy_bytes'] / 1e9:.1f} GB; rollout engine {r['rollout_engine_bytes'] / 1e9:.1f}"
                       f" GB: weights {r['rollout_weights_bytes'] / 1e9:.1f} GB, KV cache {r['kv_cache_bytes'] / 1e9:.1f} GB"
                       f" ({r['kv_cache_tokens']} tokens, {r['kv_tokens_needed']} needed); phases: update "
                       f"{r['update_bytes'] / 1e9:.1f} GB, rollout {r['rollout_bytes'] / 1e9:.1f} GB")

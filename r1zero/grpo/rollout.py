@@ -133,14 +133,18 @@ def generate_groups(model, tokenizer, entries: Sequence[PromptEntry], prompt_ind
 
 @torch.no_grad()
 def greedy_eval(model, tokenizer, entries: Sequence[PromptEntry], scorer: RewardScorer, max_new_tokens: int,
-                batch: int = 64) -> list[dict]:
-    """Greedy pass@1 records ``{domain, correct, formatted}`` for each entry (held-out curves)."""
+                batch: int = 64, engine=None) -> list[dict]:
+    """Greedy pass@1 records ``{domain, correct, formatted}`` for each entry (held-out curves);
+    ``engine``: a rollout engine (:mod:`r1zero.grpo.vllm_rollout`) decodes instead of ``model``."""
     drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     recs = []
     for i in range(0, len(entries), batch):
         chunk = entries[i:i + batch]
-        out = sample(model, [e.ids for e in chunk], max_new_tokens, 0.0,
-                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+        if engine is not None:
+            out = engine.sample([e.ids for e in chunk], max_new_tokens, 0.0, 1.0, seed=None)[0]
+        else:
+            out = sample(model, [e.ids for e in chunk], max_new_tokens, 0.0,
+                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
         texts = [decode(tokenizer, c, drop) for c in out.completion_ids]
         res = scorer.score([e.item for e in chunk], texts, [len(c) for c in out.completion_ids], out.truncated)
         for e, c, f in zip(chunk, res.correct, res.formatted):

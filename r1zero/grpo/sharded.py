@@ -173,6 +173,18 @@ def rollout_budget(ecfg, cfg, world_size: int, device_bytes: float) -> dict:
     }
 
 
+def rollout_copy_bytes(ecfg, cfg) -> int:
+    """Bytes of the full fp32 policy the GRPO trainer keeps per rank beside the shards
+    (:class:`ShardedGRPO`): the native sampler's whole weights under ``update_engine: fsdp2`` (4
+    bytes x every parameter: 52 GB for a100-13b, so native + fsdp2 is for small models); none
+    with ``rollout.engine: vllm`` (the engine takes the shards' tensors one at a time). The dry run
+    sizes the fsdp2 update; ``replicated`` (a full policy, reference and AdamW per rank) is not sized."""
+    g = cfg.grpo
+    if g.update_engine != "fsdp2" or g.rollout.engine == "vllm":
+        return 0
+    return model_numel(ecfg) * 4
+
+
 def check_rollout(budget: dict) -> None:
     if budget["kv_cache_bytes"] <= 0:
         raise UserError(f"grpo.rollout.gpu_memory_utilization ({budget['gpu_memory_utilization']}) leaves no KV "
@@ -374,49 +386,102 @@ def load_full(model, full_sd: dict[str, torch.Tensor]) -> None:
             t.copy_(src)
 
 
-def gather_full(model) -> dict[str, torch.Tensor]:
-    """Collective: every world-1 parameter on every rank (:func:`full_state`, then each expert that
-    expert parallelism keeps on other ranks broadcast from the lowest rank holding it)."""
-    from r1zero.train import dist as rdist
+def _world() -> tuple[int, int]:
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
-    mine = full_state(model)
-    parts = rdist.all_gather_object(sorted(mine), None)
+
+def stream_full(model, dtype: torch.dtype | None = None):
+    """Collective generator: ``(world-1 FQN, full CPU tensor)`` for every parameter and persistent
+    buffer of the sharded ``model``, ONE tensor at a time (the whole policy is never held).
+
+    Each tensor is the ``full_tensor()`` of this rank's shard (an all-gather over the parameter's
+    FSDP2 mesh), cast to ``dtype`` (None: as stored); an expert that expert parallelism keeps on
+    other ranks is broadcast from the lowest rank holding it. Every rank must run the generator
+    to its end in step (a rank that only serves others drains it: ``for _ in stream_full(m): pass``).
+    A tied LM head is left out (it is the embedding; :func:`r1zero.model.hf_export.to_hf_tensors`
+    writes it). Order: rank 0's ``state_dict`` order, then the experts it does not hold in their
+    owners' order (the same on every rank).
+    """
+    from r1zero.train import dist as rdist
+    from r1zero.train.parallelize import canonical_fqn
+
+    sd = model.state_dict(keep_vars=True)
+    local: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        fqn = canonical_fqn(name, False)
+        if fqn == "lm_head.weight" and any(t is v for k, v in sd.items() if k.endswith("embed_tokens.weight")):
+            continue  # tied to the embedding
+        local[fqn] = t
+    rank, ws = _world()
+    meta = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in local.items()}
+    parts = rdist.all_gather_object(meta, None) if ws > 1 else [meta]
     owners: dict[str, int] = {}
-    for rank, names in enumerate(parts):
+    for r, names in enumerate(parts):
         for n in names:
-            owners.setdefault(n, rank)
-    if all(len(p) == len(owners) for p in parts):
-        return mine  # no expert parallelism: every rank holds every tensor
-    shapes = rdist.all_gather_object({n: (tuple(t.shape), str(t.dtype)) for n, t in mine.items()}, None)
-    me = torch.distributed.get_rank()
-    for name in sorted(owners):
-        owner = owners[name]
-        if all(name in p for p in parts):
-            continue
-        shape, _ = shapes[owner][name]
-        t = mine[name] if me == owner else torch.empty(shape, dtype=torch.float32)
-        mine[name] = rdist.broadcast(t, src=owner)
-    return mine
+            owners.setdefault(n, r)
+    everywhere = {n for n in owners if all(n in p for p in parts)}
+    for name in owners:
+        with torch.no_grad():
+            if name in everywhere or name in local:
+                t = local[name]
+                full = t.full_tensor() if hasattr(t, "full_tensor") else t
+                full = full.detach().to("cpu", dtype or full.dtype)
+                if full.data_ptr() == _local_ptr(t):
+                    full = full.clone()  # never hand out the live parameter's storage
+            if name not in everywhere:  # an expert held by one EP group: its owner sends it
+                owner = owners[name]
+                shape, dt = parts[owner][name]
+                buf = full if rank == owner else torch.empty(shape, dtype=dtype or getattr(torch, dt))
+                full = rdist.broadcast(buf.contiguous(), src=owner)
+        yield name, full
+        del full
+
+
+def _local_ptr(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.data_ptr()
+
+
+def stream_hf(model, hf_config, dtype: torch.dtype | None = None):
+    """Collective generator: the sharded policy's tensors under the standard architecture's names
+    (:func:`r1zero.model.hf_export.to_hf_tensors`), one at a time: the vLLM engine's in-place
+    weight update and the streamed export take this."""
+    from r1zero.model.hf_export import to_hf_tensors
+
+    return to_hf_tensors(stream_full(model, dtype), hf_config)
+
+
+def drain(it) -> None:
+    """Run a collective generator to its end (the ranks that only serve the others)."""
+    for _ in it:
+        pass
 
 
 class ShardedGRPO:
     """The GRPO loop's policy update on the pretraining engine (``grpo.update_engine: fsdp2``).
 
     Holds the sharded policy, the sharded reference (``beta > 0``) and the RL AdamW over the
-    shards; the loop's plain ``rollout_model`` (the native sampler's or the vLLM engine's source of
-    weights, the evaluation and the export) gets the updated full weights after every update.
+    shards. Where the weights go after each update:
+    - ``rollout_model`` given (the native sampler, which needs whole weights): it gets the new full
+      weights in place, one tensor at a time (:meth:`sync`); the trainer keeps that full copy,
+      which ``r1zero plan --stage grpo --dry-run`` counts (``rollout_copy_bytes``);
+    - ``rollout_model=None`` (vLLM rollouts): no full copy anywhere; the engine takes
+      :meth:`hf_tensors` (one tensor at a time from the shards) and the export is streamed
+      (:meth:`export`).
     Needs r1zero's MoE policy (the engine parallelises it), an initialised process group (the
     trainer starts a one-rank group at world 1) and the ``replicated`` path for PPO.
+    ``policy``: the loaded policy, read once to fill the shards (the caller may drop it after).
     """
 
-    def __init__(self, cfg, rollout_model, world_size: int, device: torch.device):
+    def __init__(self, cfg, policy, world_size: int, device: torch.device, *, keep_rollout_model: bool = True):
         from r1zero.model.modeling import R1ZeroForCausalLM
         from r1zero.train import parallelize as P
         from r1zero.train.parallel_dims import ParallelDims
 
-        if not isinstance(rollout_model, R1ZeroForCausalLM):
+        if not isinstance(policy, R1ZeroForCausalLM):
             raise UserError(f"grpo.update_engine=fsdp2 runs r1zero's MoE policy on the pretraining engine; the policy is "
-                            f"a {type(rollout_model).__name__} (use grpo.update_engine=replicated)")
+                            f"a {type(policy).__name__} (use grpo.update_engine=replicated)")
         if cfg.grpo.algorithm == "ppo":
             raise UserError("grpo.update_engine=fsdp2 does not run PPO's value head (use grpo.update_engine=replicated)")
         for problem in grpo_layout_problems(cfg, world_size):
@@ -426,18 +491,38 @@ class ShardedGRPO:
         self.dims = ParallelDims.from_config(self.ecfg.parallel, self.ecfg.model, world_size=world_size)
         self.mesh = P.build_mesh(self.dims, device.type)
         self.micro = micro_batch(cfg, world_size)
-        full = {k: v.detach().cpu() for k, v in rollout_model.state_dict().items()}
-        hf = rollout_model.config
-        self.pm = P.parallelize(P.build_meta_model(self.ecfg, hf_config=hf), self.mesh, self.ecfg)
+        self.hf_config = policy.config
+        full = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+        self.pm = P.parallelize(P.build_meta_model(self.ecfg, hf_config=self.hf_config), self.mesh, self.ecfg)
         P.materialize(self.pm, device, cfg.seed)
         load_full(self.pm.model, full)
         self.ref = None
         if self.g.beta > 0:
-            self.ref = build_reference(self.ecfg, self.mesh, hf_config=hf)
+            self.ref = build_reference(self.ecfg, self.mesh, hf_config=self.hf_config)
             P.materialize(self.ref, device, cfg.seed)
             load_full(self.ref.model, full)
+        del full
         self.optimizer = build_optimizer(self.pm.model, self.g)
-        self.rollout_model = rollout_model
+        self.rollout_model = policy if keep_rollout_model else None
+
+    def engine_dtype(self) -> torch.dtype:
+        """The rollout engine's weights: the update's compute dtype (bf16 at scale, fp32 on the CPU preset)."""
+        return reference_dtype(self.ecfg)
+
+    def hf_tensors(self, dtype: torch.dtype | None = None):
+        """Collective generator: the policy's full tensors, standard names, ``dtype``, one at a time."""
+        return stream_hf(self.pm.model, self.hf_config, dtype)
+
+    def export(self, out_dir, dtype: torch.dtype = torch.float32) -> None:
+        """Collective: rank 0 writes the policy as a standard HF checkpoint (safetensors shards +
+        index, :func:`r1zero.model.hf_export.export_hf`) streamed from the shards; the others
+        serve their shards and write nothing."""
+        from r1zero.model.hf_export import export_hf
+
+        if _world()[0] == 0:
+            export_hf(stream_full(self.pm.model, dtype), self.hf_config, out_dir, dtype=dtype)
+        else:
+            drain(stream_full(self.pm.model, dtype))
 
     def logprobs(self, batch) -> torch.Tensor:
         return sharded_logprobs(self.pm.model, batch, self.g.temperature, self.micro)
@@ -455,13 +540,20 @@ class ShardedGRPO:
 
     @torch.no_grad()
     def sync(self) -> None:
-        full = gather_full(self.pm.model)
-        dev = next(self.rollout_model.parameters()).device
-        missing = self.rollout_model.load_state_dict({k: v.to(dev) for k, v in full.items()}, strict=False).missing_keys
-        # buffers (RoPE, the routers' aux-free bias, which GRPO does not step) stay as they are
-        params = {n for n, _ in self.rollout_model.named_parameters()}
-        if set(missing) & params:
-            raise RuntimeError(f"sharded policy lacks {sorted(set(missing) & params)[:3]}")
+        """Collective: the rollout model (when kept) takes the shards' full weights in place, one
+        tensor at a time; its buffers (RoPE, the routers' aux-free bias, which GRPO does not
+        step) stay as they are."""
+        if self.rollout_model is None:
+            return
+        params = dict(self.rollout_model.named_parameters())
+        seen = set()
+        for name, full in stream_full(self.pm.model):
+            p = params.get(name)
+            if p is not None:
+                p.copy_(full.to(p.device, p.dtype))
+                seen.add(name)
+        if set(params) - seen:
+            raise RuntimeError(f"sharded policy lacks {sorted(set(params) - seen)[:3]}")
 
     # -- checkpoints: torch.distributed.checkpoint, every rank its own shards ---------------------
     def _state(self) -> dict:

@@ -230,10 +230,12 @@ def ppo_advantages(cfg, roll: Rollout, batch: Batch, old_values_BT: torch.Tensor
     return (adv_BT - mu) / (var + 1e-8) ** 0.5 * m, ret_BT
 
 
-def run_eval(model, tok, subset, scorer, max_new_tokens) -> dict[str, float]:
-    """Greedy pass@1 on this rank's share of the subset, gathered; returns eval/* metrics."""
+def run_eval(model, tok, subset, scorer, max_new_tokens, engine=None) -> dict[str, float]:
+    """Greedy pass@1 on this rank's share of the subset, gathered; returns eval/* metrics
+    (``engine``: greedy on the rollout engine instead of ``model``)."""
     rank, ws = world()
-    recs = [r for part in _gather(greedy_eval(model, tok, subset[rank::ws], scorer, max_new_tokens)) for r in part]
+    recs = [r for part in _gather(greedy_eval(model, tok, subset[rank::ws], scorer, max_new_tokens, engine=engine))
+            for r in part]
     out = {"eval/accuracy": mean([float(r["correct"]) for r in recs]),
            "eval/format_rate": mean([float(r["formatted"]) for r in recs])}
     fmt = [r for r in recs if r["formatted"]]
@@ -276,13 +278,19 @@ class GRPOTrainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        self.policy_uri = policy_uri
         self.model, self.tok = load_policy(policy_uri)
-        self.model.to(device)
+        self.positions = max_positions(self.model)
+        # fsdp2 + vLLM: the shards are the only copy of the policy (the engine takes them one tensor
+        # at a time); the loaded model fills the shards and is dropped at the end of __init__
+        self.shards_only = g.update_engine == "fsdp2" and g.rollout.engine == "vllm"
+        if not self.shards_only:
+            self.model.to(device)
         self.sharded = None
         if g.update_engine == "fsdp2":  # the policy update on the pretraining engine (r1zero.grpo.sharded)
             from r1zero.grpo.sharded import ShardedGRPO
 
-            self.sharded = ShardedGRPO(cfg, self.model, ws, device)
+            self.sharded = ShardedGRPO(cfg, self.model, ws, device, keep_rollout_model=not self.shards_only)
         self.ref = load_policy(policy_uri)[0].eval().requires_grad_(False).to(device) \
             if g.beta > 0 and self.sharded is None else None
         self._load_prompts(data_uri)
@@ -293,7 +301,7 @@ class GRPOTrainer:
             from r1zero.grpo.ppo import ValueHead
 
             self.value_head = ValueHead(self.model).to(device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad] if self.sharded is None else []
         if self.value_head is not None:
             self.params += list(self.value_head.parameters())
         self.optimizer = make_optimizer(self.params, g.lr) if self.sharded is None else self.sharded.optimizer
@@ -302,7 +310,10 @@ class GRPOTrainer:
         self.samples_path = work / "samples.jsonl"
         self.ckpt = Checkpointer(ckpt_uri, keep_last=2)
         self.engine = None  # the rollout engine (vLLM) when grpo.rollout.engine says so; started by fit()
+        self.engine_dir: str | None = None  # a streamed export the engine started from (removed at close)
         self.tel = self.detector = None
+        if self.shards_only:
+            self.model = None  # no full-size policy module from here on (tests assert it)
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -312,10 +323,10 @@ class GRPOTrainer:
 
         g, tok = self.g, self.tok
         data_dir = store.materialize(data_uri)
-        budget = max_positions(self.model) - g.max_new_tokens
+        budget = self.positions - g.max_new_tokens
         if budget < 8:
             raise UserError(f"grpo.max_new_tokens ({g.max_new_tokens}) leaves no room for prompts in the "
-                            f"policy's context ({max_positions(self.model)})")
+                            f"policy's context ({self.positions})")
         render = prompt_renderer(tok, self.cfg.data.chat_template)  # the base's chat template when asked
         self.entries, self.dropped = prepare_entries(load_rows(data_dir, "train"), tok, budget, render)
         # the periodic held-out curve follows a named benchmark when grpo.eval_benchmark is set
@@ -352,7 +363,8 @@ class GRPOTrainer:
                     (work / name).unlink(missing_ok=True)
             return
         sd = torch.load(loaded.path / "grpo_state.pt", weights_only=False, map_location="cpu")
-        self.model.load_state_dict(sd["model"])
+        if self.model is not None:
+            self.model.load_state_dict(sd["model"])
         if self.sharded is None:
             self.optimizer.load_state_dict(sd["optimizer"])
         else:  # the shards of the policy and its optimizer state (torch.distributed.checkpoint)
@@ -425,8 +437,16 @@ class GRPOTrainer:
                                 value_head=self.value_head, old_values_BT=old_v, returns_BT=ret,
                                 local_fraction=local_fraction)
         if self.engine is not None:
-            self.engine.update_weights(self.model)
+            self.push_weights()
         return upd
+
+    def push_weights(self) -> None:
+        """The rollout engine takes the policy's new weights: from the shards one tensor at a time
+        (collective) when the trainer holds no full model, else from the model."""
+        if self.model is None:
+            self.engine.load_tensors(self.sharded.hf_tensors(self.sharded.engine_dtype()))
+        else:
+            self.engine.update_weights(self.model)
 
     def step_metrics(self, roll: Rollout, info: dict, upd: dict, seconds: float) -> dict[str, float]:
         """Gathers every rank's rollout summary, feeds the pass-rate tracker (identical on every
@@ -452,8 +472,10 @@ class GRPOTrainer:
         return self.step_metrics(roll, info, upd, time.perf_counter() - t0), roll, upd
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy pass@1 on the fixed held-out subset (``eval/*``)."""
-        return run_eval(self.model, self.tok, self.subset, self.scorer, self.g.max_new_tokens)
+        """Greedy pass@1 on the fixed held-out subset (``eval/*``); on the vLLM engine when the
+        trainer holds no full model."""
+        engine = self.engine if self.model is None else None
+        return run_eval(self.model, self.tok, self.subset, self.scorer, self.g.max_new_tokens, engine=engine)
 
     def save(self) -> None:
         with self.tel.checkpoint_timer() if self.tel is not None else contextlib.nullcontext():
@@ -466,10 +488,7 @@ class GRPOTrainer:
         g, st, rank, subset = self.g, self.st, self.rank, self.subset
         self.resume()
         if g.rollout.engine == "vllm":
-            from r1zero.grpo.vllm_rollout import start_engine
-
-            self.engine = start_engine(g.rollout, self.model, self.tok, max_len=max_positions(self.model),
-                                       seed=self.cfg.seed + rank)
+            self.start_engine()
         tel = self.tel = _telemetry(self.cfg, rank)
         self.scorer.attach_metrics(tel)
         detector = _streaming_detector(self.cfg, self.work / "insight_stream.jsonl", tel)
@@ -517,6 +536,8 @@ class GRPOTrainer:
         if tel is not None:
             tel.close()
             self.tel = None
+        if self.model is None:  # streamed from the shards, rank 0 writes (collective)
+            self.sharded.export(self.work)
         if rank != 0:
             return None
         return _finish(self.cfg, self.model, self.tok, self.work, st, {
@@ -524,11 +545,52 @@ class GRPOTrainer:
             "rollout_engine": g.rollout.engine, "rl_prompts": len(self.entries), "eval_subset": len(subset),
             "stop_reason": stop_reason, "verify_calls": self.scorer.verify_calls})
 
+    def start_engine(self) -> None:
+        """Start the vLLM rollout engine. From the full model when the trainer holds one; else from
+        the policy checkpoint when it is a standard HF dir (then, after a resume, the shards' weights
+        pushed), or from a streamed export of the shards (an r1zero-format policy dir)."""
+        from r1zero.grpo.vllm_rollout import start_engine
+
+        g, seed = self.g, self.cfg.seed + self.rank
+        if self.model is not None:
+            self.engine = start_engine(g.rollout, self.model, self.tok, max_len=self.positions, seed=seed)
+            return
+        dtype = self.sharded.engine_dtype()
+        model_dir = Path(store.materialize(self.policy_uri))
+        if _standard_dir(model_dir):
+            push = self.st.step > 0 or bool(g.rollout.server_address)
+        else:
+            from r1zero.grpo.sharded import stream_full
+            from r1zero.model.hf_export import export_hf
+
+            self.engine_dir = model_dir = Path(tempfile.mkdtemp(prefix="r1zero-vllm-policy-"))
+            export_hf(stream_full(self.sharded.pm.model, dtype), self.sharded.hf_config, model_dir, dtype=dtype)
+            self.tok.save_pretrained(str(model_dir))
+            push = bool(g.rollout.server_address)
+        self.engine = start_engine(g.rollout, None, self.tok, max_len=self.positions, seed=seed,
+                                   model_dir=str(model_dir), dtype=str(dtype).removeprefix("torch."))
+        if push:
+            self.push_weights()
+
     def close(self) -> None:
         """Stop the rollout engine (its process or server connection); idempotent."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        if self.engine_dir is not None:
+            shutil.rmtree(self.engine_dir, ignore_errors=True)
+            self.engine_dir = None
+
+
+def _standard_dir(model_dir: Path) -> bool:
+    """A checkpoint vLLM serves as it is: a stock architecture's config.json (not r1zero_moe)."""
+    from r1zero.model.hf_export import ARCHITECTURES
+
+    try:
+        conf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return conf.get("model_type") in ARCHITECTURES
 
 
 def train(cfg, policy_uri: str, data_uri: str, work: Path, ckpt_uri: str,
@@ -600,7 +662,7 @@ def _save(ckpt, st: RunState, model, optimizer, value_head, work: Path, sharded=
             sharded.save(d / "engine")
         if rank != 0:
             return
-        sd = {"model": model.state_dict()}
+        sd = {"model": model.state_dict()} if model is not None else {}  # None: the shards (engine/) only
         if sharded is None:
             sd["optimizer"] = optimizer.state_dict()
         if value_head is not None:
@@ -615,7 +677,8 @@ def _save(ckpt, st: RunState, model, optimizer, value_head, work: Path, sharded=
 
 
 def _finish(cfg, model, tok, work: Path, st: RunState, info: dict) -> dict:
-    model.save_pretrained(str(work), safe_serialization=True)
+    if model is not None:  # None: exported from the shards already (ShardedGRPO.export)
+        model.save_pretrained(str(work), safe_serialization=True)
     tok.save_pretrained(str(work))
     first, last = st.first_eval, st.last_eval
     summary = {

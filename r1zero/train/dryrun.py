@@ -334,7 +334,10 @@ def _measure_grpo(cfg, rank: int, world_size: int) -> dict:
     roll = S.rollout_budget(ecfg, cfg, world_size, gpu)
     S.check_rollout(roll)
     out.update(roll)
-    resident = out["params_bytes"] + out["optimizer_bytes"] + out["buffers_bytes"] + out["reference_bytes"]
+    # the trainer's full fp32 policy beside the shards (native sampler under fsdp2): every phase
+    out["rollout_copy_bytes"] = S.rollout_copy_bytes(ecfg, cfg)
+    resident = out["params_bytes"] + out["optimizer_bytes"] + out["buffers_bytes"] + out["reference_bytes"] \
+        + out["rollout_copy_bytes"]
     # the reference's forward (gathered blocks) runs before the update, not during it
     # (gradients are freed by zero_grad(set_to_none=True) after each step; no_grad: logits only)
     out["reference_phase_bytes"] = resident + out["reference_buffers_bytes"] + activation_bytes(ecfg, 0, 0, True)
@@ -414,6 +417,7 @@ def dry_run(cfg, ranks: list[int] | None = None, stage: str = "pretrain", world_
     extra = {}
     if stage == "grpo":  # the per-GPU figures, in GB, of the largest rank
         extra = {"reference_gb": round(largest["reference_bytes"] / 1e9, 3),
+                 "rollout_copy_gb": round(largest["rollout_copy_bytes"] / 1e9, 3),
                  "kv_cache_gb": round(largest["kv_cache_bytes"] / 1e9, 3),
                  "kv_cache_tokens": largest["kv_cache_tokens"], "kv_tokens_needed": largest["kv_tokens_needed"],
                  "phases": "total_bytes = max(update_bytes, rollout_bytes, reference_phase_bytes): the rollout "

@@ -257,3 +257,30 @@ def test_trainer_world2_fsdp2_with_ep_matches_the_replicated_step(grpo_env, tmp_
     assert set(a) == set(b)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=TOL, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+
+
+@pytest.mark.slow
+def test_dry_run_counts_the_native_samplers_full_copy():
+    """``plan --stage grpo --dry-run``: with vLLM rollouts under fsdp2 (the a100-13b preset) the
+    trainer holds no full policy (rollout_copy_bytes 0) and the stage fits in 80 GB; the native
+    sampler's full fp32 copy is counted in every phase (4 bytes x every parameter), so the same
+    preset with ``rollout.engine: native`` does not fit."""
+    from r1zero.config import load_config
+    from r1zero.sizing import GPUS, usable_bytes
+    from r1zero.train.dryrun import dry_run
+
+    lean_sets = ["grpo.update_engine=fsdp2", "grpo.rollout.engine=vllm"]  # what the preset sets
+    cfg = load_config(REPO / "configs" / "a100-13b.yaml", lean_sets)
+    usable = usable_bytes(GPUS["a100-80gb"], 0.10)
+    lean = dry_run(cfg, stage="grpo")
+    r = lean["ranks"][0]
+    assert r["rollout_copy_bytes"] == 0 and lean["rollout_copy_gb"] == 0.0
+    assert r["total_bytes"] <= usable < 80e9
+    native = dry_run(load_config(REPO / "configs" / "a100-13b.yaml", [lean_sets[0], "grpo.rollout.engine=native"]),
+                     stage="grpo")
+    n = native["ranks"][0]
+    numel = S.model_numel(S.engine_config(cfg, lean["world_size"]))
+    assert n["rollout_copy_bytes"] == 4 * numel and numel > 12e9
+    for phase in ("update_bytes", "rollout_bytes", "reference_phase_bytes"):
+        assert n[phase] == r[phase] + n["rollout_copy_bytes"], phase
+    assert n["total_bytes"] > usable  # native + fsdp2 is for small models (docs/grpo.md)
