@@ -61,15 +61,19 @@ def main() -> None:
           + " (paper: 120, 31.4, 16.6, 1.9)")
 
 
-# The preset and two other runnable layouts of the same model on A100-80GB (``--set`` overrides).
+# The preset and other runnable layouts of the same model on A100-80GB (``--set`` overrides).
+# The former preset (tp 4, pp 2, dp 128, 8 micro-batches; its ep group of ep 8 x tp 4 spans 4 nodes).
+FORMER = ["parallel.tp=4", "parallel.pp=2", "parallel.dp=128", "pretrain.grad_accum=8", "parallel.ep_across_nodes=true"]
 DRY_RUN_LAYOUTS = {
-    "a100-13b preset: tp4 pp2 ep8 dp128, ZeRO-1, 1024 GPUs": [],
-    "tp8 pp4 ep8 dp32, ZeRO-3, 1024 GPUs": ["parallel.tp=8", "parallel.pp=4", "parallel.dp=32", "parallel.zero_stage=3",
-                                           "pretrain.grad_accum=32"],
-    "tp1 pp1 ep8 dp64, ZeRO-1, 64 GPUs": ["cluster.nodes=8", "parallel.tp=1", "parallel.pp=1", "parallel.dp=64",
-                                          "pretrain.grad_accum=16"],
-    "preset with interleaved 1F1B (2 stages per rank)": ["parallel.pp_schedule=interleaved_1f1b"],
-    "preset with HSDP (16 replicas x 8 shards)": ["parallel.dp_replicate=16"],
+    "a100-13b preset: tp1 pp1 ep8 dp1024, ZeRO-1, full recompute, 1024 GPUs": [],
+    "the planner's pick: the preset without recompute": ["pretrain.activation_checkpointing=false"],
+    "former preset: tp4 pp2 ep8 dp128, ZeRO-1 (ep group on 4 nodes)": FORMER,
+    "tp8 pp4 ep8 dp32, ZeRO-3, 1024 GPUs (ep group on 8 nodes)": [
+        "parallel.tp=8", "parallel.pp=4", "parallel.dp=32", "parallel.zero_stage=3", "pretrain.grad_accum=32",
+        "parallel.ep_across_nodes=true"],
+    "tp1 pp1 ep8 dp64, ZeRO-1, 64 GPUs": ["cluster.nodes=8", "parallel.dp=64", "pretrain.grad_accum=16"],
+    "former preset with interleaved 1F1B (2 stages per rank)": [*FORMER, "parallel.pp_schedule=interleaved_1f1b"],
+    "preset with HSDP (128 replicas x 8 shards, a replica per node)": ["parallel.dp_replicate=128"],
 }
 
 

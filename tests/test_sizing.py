@@ -246,7 +246,8 @@ def test_cli_article_config_prints_claims_as_claims(capsys):
     out = capsys.readouterr().out
     assert "12.88B parameters" in out
     assert "claims (not verified here)" in out
-    assert "config's own layout (parallel section) tp=4 pp=2 dp=128 ep=8 zero=1" in out
+    assert "config's own layout (parallel section) tp=1 pp=1 dp=1024 ep=8 zero=1" in out
+    assert "an expert-parallel group spans 1 node(s)" in out  # ep 8 x tp 1 inside one node of 8
     assert "claimed 98%" in out and "claimed 0.87" in out and "claimed at most 12%" in out
 
 

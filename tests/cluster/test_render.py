@@ -107,13 +107,14 @@ def test_deterministic_output():
 
 def test_fit_parallel_and_errors():
     cfg = load_config(A100)
-    assert fit_parallel(cfg) is cfg  # 128 x 8 = dp128 * tp4 * pp2
+    assert fit_parallel(cfg) is cfg  # 128 x 8 = dp1024 * tp1 * pp1
     import pytest
 
     from r1zero.errors import UserError
 
     with pytest.raises(UserError, match="not divisible"):
-        fit_parallel(load_config(A100, ["cluster.nodes=3", "cluster.gpus_per_node=3"]))
+        fit_parallel(load_config(A100, ["cluster.nodes=3", "cluster.gpus_per_node=3", "parallel.tp=4", "parallel.pp=2",
+                                        "parallel.dp=128"]))
     with pytest.raises(UserError, match="unknown stage"):
         render_stage(cfg, "sft", "pytorchjob")
     with pytest.raises(UserError, match="gpus_per_node is 0"):

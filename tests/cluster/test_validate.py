@@ -153,9 +153,11 @@ def test_rendered_pretraining_layout_is_checked(crds, jobs, tmp_path):
     cm, job = copy.deepcopy(jobs["pytorchjob"][0]), copy.deepcopy(jobs["pytorchjob"][1])
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = 63  # 64 nodes x 8 = 512 ranks
     errors = "\n".join(validate_paths([_file_with(tmp_path, cm, job)], crds).errors)
-    assert "dp(128) * tp(4) * pp(2) = 1024 but world size is 512" in errors
+    assert "dp(1024) * tp(1) * pp(1) = 1024 but world size is 512" in errors
     tree = yaml.safe_load(cm["data"]["config.yaml"])
     tree["model"].update(n_heads=64, n_kv_heads=2)
+    tree["parallel"].update(tp=4, dp=256, ep_across_nodes=True)
+    tree["pretrain"]["grad_accum"] = 4  # 1 x 4 x 256 = the global batch of 1024
     cm["data"]["config.yaml"] = yaml.safe_dump(tree)
     job = copy.deepcopy(jobs["pytorchjob"][1])
     errors = "\n".join(validate_paths([_file_with(tmp_path, cm, job)], crds).errors)
@@ -163,7 +165,7 @@ def test_rendered_pretraining_layout_is_checked(crds, jobs, tmp_path):
     # the 13B model on one 4-GPU node (dp 4, parameters kept gathered) needs ~80 GB per rank
     cfg = load_config("configs/a100-13b.yaml", ["cluster.nodes=1", "cluster.gpus_per_node=4", "parallel.dp=4",
                                                 "parallel.tp=1", "parallel.pp=1", "parallel.ep=1",
-                                                "cluster.global_batch=32"])
+                                                "cluster.global_batch=32", "pretrain.grad_accum=8"])
     cm, job = render_stage(cfg, "pretrain", "pytorchjob")
     errors = "\n".join(validate_paths([_file_with(tmp_path, cm, job)], crds).errors)
     assert "parallel layout does not fit" in errors and "a100-80gb" in errors

@@ -23,6 +23,10 @@ from r1zero.train.dryrun import check_layout, default_ranks, layout_problems
 
 REPO = Path(__file__).resolve().parents[2]
 A100 = str(REPO / "configs" / "a100-13b.yaml")
+# The preset's former layout (tp 4, pp 2, dp 128, 8 micro-batches; its ep group of 8 x 4 ranks spans
+# 4 nodes): the layout checks below that need tp, pp or a pipeline schedule start from it.
+PP_LAYOUT = ["parallel.tp=4", "parallel.pp=2", "parallel.dp=128", "pretrain.grad_accum=8",
+             "parallel.ep_across_nodes=true"]
 
 # 16 ranks: pp 2 x edp 2 x ep 2 x tp 2. d_model 64, 4 heads of 16 (2 kv-heads), 4 layers, 4 experts
 # of width 32, untied 256-token vocabulary.
@@ -113,9 +117,10 @@ def test_a100_13b_fits_with_headroom_and_agrees_with_the_planner():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["world_size"] == 1024 and out["fits"] is True
-    assert [r["rank"] for r in out["ranks"]] == [0, 512]
-    # ep 8 x tp 4 = 32 consecutive ranks: 4 nodes of 8 (accepted by parallel.ep_across_nodes); tp inside one
-    assert (out["ep_group_nodes"], out["tp_group_nodes"]) == (4, 1)
+    # tp 1 pp 1 dp 1024: every rank has the same shape, so one rank stands for all
+    assert [r["rank"] for r in out["ranks"]] == [0]
+    # ep 8 x tp 1 = 8 consecutive ranks: the expert-parallel group is one node of 8
+    assert (out["ep_group_nodes"], out["tp_group_nodes"]) == (1, 1)
     largest = max(out["ranks"], key=lambda r: r["total_bytes"])
     assert largest["total_bytes"] <= 0.9 * out["device_bytes"]
     states = max(r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in out["ranks"])
@@ -126,7 +131,8 @@ def test_a100_13b_fits_with_headroom_and_agrees_with_the_planner():
 
 @pytest.mark.slow
 def test_a100_13b_interleaved_1f1b_fits_and_agrees_with_the_planner():
-    proc = _cli("--config", A100, "--set", "parallel.pp_schedule=interleaved_1f1b", "--dry-run", "--json")
+    sets = [a for kv in [*PP_LAYOUT, "parallel.pp_schedule=interleaved_1f1b"] for a in ("--set", kv)]
+    proc = _cli("--config", A100, *sets, "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["world_size"] == 1024 and out["fits"] is True
@@ -178,7 +184,7 @@ def test_interleaved_in_flight_follows_the_schedule():
 ])
 def test_bad_interleaved_layouts_exit_2_in_one_line(capsys, sets, phrase):
     argv = ["plan", "--config", A100]
-    for kv in sets:
+    for kv in [*PP_LAYOUT, *sets]:
         argv += ["--set", kv]
     rc = main([*argv, "--dry-run", "--json"])
     assert rc == 2
@@ -193,7 +199,7 @@ def test_a_layout_that_does_not_fit_is_refused_in_one_line():
     # the 13B model on 4 GPUs of one node (dp 4, ZeRO-1-style: parameters stay gathered): ~80 GB
     proc = _cli("--config", A100, "--set", "cluster.nodes=1", "--set", "cluster.gpus_per_node=4",
                 "--set", "parallel.dp=4", "--set", "parallel.tp=1", "--set", "parallel.pp=1", "--set", "parallel.ep=1",
-                "--set", "cluster.global_batch=32", "--dry-run", "--json")
+                "--set", "cluster.global_batch=32", "--set", "pretrain.grad_accum=8", "--dry-run", "--json")
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert err.count("\n") == 0 and "does not fit" in err and "Traceback" not in err
@@ -209,7 +215,10 @@ def test_a_layout_that_does_not_fit_is_refused_in_one_line():
     ("cluster.nodes=64", "but world size is 512"),
 ])
 def test_bad_layouts_exit_2_with_one_line_naming_the_constraint(capsys, override, phrase):
-    rc = main(["plan", "--config", A100, "--set", override, "--dry-run", "--json"])
+    argv = ["plan", "--config", A100]
+    for kv in [*PP_LAYOUT, override]:
+        argv += ["--set", kv]
+    rc = main([*argv, "--dry-run", "--json"])
     assert rc == 2
     cap = capsys.readouterr()
     err = cap.err.strip()
@@ -221,7 +230,8 @@ def test_layout_checks_and_default_ranks():
     cfg = load_config(A100)
     assert layout_problems(cfg, 1024) == []
     check_layout(cfg, 1024)
-    assert default_ranks(cfg, 1024) == [0, 512]
+    assert default_ranks(cfg, 1024) == [0]
+    assert default_ranks(load_config(A100, PP_LAYOUT), 1024) == [0, 512]  # one rank per pipeline stage
     assert any("world size is 8" in p for p in layout_problems(cfg, 8))
 
 
