@@ -135,6 +135,16 @@ class VllmSampler:
             self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
 
+    def close(self) -> None:
+        """Shut the in-process engine down now (idempotent). Why not at exit: vLLM's exit hook
+        destroys its process groups, and after the trainer's own ``destroy_process_group`` that
+        raised ``Invalid process group specified`` at every torchrun rank's exit. Its shutdown
+        also destroys the default group: call this after the trainer's last collective."""
+        llm = self.__dict__.pop("llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def sleep(self) -> None:
         """Free accelerator memory during the trainer's update (CUDA only; weights reloaded after)."""
         if self.cuda:
@@ -271,6 +281,7 @@ class ColocatedEngine:
     def close(self) -> None:
         import shutil
 
+        self.sampler.close()
         if self.owned:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -97,3 +97,41 @@ def test_fsdp2_with_vllm_rollouts_holds_no_full_policy(vllm_python, moe32, grpo_
     base = load_file(str(moe32 / "model.safetensors"))
     tuned = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert max(float((tuned[k] - base[k]).abs().max()) for k in base) > 1e-3  # the steps moved the weights
+
+
+@pytest.mark.slow
+def test_world2_fsdp2_ep2_with_vllm_rollouts(vllm_python, moe32, grpo_env, tmp_path):
+    """``torchrun --nproc-per-node 2 -m r1zero.cli grpo`` with fsdp2, ``parallel.ep=2`` (2 of the 4
+    experts per rank) and a colocated vLLM engine per rank: after the update each engine takes
+    every tensor, the other rank's experts broadcast from their owner (step 2's rollout log-probs
+    equal the shards'); rank 0's streamed export holds all 4 experts of every layer, those of both
+    ranks moved by the update; the run exits cleanly (no traceback from the engines' shutdown)."""
+    from safetensors.torch import load_file
+
+    from r1zero.train.dist import free_port
+
+    data, out = grpo_env[0], tmp_path / "run"
+    sets = ["grpo.steps=2", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=24", "grpo.lr=1e-2",
+            "grpo.eval_every=2", "grpo.eval_problems=8", "telemetry.enabled=false", "grpo.beta=0.02",
+            "grpo.reward.overlong=true", "grpo.reward.overlong_buffer=16", "grpo.update_engine=fsdp2",
+            "grpo.micro_batch=3", "grpo.rollout.engine=vllm", "parallel.ep=2", "model.moe.n_experts=4"]
+    cmd = [str(vllm_python), "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "r1zero.cli", "grpo", "--policy", str(moe32), "--data", str(data),
+           "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "R1ZERO_PROGRESS": "0"}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    diffs = {x["step"]: x["value"] for x in rows if x["name"] == "grpo/rollout_logp_diff/max"}
+    assert set(diffs) == {1, 2} and max(diffs.values()) < TOL, diffs
+    base = load_file(str(moe32 / "model.safetensors"))
+    tuned = load_file(str(out / "model.safetensors"))
+    assert set(tuned) == set(base)
+    experts = [k for k in base if ".experts." in k]
+    assert {k.split(".experts.")[1].split(".")[0] for k in experts} == {"0", "1", "2", "3"}
+    moved = {k.split(".experts.")[1].split(".")[0] for k in experts if float((tuned[k] - base[k]).abs().max()) > 0}
+    # experts stepped on both EP ranks (an expert no token was routed to keeps its weights)
+    assert moved & {"0", "1"} and moved & {"2", "3"}, moved
