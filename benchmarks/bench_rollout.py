@@ -16,7 +16,7 @@ Models:
 - ``tiny_preset``: the tiny preset's policy (``--policy DIR``, e.g. ``r1zero pretrain``'s output), or
   without it the preset's architecture with seeded random weights (``r1zero.model.build_model``);
   the preset's 4 heads of 16 are not a head size vLLM's CPU attention runs (32..512), so its vLLM
-  figure is null with the reason;
+  figure is null with the reason (a policy pretrained with ``--set model.n_heads=2`` runs: heads of 32);
 - ``tiny_preset_2heads``: the preset's shape with 2 heads of 32 (random weights): vLLM at that size;
 - ``moe_63m``: a Mixtral (d 512, 6 layers, 8 heads, 8 experts top-2, expert width 768; 63M params);
 - ``dense_57m``: a Llama of similar size (d 768, 8 layers, 12 heads, width 2048; 57M params);
@@ -122,7 +122,9 @@ def bench_model(name: str, model_dir: Path, prompts: list[list[int]], group: int
     engine, why = None, None
     t0 = time.perf_counter()
     try:
-        engine = start_engine(RolloutConfig(engine="vllm"), policy, tok, max_len=1024, seed=0)
+        # vLLM refuses a max_model_len beyond the checkpoint's positions (the tiny preset's policy: 256)
+        max_len = min(1024, getattr(hf.config, "max_position_embeddings", None) or 1024)
+        engine = start_engine(RolloutConfig(engine="vllm"), policy, tok, max_len=max_len, seed=0)
         res["vllm_start_s"] = round(time.perf_counter() - t0, 1)
     except UserError as err:
         why = str(err)
