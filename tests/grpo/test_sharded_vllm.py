@@ -135,3 +135,26 @@ def test_world2_fsdp2_ep2_with_vllm_rollouts(vllm_python, moe32, grpo_env, tmp_p
     moved = {k.split(".experts.")[1].split(".")[0] for k in experts if float((tuned[k] - base[k]).abs().max()) > 0}
     # experts stepped on both EP ranks (an expert no token was routed to keeps its weights)
     assert moved & {"0", "1"} and moved & {"2", "3"}, moved
+
+
+
+@pytest.mark.slow
+def test_fsdp2_with_a_spawned_vllm_rollout_server(vllm_python, moe32, grpo_env, tmp_path):
+    """Server mode under fsdp2 (``r1zero grpo``, world 1): the spawned server starts from the
+    policy dir and takes the shards' tensors as one payload after each update: the rollout
+    log-probs equal the shards' at both steps; the export is written."""
+    data, out = grpo_env[0], tmp_path / "run"
+    sets = ["grpo.steps=2", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=24", "grpo.lr=1e-2",
+            "grpo.eval_every=2", "grpo.eval_problems=8", "telemetry.enabled=false", "grpo.beta=0.02",
+            "grpo.reward.overlong=true", "grpo.reward.overlong_buffer=16", "grpo.update_engine=fsdp2",
+            "grpo.micro_batch=3", "grpo.rollout.engine=vllm", "grpo.rollout.mode=server"]
+    cmd = [str(vllm_python), "-m", "r1zero.cli", "grpo", "--policy", str(moe32), "--data", str(data), "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT), "R1ZERO_PROGRESS": "0"}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    diffs = {x["step"]: x["value"] for x in rows if x["name"] == "grpo/rollout_logp_diff/max"}
+    assert set(diffs) == {1, 2} and max(diffs.values()) < TOL, diffs
+    assert (out / "model.safetensors").is_file() and json.loads((out / "summary.json").read_text())["steps"] == 2
