@@ -50,7 +50,12 @@ COPY --from=build /dist /tmp/dist
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/home/r1zero
 RUN PIP_NO_CACHE_DIR=1 pip install --no-deps --no-index /tmp/dist/*.whl && rm -rf /tmp/dist
 RUN groupadd --gid "${UID}" r1zero && useradd --create-home --uid "${UID}" --gid "${UID}" r1zero
-# MPIJob workers and launcher, as train.Dockerfile (same pinned Debian versions, ssh configs).
+# libnuma1: vLLM's CPU kernels (vllm/_C*.so) link libnuma.so.1. libpython3.11-dev: the sampler's
+# torch.compile'd ops are built by inductor with g++ at the first request and need Python.h (the
+# version of the base's python3.11). The rest is for MPIJob workers and launcher, as
+# train.Dockerfile (same pinned Debian bookworm versions, ssh configs).
+ARG LIBNUMA_VERSION=2.0.16-1
+ARG LIBPYTHON_DEV_VERSION=3.11.2-6+deb12u9
 ARG OPENSSH_VERSION=1:9.2p1-2+deb12u10
 ARG PDSH_VERSION=2.34-0.2
 ARG GXX_VERSION=4:12.2.0-3
@@ -59,7 +64,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        openssh-server="${OPENSSH_VERSION}" openssh-client="${OPENSSH_VERSION}" \
+        libnuma1="${LIBNUMA_VERSION}" libpython3.11-dev="${LIBPYTHON_DEV_VERSION}" openssh-server="${OPENSSH_VERSION}" openssh-client="${OPENSSH_VERSION}" \
         pdsh="${PDSH_VERSION}" g++="${GXX_VERSION}" ${EXTRA_PACKAGES} \
     && rm -rf /var/lib/apt/lists/* /etc/ssh/ssh_host_*_key* \
     && mkdir -p /run/sshd
