@@ -64,8 +64,8 @@ docker-services:
 	  else echo "make images needs Debian's $(DOCKER_DEPS)" >&2; exit 2; fi; }
 	@sh images/services.sh
 
-# Base from Debian (mmdebstrap, cached by its inputs), runtime + train images from images/ (rebuilt
-# only when their inputs hash changed), pushed to the loopback registry. Names: r1zero/images.py.
+# Base from Debian (mmdebstrap, cached by its inputs), runtime + train + vllm images from images/
+# (rebuilt only when their inputs hash changed), pushed to the loopback registry. Names: r1zero/images.py.
 images: setup docker-services
 	$(PY) -m r1zero.images build --push
 
