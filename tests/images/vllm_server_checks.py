@@ -2,7 +2,8 @@
 
     python vllm_server_checks.py POLICY_DIR HOST:PORT SYNC_DIR     (key in $R1ZERO_ROLLOUT_KEY)
 
-Connects a ``ServerEngine`` to the rollout server container (which pushes this run's starting
+Probes the server's port as the StatefulSet's TCP probes do (connect, close; the port opens once
+the engine is built, and a probe must not end the server), then connects a ``ServerEngine`` to it (which pushes this run's starting
 weights), samples and compares the server's sampled-token log-probs with this process's own
 forward (fp32), moves the policy, checks the server is stale until a weight push and matches
 after it; prints ``PHASE1 {json}``. Then waits for ``SYNC_DIR/go`` (the test pauses the server
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 
@@ -39,11 +41,19 @@ def main(policy_dir: str, address: str, sync: str) -> None:
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    host, port = address.rsplit(":", 1)
+    t0, probes = time.perf_counter(), 0
+    while probes < 3 and time.perf_counter() - t0 < 300:  # kubelet-style tcpSocket probes
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            probes += 1
+        except OSError:
+            time.sleep(0.5)
     rcfg = RolloutConfig(engine="vllm", mode="server", server_address=address, push_timeout_s=5.0,
                          start_timeout_s=300.0)
     t0 = time.perf_counter()
     engine = start_engine(rcfg, policy, tok, max_len=128, seed=0)
-    res: dict = {"connect_s": time.perf_counter() - t0}
+    res: dict = {"connect_s": time.perf_counter() - t0, "probes": probes}
     prompts = [[5, 9, 12, 7], [20, 3, 3, 41, 8], [11, 30]]
     res["gap_start"] = _gap(engine, policy, prompts, seed=3)
     with torch.no_grad():
