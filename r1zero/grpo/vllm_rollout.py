@@ -82,7 +82,12 @@ class VllmSampler:
             _check_head_size(model_dir, self.cuda)
             self.llm = vllm.LLM(model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True, dtype=dtype,
                                 seed=seed, max_model_len=max_len, enforce_eager=not self.cuda,
-                                logprobs_mode="processed_logprobs", **kw)
+                                logprobs_mode="processed_logprobs",
+                                # why: a prefill split over engine steps makes vLLM rewind each
+                                # seeded request's generator (set_offset), which CPU generators
+                                # refuse ("CPU Generator does not use offset"): one GRPO step of
+                                # the tiny preset (16 x 8 prompts) crashed at step 1
+                                enable_chunked_prefill=False, **kw)
             # a first step belongs to the start: some failures (kernels, shapes) only show there
             with _quiet_vllm():
                 self.llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=[0])],

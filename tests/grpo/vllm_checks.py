@@ -74,6 +74,11 @@ def engine_checks(policy_dir: str) -> dict:
         again, _ = engine.sample([p for p in prompts for _ in range(2)], 16, 1.0, 0.9, seed=5)
         again2, _ = engine.sample([p for p in prompts for _ in range(2)], 16, 1.0, 0.9, seed=5)
         res["seeded_repeat_equal"] = again.completion_ids == again2.completion_ids
+        # a GRPO step's worth of seeded prompts whose prefill exceeds one engine step's token
+        # budget (4,096 here): a chunked prefill made vLLM rewind the CPU generators and crash
+        big = [list(prompts[i % len(prompts)]) * 3 for i in range(128)]
+        res["big_prefill_tokens"] = sum(map(len, big))
+        res["big_seeded_completions"] = len(engine.sample(big, 4, 1.0, 1.0, seed=11)[0].completion_ids)
         res["logprobs_start"] = _logprob_gaps(engine, policy, hf, tok, prompts, seed=7)
         # a policy update: perturb every weight, push in place, compare again (no disk round trip)
         g = torch.Generator().manual_seed(0)
