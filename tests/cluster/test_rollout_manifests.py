@@ -150,3 +150,38 @@ def test_cli_render_writes_the_servers_beside_the_job(tmp_path):
                  *(x for s in SERVER for x in ("--set", s)), "--out", str(tmp_path)]) == 0
     docs = [d for f in sorted(tmp_path.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob", "Service", "StatefulSet"]
+
+
+def test_a_server_starts_from_the_jobs_policy_uri(s3_bucket, tiny_lms, tmp_path, monkeypatch):
+    """The StatefulSet's ``--model`` is the job's policy URI (``s3://``, r1zero's own format from
+    pretraining): the server materialises it and exports a standard HF dir vLLM builds from."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from r1zero import store
+    from r1zero.grpo.vllm_rollout import serving_dir
+    from r1zero.model.hf_export import ARCHITECTURES
+
+    monkeypatch.setenv("R1ZERO_CACHE", str(tmp_path / "cache"))
+    model = tiny_lms["r1zero_moe"]()
+    src = tmp_path / "policy"
+    model.save_pretrained(str(src))
+    vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 40)}}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>",
+                            eos_token="</s>").save_pretrained(str(src))
+    uri = store.publish(src, f"s3://{s3_bucket}/run/pretrain")
+    out = Path(serving_dir(uri))
+    assert json.loads((out / "config.json").read_text())["model_type"] in ARCHITECTURES
+    assert (out / "tokenizer.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 12, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    # a standard HF dir is served as it is (after the download)
+    std = store.publish(out, f"s3://{s3_bucket}/run/std")
+    assert json.loads((Path(serving_dir(std)) / "config.json").read_text()) == json.loads(
+        (out / "config.json").read_text())
