@@ -59,17 +59,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, pre) -> torch.optim.Optimizer:
-    """The engine's AdamW (also what the dry run sizes). ``foreach`` only when every parameter is
-    of one kind: one foreach kernel cannot mix DTensors of several meshes, or DTensors and tensors."""
+def by_mesh(groups: list[dict]) -> list[dict]:
+    """Each AdamW group split by the parameters' DeviceMesh (plain tensors apart), order kept.
+
+    One foreach kernel cannot mix DTensors of several meshes, or DTensors and tensors, and FSDP2
+    puts the experts on their own mesh (``edp``) beside the rest (``dp``). Homogeneous groups let
+    AdamW run foreach in every layout: with one mixed group it fell back to a per-parameter loop,
+    one DTensor dispatch per op and parameter (about 5x DeepSpeed's AdamW time on the tiny preset
+    at dp=2 on CPU, BENCHMARKS.md "Where the step time goes at dp=2"). The math is unchanged."""
     from torch.distributed.tensor import DTensor
 
-    params = list(model.parameters())
-    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
-    plain = any(not isinstance(p, DTensor) for p in params)
-    foreach = not meshes or (len(meshes) == 1 and not plain)
-    return torch.optim.AdamW(param_groups(model, pre.weight_decay), lr=pre.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                             weight_decay=pre.weight_decay, foreach=foreach)
+    out = []
+    for g in groups:
+        parts: dict = {}
+        for p in g["params"]:
+            parts.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+        out += [{**g, "params": ps} for ps in parts.values()]
+    return out
+
+
+def build_optimizer(model: torch.nn.Module, pre) -> torch.optim.Optimizer:
+    """The engine's AdamW (also what the dry run sizes), foreach over groups of one mesh each."""
+    return torch.optim.AdamW(by_mesh(param_groups(model, pre.weight_decay)), lr=pre.lr, betas=ADAM_BETAS,
+                             eps=ADAM_EPS, weight_decay=pre.weight_decay, foreach=True)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -203,9 +215,8 @@ class TrainEngine:
         total = float(total_sq.sqrt())
         if max_norm > 0:
             coef = max_norm / (total + 1e-6)
-            if coef < 1.0:
-                for p in params:
-                    p.grad.mul_(coef)
+            if coef < 1.0:  # on the local shards, one foreach op (not a DTensor dispatch per parameter)
+                torch._foreach_mul_([_local(p.grad) for p in params], coef)
         return total
 
     def after_step(self) -> None:
@@ -240,7 +251,7 @@ class TrainEngine:
         import torch.distributed.checkpoint as dcp
 
         state = self.state_dict()
-        state["sched"] = self.scheduler.state_dict()
+        state["sched"] = self._sched_position()
         if async_save:
             return dcp.async_save(state, checkpoint_id=str(directory))
         dcp.save(state, checkpoint_id=str(directory))
@@ -252,7 +263,7 @@ class TrainEngine:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self.state_dict()
-        state["sched"] = self.scheduler.state_dict()
+        state["sched"] = self._sched_position()
         # a tied LM head on the last pipeline stage: its optimizer state is the embedding's (the
         # name every layout writes; the optimizer of a one-stage model knows the weight by that name)
         alias = {}
@@ -265,7 +276,14 @@ class TrainEngine:
         state["optim"] = {back.get(k, k): v for k, v in state["optim"].items()}
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self._options())
-        self.scheduler.load_state_dict(state["sched"])
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["sched"]})
+
+    def _sched_position(self) -> dict:
+        """The LR schedule's position only: its per-group lists (base LRs, last LRs) follow the
+        optimizer's groups, whose number depends on the layout (``by_mesh``), and every group
+        has the same base LR and lambda; the groups' current LRs travel in the optimizer state."""
+        sd = self.scheduler.state_dict()
+        return {"last_epoch": sd["last_epoch"], "_step_count": sd["_step_count"]}
 
     # -- export -----------------------------------------------------------------------------------
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
