@@ -58,7 +58,8 @@ def test_train_image_has_sshd_pdsh_and_the_deepspeed_launcher(train_image):
 
 
 @pytest.mark.parametrize("manifest", JOB_MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_job_command_exists_in_its_image_as_the_manifests_uid(manifest, images, tmp_path):
+def test_every_job_command_exists_in_its_image_as_the_manifests_uid(manifest, images, vllm_image, tmp_path):
+    # vllm_image: GRPO jobs with vLLM rollouts run in it (a100-13b), so it must be built, not left over
     job, pods = plan(load_manifest(manifest), tmp_path / "root", tmp_path / "staging")
     seen = set()
     for pod in pods:
