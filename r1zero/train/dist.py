@@ -93,13 +93,14 @@ def init_default_group(env: DistEnv, device: torch.device) -> None:
     """Initialise the default process group (idempotent)."""
     if dist.is_initialized():
         return
-    if not env.launched:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
     backend = "gloo" if device.type == "cpu" else "nccl"
+    if not env.launched:
+        # one rank, nobody to rendezvous with: an in-memory store, no port and nothing written to
+        # os.environ (RANK/MASTER_PORT set here were inherited by child processes as a launch: a
+        # test's subprocess tried to listen on the port this process's store still held)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
+        return
     restart = _int_env("TORCHELASTIC_RESTART_COUNT", 0)
     if env.launched and restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun keeps ONE agent TCPStore across restart rounds (torch 2.13: static rendezvous, and

@@ -4,6 +4,7 @@ backend is caught before it reaches the backend, and the training code has no ot
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,27 @@ def test_gloo_takes_cpu_tensors(tmp_path):
         rdist.check_device(torch.zeros(1))
         with pytest.raises(RuntimeError, match="needs cpu"):
             rdist.check_device(torch.zeros(1, device="meta"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_of_one_leaves_the_environment_alone(monkeypatch):
+    """An unlaunched run's one-rank group writes nothing to os.environ: child processes (a test's
+    subprocess, a spawned rollout server) once inherited RANK/WORLD_SIZE/MASTER_PORT as a launch
+    and tried to listen on the port this process's store still held (EADDRINUSE)."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    before = dict(os.environ)
+    env = rdist.read_env()
+    assert not env.launched
+    rdist.init_default_group(env, torch.device("cpu"))
+    try:
+        assert dist.get_world_size() == 1 and dist.get_rank() == 0
+        t = torch.ones(2)
+        rdist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0]
+        assert dict(os.environ) == before
+        assert not rdist.read_env().launched
     finally:
         dist.destroy_process_group()
 
