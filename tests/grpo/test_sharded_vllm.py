@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.grpo.conftest import warm_start
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-vllm"
@@ -37,7 +38,6 @@ def moe32(grpo_env, tmp_path_factory) -> Path:
     from r1zero.config import load_config
     from r1zero.data.shards import read_rows
     from r1zero.model import R1ZeroConfig, R1ZeroForCausalLM, load_causal_lm
-    from r1zero.template import render_completion, render_prompt
 
     data, _, moe_dir = grpo_env
     _, tok = load_causal_lm(moe_dir)
@@ -47,17 +47,7 @@ def moe32(grpo_env, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = R1ZeroForCausalLM(R1ZeroConfig.from_model_config(mcfg, eos_token_id=tok.eos_token_id,
                                                              pad_token_id=tok.pad_token_id))
-    rows = [r for r in read_rows(data, "train") if r["domain"] != "general"]
-    texts = [render_prompt(r["prompt"]) + " " + render_completion(" ".join(r["solution"].split()[:4]), r["answer"])
-             + tok.eos_token for r in rows]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(0)
-    for _ in range(10):
-        enc = tok(rng.sample(texts, 8), return_tensors="pt", padding=True, add_special_tokens=False)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    warm_start(model, tok, [r for r in read_rows(data, "train") if r["domain"] != "general"], 10)
     out = tmp_path_factory.mktemp("moe32") / "policy"
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
