@@ -386,11 +386,6 @@ def load_full(model, full_sd: dict[str, torch.Tensor]) -> None:
             t.copy_(src)
 
 
-def _world() -> tuple[int, int]:
-    d = torch.distributed
-    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
-
-
 def stream_full(model, dtype: torch.dtype | None = None):
     """Collective generator: ``(world-1 FQN, full CPU tensor)`` for every parameter and persistent
     buffer of the sharded ``model``, ONE tensor at a time (the whole policy is never held).
@@ -413,7 +408,7 @@ def stream_full(model, dtype: torch.dtype | None = None):
         if fqn == "lm_head.weight" and any(t is v for k, v in sd.items() if k.endswith("embed_tokens.weight")):
             continue  # tied to the embedding
         local[fqn] = t
-    rank, ws = _world()
+    rank, ws = rdist.world()
     meta = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in local.items()}
     parts = rdist.all_gather_object(meta, None) if ws > 1 else [meta]
     owners: dict[str, int] = {}
@@ -518,8 +513,9 @@ class ShardedGRPO:
         index, :func:`r1zero.model.hf_export.export_hf`) streamed from the shards; the others
         serve their shards and write nothing."""
         from r1zero.model.hf_export import export_hf
+        from r1zero.train import dist as rdist
 
-        if _world()[0] == 0:
+        if rdist.world()[0] == 0:
             export_hf(stream_full(self.pm.model, dtype), self.hf_config, out_dir, dtype=dtype)
         else:
             drain(stream_full(self.pm.model, dtype))
