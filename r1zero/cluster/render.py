@@ -172,7 +172,7 @@ def container_env(cfg, stage: str) -> list[dict]:
     if cfg.store.endpoint_url:
         env.append({"name": "R1ZERO_S3_ENDPOINT", "value": cfg.store.endpoint_url})
     if rollout.uses_vllm(cfg, stage) and cfg.grpo.rollout.mode == "server":  # the rollout servers' key
-        env.append(rollout.key_env(job_name(cfg, stage)))
+        env.append(rollout.key_env(cfg.grpo.rollout.key_secret or rollout.key_secret(job_name(cfg, stage))))
     if _gpu(cfg):
         # NCCL: surface init problems, fail fast on hangs (torch >= 2.2 name); bootstrap over eth0.
         env += [

@@ -346,9 +346,13 @@ def layout_errors(job: dict, config_maps: dict[str, str]) -> list[str]:
 
 
 def rollout_errors(docs: list, config_maps: dict[str, str]) -> list[str]:
-    """A GRPO job in vLLM server mode whose ``server_address`` names per-rank StatefulSet pods
-    (``<sts>-{rank}.<svc>.<namespace>.svc:<port>``) that are rendered in the same file: one server
-    per rank (``replicas`` = the job's world size), the StatefulSet's headless Service, the port."""
+    """A GRPO job in vLLM server mode: every ``R1ZERO_ROLLOUT_KEY`` env of the job (and of its
+    servers) takes key ``R1ZERO_ROLLOUT_KEY`` of the Secret the config names
+    (``grpo.rollout.key_secret``; the Secret itself is never rendered). When its
+    ``server_address`` names StatefulSet pods (``<sts>-{rank}.<svc>.<namespace>.svc:<port>``, or
+    ``-{server}.`` with ``ranks_per_server`` ranks per server) rendered in the same file: world /
+    ranks_per_server servers (``replicas``), the StatefulSet's headless Service, the port."""
+    from r1zero.cluster.rollout_manifests import KEY_ENV
     from r1zero.config import build_config
     from r1zero.errors import UserError as _UserError
 
@@ -364,20 +368,28 @@ def rollout_errors(docs: list, config_maps: dict[str, str]) -> list[str]:
             r = build_config(yaml.load(texts[0], Loader=_Loader) or {}).grpo.rollout
         except (_UserError, yaml.YAMLError):
             continue  # reported by layout_errors
-        if r.engine != "vllm" or r.mode != "server" or not r.server_address or "-{rank}." not in r.server_address:
+        if r.engine != "vllm" or r.mode != "server":
+            continue
+        name = (job.get("metadata") or {}).get("name")
+        errs += _key_errors(name, job, r.key_secret, KEY_ENV)
+        slot = "-{server}." if "-{server}." in (r.server_address or "") else "-{rank}."
+        if not r.server_address or slot not in r.server_address:
             continue
         host, _, port = r.server_address.rpartition(":")
-        sts_name, _, rest = host.partition("-{rank}.")
+        sts_name, _, rest = host.partition(slot)
         svc_name, ns = rest.split(".")[:2] if rest.count(".") >= 1 else (rest, "")
         sts = by.get(("StatefulSet", sts_name))
         if sts is None:
             continue  # servers run elsewhere
-        name = (job.get("metadata") or {}).get("name")
+        errs += _key_errors(f"{name}: StatefulSet {sts_name}", sts, r.key_secret, KEY_ENV)
         spec = sts.get("spec") or {}
-        world = job_world_size(job)
-        if world is not None and spec.get("replicas") != world:
-            errs.append(f"{name}: {world} trainer ranks but StatefulSet {sts_name} has {spec.get('replicas')} "
-                        "rollout servers (one per rank: server_address uses {rank})")
+        world, rps = job_world_size(job), r.ranks_per_server if slot == "-{server}." else 1
+        if world is not None and world % rps:
+            errs.append(f"{name}: grpo.rollout.ranks_per_server ({rps}) does not divide the {world} trainer ranks")
+        elif world is not None and spec.get("replicas") != world // rps:
+            errs.append(f"{name}: {world} trainer ranks at {rps} per server need {world // rps} rollout servers, "
+                        f"but StatefulSet {sts_name} has {spec.get('replicas')} "
+                        f"(server_address uses {slot.strip('-.')})")
         if spec.get("serviceName") != svc_name:
             errs.append(f"{name}: server_address names Service {svc_name} but StatefulSet {sts_name} has "
                         f"serviceName {spec.get('serviceName')}")
@@ -393,6 +405,34 @@ def rollout_errors(docs: list, config_maps: dict[str, str]) -> list[str]:
                  for p in c.get("ports") or []]
         if port.isdigit() and int(port) not in ports:
             errs.append(f"{name}: StatefulSet {sts_name} listens on {ports}, not the server_address port {port}")
+    return errs
+
+
+def _env_entries(obj, env_name: str) -> list[dict]:
+    """Every container env entry named ``env_name`` anywhere in a manifest (any job kind)."""
+    if isinstance(obj, list):
+        return [e for x in obj for e in _env_entries(x, env_name)]
+    if not isinstance(obj, dict):
+        return []
+    found = [obj] if obj.get("name") == env_name and ("value" in obj or "valueFrom" in obj) else []
+    return found + [e for v in obj.values() for e in _env_entries(v, env_name)]
+
+
+def _key_errors(what: str, obj: dict, secret: str | None, key_env: str) -> list[str]:
+    """The server key reaches ``obj``'s containers only by a reference to the config's Secret."""
+    if not secret:
+        return [f"{what}: grpo.rollout.key_secret is not set in the config (the Secret holding {key_env})"]
+    entries = _env_entries(obj, key_env)
+    if not entries:
+        return [f"{what}: no {key_env} env (the rollout server key, from Secret {secret})"]
+    errs = []
+    for e in entries:
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef") or {}
+        if "value" in e:
+            errs.append(f"{what}: {key_env} has a literal value (keys do not belong in manifests: secretKeyRef)")
+        elif ref.get("name") != secret or ref.get("key") != key_env:
+            errs.append(f"{what}: {key_env} references Secret {ref.get('name')} key {ref.get('key')}, but the "
+                        f"config names Secret {secret} key {key_env}")
     return errs
 
 

@@ -92,8 +92,71 @@ def test_validate_catches_a_server_count_or_name_that_misses_the_ranks(crds, tmp
     f = tmp_path / "grpo.yaml"
     f.write_text(dump_yaml([cm, job, svc, sts]))
     errs = validate_paths([f], crds).errors
-    assert any("trainer ranks but StatefulSet" in e for e in errs), errs
+    assert any("2 trainer ranks at 1 per server need 2 rollout servers, but StatefulSet" in e for e in errs), errs
     assert any("no headless Service" in e for e in errs), errs
+
+
+def test_ranks_per_server_renders_one_server_per_group_of_ranks(crds, tmp_path, monkeypatch):
+    from r1zero.grpo.vllm_rollout import server_address
+
+    monkeypatch.delenv("RANK", raising=False)
+    cm, job, svc, sts = _render("configs/a100-13b.yaml", "pytorchjob", [*SERVER, "grpo.rollout.ranks_per_server=8"])
+    world = _world(job)
+    assert world == 1024 and sts["spec"]["replicas"] == 128
+    address = yaml.safe_load(cm["data"]["config.yaml"])["grpo"]["rollout"]["server_address"]
+    assert "{server}" in address and "{rank}" not in address
+    name = sts["metadata"]["name"]
+    # ranks 0..7 share pod 0, rank 8 uses pod 1, the last rank the last pod
+    for rank, pod in ((0, 0), (7, 0), (8, 1), (world - 1, 127)):
+        assert server_address(address, rank, ranks_per_server=8)[0].startswith(f"{name}-{pod}.")
+    f = tmp_path / "grpo.yaml"
+    f.write_text(dump_yaml([cm, job, svc, sts]))
+    assert validate_paths([f], crds).errors == []
+    sts["spec"]["replicas"] = 1024  # one per rank: wrong for 8 ranks per server
+    f.write_text(dump_yaml([cm, job, svc, sts]))
+    errs = validate_paths([f], crds).errors
+    assert any("at 8 per server need 128 rollout servers, but StatefulSet" in e for e in errs), errs
+
+
+def test_ranks_per_server_must_divide_the_world():
+    from r1zero.errors import UserError
+
+    with pytest.raises(UserError, match=r"ranks_per_server \(3\) must divide the GRPO world size \(2 ranks\)"):
+        _render("configs/tiny.yaml", "pytorchjob", [*SERVER, "grpo.rollout.ranks_per_server=3"])
+    # the same check in r1zero validate (the job's own mounted config)
+    cfg = load_config("configs/tiny.yaml", [*SERVER, "grpo.rollout.ranks_per_server=3", "grpo.prompts_per_step=12"])
+    assert cfg.grpo_world_problems(4) == ["grpo.rollout.ranks_per_server (3) must divide the GRPO world size (4 ranks)"]
+    assert cfg.grpo_world_problems(6) == []
+
+
+def test_validate_checks_the_key_secret_the_config_names(crds, tmp_path):
+    cm, job, svc, sts = _render("configs/tiny.yaml", "pytorchjob", [*SERVER, "grpo.rollout.key_secret=my-key"])
+    assert yaml.safe_load(cm["data"]["config.yaml"])["grpo"]["rollout"]["key_secret"] == "my-key"
+    assert sts["metadata"]["annotations"]["r1zero/key-secret"].startswith(
+        "kubectl -n r1zero create secret generic my-key --from-literal=R1ZERO_ROLLOUT_KEY=")
+    # no Secret is rendered (keys do not belong in git), only references to it
+    assert "Secret" not in [o["kind"] for o in (cm, job, svc, sts)]
+    f = tmp_path / "grpo.yaml"
+    f.write_text(dump_yaml([cm, job, svc, sts]))
+    assert validate_paths([f], crds).errors == []
+    ref = _containers(job)[0]["env"]
+    [key] = [e for e in ref if e["name"] == "R1ZERO_ROLLOUT_KEY"]
+    key["valueFrom"]["secretKeyRef"]["name"] = "other-key"  # a job whose pods miss the config's Secret
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    c["env"] = [e for e in c["env"] if e["name"] != "R1ZERO_ROLLOUT_KEY"] + [
+        {"name": "R1ZERO_ROLLOUT_KEY", "value": "in-git"}]
+    f.write_text(dump_yaml([cm, job, svc, sts]))
+    errs = validate_paths([f], crds).errors
+    assert any("references Secret other-key key R1ZERO_ROLLOUT_KEY, but the config names Secret my-key" in e
+               for e in errs), errs
+    assert any("has a literal value" in e for e in errs), errs
+    # a hand-written config in server mode that names no Secret
+    text = yaml.safe_load(cm["data"]["config.yaml"])
+    del text["grpo"]["rollout"]["key_secret"]
+    cm["data"]["config.yaml"] = yaml.safe_dump(text)
+    f.write_text(dump_yaml([cm, job]))
+    errs = validate_paths([f], crds).errors
+    assert any("grpo.rollout.key_secret is not set in the config" in e for e in errs), errs
 
 
 def test_colocated_vllm_uses_the_vllm_image_and_starts_no_servers():
@@ -132,6 +195,9 @@ def test_server_address_placeholder(monkeypatch):
     for bad in ("nohost", "h:port", "h-{node}:1"):
         with pytest.raises(UserError):
             server_address(bad)
+    assert server_address("s-{server}.s:7100", 5, ranks_per_server=4) == ("s-1.s", 7100)
+    with pytest.raises(UserError, match="use {server}"):
+        server_address("s-{rank}.s:7100", 5, ranks_per_server=4)
 
 
 def test_mpijob_with_vllm_runs_launcher_and_workers_in_the_vllm_image(crds, tmp_path):

@@ -105,9 +105,17 @@ def test_vllm_engine_matches_native_sampler_and_transformers(vllm_python, vllm_p
 def test_vllm_server_weight_push_and_hung_server(vllm_python, vllm_policy, tmp_path):
     r = _checks(vllm_python, "server", vllm_policy, tmp_path)
     assert r["server_gaps"]["vllm_vs_trainer_max"] < 1e-4
+    # the push (in 32 KiB buckets) moves the server from the stale weights to the trainer's
+    assert r["server_gaps_stale"]["vllm_vs_trainer_max"] > 1e-2
+    assert r["push_buckets"] >= 4
     assert r["server_gaps_after_push"]["vllm_vs_trainer_max"] < 1e-4
-    # a stopped server: the push ends in one clear error after push_timeout_s (5 s), no hang
-    assert "timed out after 5 s" in r["hung_push"] and r["hung_push_s"] < 20 and r["server_killed"]
+    # between a push's first bucket and its commit, and after a push that broke off: no sampling
+    assert r["partial_push_answer"] == "ok"
+    assert "half-pushed" in r["sample_mid_push"] and "half-pushed" in r["sample_after_broken_push"]
+    assert r["server_gaps_after_repush"]["vllm_vs_trainer_max"] < 1e-4
+    # a server stopped mid-push: one clear error after push_timeout_s (5 s) on a bucket, no hang
+    assert "weight push timed out after 5 s (grpo.rollout.push_timeout_s), at bucket " in r["hung_push"], r["hung_push"]
+    assert r["hung_push_s"] < 20 and r["server_killed"]
 
 
 def _grpo(python: Path, policy: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -140,6 +148,31 @@ def test_grpo_with_vllm_rollouts_follows_the_policy(vllm_python, vllm_policy, gr
 
 
 @pytest.mark.slow
+def test_world2_ranks_share_one_rollout_server(vllm_python, vllm_policy, grpo_env, tmp_path):
+    """torchrun, 2 ranks, ``ranks_per_server=2``: rank 0 spawns the one server and pushes (in small
+    buckets), rank 1 connects to the same server and samples only after the push committed."""
+    from r1zero.train.dist import free_port
+
+    data, out = grpo_env[0], tmp_path / "run"
+    sets = [*SMALL, "--set", "grpo.steps=2", "--set", "grpo.rollout.mode=server", "--set",
+            "grpo.rollout.ranks_per_server=2", "--set", "grpo.rollout.push_bucket_mb=0.0625"]
+    cmd = [str(vllm_python), "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "r1zero.cli", "grpo", *sets, "--policy", str(vllm_policy),
+           "--data", str(data), "--out", str(out)]
+    env = {**_env(), "OMP_NUM_THREADS": "1", "R1ZERO_PROGRESS": "0"}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if "vLLM rollout server" in x and "(ranks 0-1;" in x]
+    addresses = {x.split("vLLM rollout server ")[1].split(" ")[0] for x in lines}
+    assert len(lines) == 2 and len(addresses) == 1, proc.stderr[-3000:]  # both ranks, one server
+    assert any("rank 0:" in x and "pushes" in x for x in lines) and any("rank 1:" in x and "waits" in x for x in lines)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    diffs = {r["step"]: r["value"] for r in rows if r["name"] == "grpo/rollout_logp_diff/max"}
+    # both ranks' rollouts (gathered) follow the policy at every step: the one push reached them
+    assert set(diffs) == {1, 2} and max(diffs.values()) < 1e-3, diffs
+
+
+@pytest.mark.slow
 def test_vllm_engine_that_fails_to_start_exits_2(vllm_python, grpo_env, tmp_path):
     data, llama16, _ = grpo_env  # head size 16: vLLM's CPU attention refuses it at the first step
     out = tmp_path / "bad"
@@ -149,6 +182,16 @@ def test_vllm_engine_that_fails_to_start_exits_2(vllm_python, grpo_env, tmp_path
     assert lines[-1].startswith("r1zero: error: vLLM engine failed to start"), lines[-1]
     assert "Traceback" not in proc.stderr
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+
+
+def test_push_buckets_hold_a_bounded_share_of_the_tensors_in_order():
+    from r1zero.grpo.vllm_rollout import buckets
+
+    named = [(f"t{i}", torch.zeros(n, dtype=torch.float32)) for i, n in enumerate([10, 10, 30, 5, 5, 1, 40])]
+    out = list(buckets(iter(named), 80))  # 80 bytes = 20 floats; a bigger tensor is a bucket of its own
+    assert [[k for k, _ in b] for b in out] == [["t0", "t1"], ["t2"], ["t3", "t4", "t5"], ["t6"]]
+    assert [k for b in out for k, _ in b] == [k for k, _ in named]
+    assert list(buckets(iter([]), 80)) == []
 
 
 def test_vllm_engine_outside_the_vllm_environment_exits_2(grpo_env, tmp_path, capsys):

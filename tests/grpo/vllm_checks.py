@@ -6,8 +6,10 @@
 ``engine``: one colocated engine for every check (engine start is most of the cost): greedy tokens
 of vLLM vs r1zero's sampler vs transformers ``generate()``; sampled-token log-probs of vLLM vs the
 trainer (r1zero's forward) vs stock transformers; the same after an in-place weight update.
-``server``: a spawned rollout server samples, takes a weight push, then is stopped (SIGSTOP) and
-the next push must end in one UserError within ``push_timeout_s``. Writes the figures as JSON.
+``server``: a spawned rollout server samples, takes a weight push in small buckets, refuses to
+sample while another connection's push is open and after it broke off, takes a whole push again,
+then is stopped (SIGSTOP) in the middle of a push, which must end in one UserError within
+``push_timeout_s``. Writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -100,28 +102,65 @@ def engine_checks(policy_dir: str) -> dict:
 
 
 def server_checks(policy_dir: str) -> dict:
+    from multiprocessing.connection import Client
+
     from r1zero.config import RolloutConfig
     from r1zero.errors import UserError
-    from r1zero.grpo.vllm_rollout import start_engine
+    from r1zero.grpo.vllm_rollout import _named_tensors, _pack, buckets, start_engine
     from r1zero.model import load_causal_lm
 
     policy, tok = load_causal_lm(policy_dir)
-    rcfg = RolloutConfig(engine="vllm", mode="server", push_timeout_s=5.0)
+    # tiny buckets (32 KiB): the ~0.3 MB policy goes in several pushes' worth of requests
+    rcfg = RolloutConfig(engine="vllm", mode="server", push_timeout_s=5.0, push_bucket_mb=1 / 32)
     t0 = time.perf_counter()
     engine = start_engine(rcfg, policy, tok, max_len=256, seed=0)
     res: dict = {"server_start_s": time.perf_counter() - t0}
     prompts = _prompts(tok)
+
+    def refused() -> str:
+        try:
+            engine.sample(prompts[:1], 4, 1.0, 1.0, seed=0)
+            return "sampled"
+        except UserError as err:
+            return str(err)
+
     try:
         res["server_gaps"] = _logprob_gaps(engine, policy, None, tok, prompts, seed=3)
         with torch.no_grad():
             for p in policy.parameters():
                 p.mul_(1.01)
+        res["server_gaps_stale"] = _logprob_gaps(engine, policy, None, tok, prompts, seed=3)
         engine.update_weights(policy)
+        res["push_buckets"] = engine.pushed_buckets
         res["server_gaps_after_push"] = _logprob_gaps(engine, policy, None, tok, prompts, seed=3)
-        os.kill(engine.proc.pid, signal.SIGSTOP)  # a hung rollout server
+        # a second trainer connection pushes one bucket and stops: sampling is refused from then on
+        other = Client(engine.address, authkey=engine.key)
+        assert other.recv()[0] == "ready"
+        first = next(buckets(_named_tensors(policy), engine.bucket_bytes))
+        other.send(("push", 0))
+        other.send_bytes(_pack(first))
+        res["partial_push_answer"] = other.recv()[0]
+        res["sample_mid_push"] = refused()
+        other.send(("bye", None))
+        other.close()
+        time.sleep(1.0)
+        res["sample_after_broken_push"] = refused()
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.mul_(1.01)
+        engine.update_weights(policy)  # a whole push commits: sampling resumes with its weights
+        res["server_gaps_after_repush"] = _logprob_gaps(engine, policy, None, tok, prompts, seed=3)
+
+        def pausing():  # the server stops (SIGSTOP) once the push is under way
+            named = _named_tensors(policy)
+            for i, item in enumerate(named):
+                if i == len(named) // 2:
+                    os.kill(engine.proc.pid, signal.SIGSTOP)
+                yield item
+
         t0 = time.perf_counter()
         try:
-            engine.update_weights(policy)
+            engine.load_tensors(pausing())
             res["hung_push"] = "no error"
         except UserError as err:
             res["hung_push"] = str(err)
