@@ -45,11 +45,12 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 def flops_per_token(cfg) -> float:
     m, S = cfg.model, cfg.pretrain.seq_len
     D, L, E, K, F = m.d_model, m.n_layers, m.moe.n_experts, m.moe.top_k, m.moe.d_expert
-    kv = (m.n_kv_heads or m.n_heads) * (D // m.n_heads)
-    attn = D * D * 2 + 2 * D * kv  # q, o, k, v
+    q = m.n_heads * m.head_width  # d_model unless model.head_dim widens the heads
+    kv = (m.n_kv_heads or m.n_heads) * m.head_width
+    attn = D * q * 2 + 2 * D * kv  # q, o, k, v
     moe = D * E + K * 3 * D * F + m.moe.n_shared * 3 * D * F
     n_active = L * (attn + moe) + D * m.vocab_size  # + LM head
-    return 6 * n_active + 12 * L * D * S
+    return 6 * n_active + 12 * L * q * S
 
 
 def _batches(cfg, n: int, seed: int = 0):
@@ -69,7 +70,7 @@ def _mixtral(cfg):
 
     m = cfg.model
     hf = MixtralConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.moe.d_expert,
-                       num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                       num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, head_dim=m.head_width,
                        num_key_value_heads=m.n_kv_heads or m.n_heads, num_local_experts=m.moe.n_experts,
                        num_experts_per_tok=m.moe.top_k, max_position_embeddings=m.max_seq_len,
                        tie_word_embeddings=m.tie_embeddings, output_router_logits=True,

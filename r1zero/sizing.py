@@ -155,6 +155,9 @@ class ModelSpec:
     tied_embeddings: bool = True
     learned_positions: bool = True  # GPT-style s·h position table (Megatron counts it)
     flash_attention: bool = False  # fused attention: no a·s² scores in HBM
+    # width of one head when it is not hidden / heads (Qwen3-style); counts only the q/k/v/o
+    # parameters, the activation and FLOP terms keep Korthikanti's h = a * head_dim
+    head_dim: int | None = None
 
     @property
     def moe(self) -> bool:
@@ -172,8 +175,9 @@ class ModelSpec:
     def attn_params(self) -> int:
         h = self.hidden
         kv = self.kv_heads or self.heads
-        h_kv = h * kv // self.heads
-        return h * h + 2 * h * h_kv + h * h + 13 * h
+        h_q = self.heads * self.head_dim if self.head_dim else h
+        h_kv = h_q * kv // self.heads
+        return h * h_q + 2 * h * h_kv + h_q * h + 13 * h
 
     def mlp_params(self, width: int) -> int:
         return (3 if self.gated else 2) * self.hidden * width
@@ -247,6 +251,7 @@ def spec_from_hf_config(doc: dict, seq: int) -> ModelSpec:
         shared = max(1, round(get("shared_expert_intermediate_size") / expert_ffn))
     top_k = get("num_experts_per_tok", "top_k", default=1) if experts > 1 else 1
     return ModelSpec(layers=layers, hidden=hidden, heads=heads, kv_heads=get("num_key_value_heads"),
+                     head_dim=get("head_dim") if get("head_dim", default=0) * heads != hidden else None,
                      vocab=get("vocab_size", default=32000), seq=seq,
                      ffn=ffn if experts == 1 else expert_ffn * (top_k + shared),  # as spec_from_config
                      experts=experts, top_k=top_k,

@@ -36,6 +36,7 @@ def spec_from_config(cfg) -> ModelSpec:
         return spec_from_hf_config(read_config(m.base), cfg.pretrain.seq_len)
     return ModelSpec(
         layers=m.n_layers, hidden=m.d_model, heads=m.n_heads, kv_heads=m.n_kv_heads, vocab=m.vocab_size,
+        head_dim=m.head_dim,
         seq=cfg.pretrain.seq_len, ffn=m.moe.d_expert * (m.moe.top_k + m.moe.n_shared),
         experts=m.moe.n_experts, top_k=m.moe.top_k, shared_experts=m.moe.n_shared, expert_ffn=m.moe.d_expert,
         gated=True, tied_embeddings=m.tie_embeddings, learned_positions=False, flash_attention=True,

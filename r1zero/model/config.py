@@ -30,6 +30,8 @@ class R1ZeroConfig(PretrainedConfig):
         num_hidden_layers: int = 2,
         num_attention_heads: int = 4,
         num_key_value_heads: int | None = None,
+        # None: hidden_size // num_attention_heads (transformers' default in Llama/Mixtral/Glm4Moe)
+        head_dim: int | None = None,
         max_position_embeddings: int = 256,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-5,
@@ -65,14 +67,14 @@ class R1ZeroConfig(PretrainedConfig):
         if num_experts_per_tok > n_experts:
             raise ValueError(f"num_experts_per_tok ({num_experts_per_tok}) must be <= n_experts ({n_experts})")
         kv = num_key_value_heads or num_attention_heads
-        if hidden_size % num_attention_heads or num_attention_heads % kv:
-            raise ValueError("hidden_size must divide by num_attention_heads, and heads by kv heads")
+        if (head_dim is None and hidden_size % num_attention_heads) or num_attention_heads % kv:
+            raise ValueError("hidden_size must divide by num_attention_heads (or head_dim be set), and heads by kv heads")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = kv
-        self.head_dim = hidden_size // num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
@@ -113,6 +115,7 @@ class R1ZeroConfig(PretrainedConfig):
             num_hidden_layers=model_cfg.n_layers,
             num_attention_heads=model_cfg.n_heads,
             num_key_value_heads=model_cfg.n_kv_heads,
+            head_dim=model_cfg.head_dim,
             max_position_embeddings=model_cfg.max_seq_len,
             rope_theta=model_cfg.rope_theta,
             rms_norm_eps=model_cfg.norm_eps,

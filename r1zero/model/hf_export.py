@@ -68,7 +68,8 @@ def hf_family(cfg) -> str:
     try:
         return standard_hf_family(cfg.router, cfg.n_experts, cfg.num_experts_per_tok, cfg.n_shared,
                                   cfg.n_dense_layers, cfg.num_hidden_layers, cfg.capacity_factor,
-                                  cfg.bias_update_rate)
+                                  cfg.bias_update_rate,
+                                  wide_heads=cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size)
     except ValueError as err:
         raise UserError(f"cannot export as a standard architecture: {err}") from None
 

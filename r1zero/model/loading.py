@@ -56,12 +56,15 @@ def _load_tokenizer(path: Path):
     return load_tokenizer(path)
 
 
-def load_causal_lm(path_or_uri, dtype: torch.dtype = torch.float32, require_tokenizer: bool = True):
+def load_causal_lm(path_or_uri, dtype: torch.dtype = torch.float32, require_tokenizer: bool = True,
+                   weights: bool = True):
     """Load ``(model, tokenizer)`` from an HF model directory or store URI.
 
     Raises :class:`UserError` (one line, exit 2) when the directory is missing, lacks
     ``config.json``, names an unknown architecture, or (with ``require_tokenizer``) has no
-    tokenizer files. The model comes back in eval mode.
+    tokenizer files. The model comes back in eval mode. ``weights=False``: the same model class
+    and config on the meta device, no tensor read (the sharded GRPO ranks that get their shards
+    broadcast from rank 0, :func:`r1zero.grpo.sharded.fill_from_rank0`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -79,11 +82,16 @@ def load_causal_lm(path_or_uri, dtype: torch.dtype = torch.float32, require_toke
     model = None
     if model_type in MAPPED_FAMILIES:
         try:
-            model = load_into_r1zero(path, dtype)
+            model = load_into_r1zero(path, dtype, weights=weights)
         except NotRepresentable as why:
             log.info("%s: %s checkpoint runs as the stock transformers model (%s)", path_or_uri, model_type, why)
     try:
-        if model is None:
+        if model is None and not weights:
+            from transformers import AutoConfig
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=dtype)
+        elif model is None:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -123,7 +131,10 @@ def r1zero_config_from_hf(path: Path):
     extra = raw.get(TRAINING_KEY) or {}
     D, H = hf.hidden_size, hf.num_attention_heads
     _need(getattr(hf, "hidden_act", "silu") == "silu", f"activation {getattr(hf, 'hidden_act', None)}")
-    _need((getattr(hf, "head_dim", None) or D // H) * H == D, "head_dim * heads != hidden_size")
+    head_dim = getattr(hf, "head_dim", None) or D // H
+    # Llama, Mixtral and Glm4Moe read head_dim in transformers and vLLM; Qwen2-MoE's vLLM model
+    # derives it from hidden_size, so a wider head there would not serve
+    _need(head_dim * H == D or family in ("llama", "mixtral", "glm4_moe"), f"{family} with head_dim * heads != hidden_size")
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     _need(rope.get("rope_type", "default") == "default", f"rope_type {rope.get('rope_type')}")
     _need(float(rope.get("partial_rotary_factor", 1.0)) == 1.0, "partial rotary embedding")
@@ -131,7 +142,7 @@ def r1zero_config_from_hf(path: Path):
     _need(getattr(hf, "sliding_window", None) is None or not getattr(hf, "use_sliding_window", True),
           "sliding-window attention")
     kw = dict(vocab_size=hf.vocab_size, hidden_size=D, num_hidden_layers=hf.num_hidden_layers,
-              num_attention_heads=H, num_key_value_heads=hf.num_key_value_heads,
+              num_attention_heads=H, num_key_value_heads=hf.num_key_value_heads, head_dim=head_dim,
               max_position_embeddings=hf.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 10000.0)),
               rms_norm_eps=hf.rms_norm_eps, initializer_range=getattr(hf, "initializer_range", 0.02),
               tie_word_embeddings=bool(hf.tie_word_embeddings), bos_token_id=hf.bos_token_id,
@@ -244,9 +255,10 @@ def r1zero_tensor(name: str, cfg, family: str, read) -> torch.Tensor:
     raise NotRepresentable(f"no source for {name}")
 
 
-def load_into_r1zero(path: Path, dtype: torch.dtype = torch.float32):
+def load_into_r1zero(path: Path, dtype: torch.dtype = torch.float32, weights: bool = True):
     """R1ZeroForCausalLM (eval mode) holding a standard checkpoint's weights; NotRepresentable if the
-    checkpoint's forward differs from r1zero's (a reason the stock model must run instead)."""
+    checkpoint's forward differs from r1zero's (a reason the stock model must run instead).
+    ``weights=False``: the model on meta, its config checked but no tensor read."""
     from r1zero.model.layers import RotaryEmbedding
     from r1zero.model.modeling import R1ZeroForCausalLM
 
@@ -254,6 +266,8 @@ def load_into_r1zero(path: Path, dtype: torch.dtype = torch.float32):
     read, _ = _tensor_reader(path)
     with torch.device("meta"):  # no random init of weights that are about to be replaced
         model = R1ZeroForCausalLM(cfg)
+    if not weights:
+        return model.eval()
     state = {}
     for name, ref in model.state_dict().items():
         t = r1zero_tensor(name, cfg, family, read)

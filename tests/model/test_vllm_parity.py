@@ -26,7 +26,7 @@ from test_hf_export import LAYOUTS, random_model  # noqa: E402
 SHAPE = dict(vocab_size=96, hidden_size=128, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
              d_expert=32, rope_theta=500.0, rms_norm_eps=1e-6, max_position_embeddings=64, eos_token_id=1,
              pad_token_id=0)
-FAMILIES = ("glm4_moe", "qwen2_moe", "mixtral")
+FAMILIES = ("glm4_moe", "qwen2_moe", "mixtral", "mixtral_wide_heads")
 
 CHECK = textwrap.dedent("""
     import json, os, sys
