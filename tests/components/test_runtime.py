@@ -224,3 +224,26 @@ def test_stage_job_docs_follow_cluster_job_kind():
     assert job["kind"] == "TrainJob" and job["metadata"]["labels"][runtime.RUN_LABEL] == "run-abc12345"
     assert job["metadata"]["name"].endswith("-runabc12") and job["spec"]["trainer"]["numNodes"] == 1
     assert ("trainer.kubeflow.org", "v1alpha1", "trainjobs") in runtime.JOB_RESOURCES
+
+
+def test_a_vllm_grpo_stage_runs_in_the_vllm_environment(monkeypatch, tmp_path):
+    """GRPO with vLLM rollouts needs vLLM, which this interpreter lacks: the local stage runs the
+    same command line with R1ZERO_VLLM_PYTHON (`make run` sets it), or refuses in one line."""
+    import importlib.util
+
+    from r1zero.config import load_config
+    from r1zero.errors import UserError
+
+    assert importlib.util.find_spec("vllm") is None  # the project's venv: vLLM has its own
+    cfg = load_config("configs/tiny.yaml", ["grpo.rollout.engine=vllm"])
+    assert runtime.stage_python(cfg, "pretrain") is None
+    assert runtime.stage_python(load_config("configs/tiny.yaml"), "grpo") is None
+    monkeypatch.delenv(runtime.VLLM_PYTHON_ENV, raising=False)
+    with pytest.raises(UserError, match="R1ZERO_VLLM_PYTHON .unset"):
+        runtime.stage_python(cfg, "grpo")
+    monkeypatch.setenv(runtime.VLLM_PYTHON_ENV, str(tmp_path / "nothing"))
+    with pytest.raises(UserError, match="names no interpreter"):
+        runtime.stage_python(cfg, "grpo")
+    py = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    monkeypatch.setenv(runtime.VLLM_PYTHON_ENV, str(py))
+    assert runtime.stage_python(cfg, "grpo") == str(py)

@@ -10,6 +10,7 @@ machine of this kind a fresh clone measured 918 s and 940 s, and a time bound ma
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -70,3 +71,24 @@ def test_run_writes_reports_and_artifacts(run_dir):
     assert Path(promoted["model_uri"], "config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert promoted["accuracy"] == pytest.approx(summary["rl_accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_run_with_vllm_rollouts_runs_grpo_in_the_vllm_environment(tmp_path):
+    """`make run RUN_ARGS="--set grpo.rollout.engine=vllm"`, shrunk to the runner tests' smoke
+    size: the GRPO stage runs `r1zero grpo` in the vLLM environment and its rollouts come from vLLM
+    (the engine/trainer log-prob gap is recorded, only the vLLM path has one)."""
+    from pipelines.local_run import SMOKE_SETS
+
+    env = {**os.environ, "R1ZERO_VLLM_PYTHON": str(REPO / ".venv-vllm" / "bin" / "python"),
+           "OMP_NUM_THREADS": "2"}
+    sets = [a for s in [*SMOKE_SETS, "grpo.rollout.engine=vllm", "telemetry.enabled=false"] for a in ("--set", s)]
+    res = subprocess.run([sys.executable, "-m", "r1zero.cli", "run", "--config", "configs/tiny.yaml",
+                          "--out", str(tmp_path), *sets], cwd=REPO, capture_output=True, text=True, timeout=1100,
+                         env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["stage_seconds"]["grpo"] > 0
+    rows = [json.loads(x) for f in tmp_path.glob("kfp/*/grpo/model/metrics.jsonl") for x in f.read_text().splitlines()]
+    gaps = [r["value"] for r in rows if r["name"] == "grpo/rollout_logp_diff/max"]
+    assert len(gaps) == 2 and max(gaps) < 1e-3, gaps  # 2 steps, vLLM's log-probs = the trainer's
