@@ -104,6 +104,7 @@ def test_vllm_engine_matches_native_sampler_and_transformers(vllm_python, vllm_p
 @pytest.mark.slow
 def test_vllm_server_weight_push_and_hung_server(vllm_python, vllm_policy, tmp_path):
     r = _checks(vllm_python, "server", vllm_policy, tmp_path)
+    print(f"server push figures: {json.dumps(r)}")
     assert r["server_gaps"]["vllm_vs_trainer_max"] < 1e-4
     # the push (in 32 KiB buckets) moves the server from the stale weights to the trainer's
     assert r["server_gaps_stale"]["vllm_vs_trainer_max"] > 1e-2
