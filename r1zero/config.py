@@ -340,7 +340,7 @@ class RolloutConfig(_Section):
     ranks_per_server: int = Field(1, ge=1)
     # the Secret holding the server key (key R1ZERO_ROLLOUT_KEY) that rendered pods reference;
     # None: <job>-rollout-key. Never rendered (no key in git): `kubectl create secret generic`
-    key_secret: str | None = None
+    key_secret: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)  # DNS-1123
     sample_timeout_s: float = Field(900.0, gt=0)
     start_timeout_s: float = Field(300.0, gt=0)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # CUDA only; CPU uses kv_cache_gib

@@ -130,6 +130,10 @@ def test_ranks_per_server_must_divide_the_world():
 
 
 def test_validate_checks_the_key_secret_the_config_names(crds, tmp_path):
+    from r1zero.errors import UserError
+
+    with pytest.raises(UserError, match="key_secret"):  # not a Kubernetes object name
+        load_config("configs/tiny.yaml", [*SERVER, "grpo.rollout.key_secret=My_Key"])
     cm, job, svc, sts = _render("configs/tiny.yaml", "pytorchjob", [*SERVER, "grpo.rollout.key_secret=my-key"])
     assert yaml.safe_load(cm["data"]["config.yaml"])["grpo"]["rollout"]["key_secret"] == "my-key"
     assert sts["metadata"]["annotations"]["r1zero/key-secret"].startswith(
