@@ -34,11 +34,12 @@ def load_rows(data_dir: Path, split: str) -> list[dict]:
     return [r for p in parts for r in pq.read_table(p).to_pylist()]
 
 
-def load_policy(policy_uri: str):
-    """(model, tokenizer) from any transformers causal LM dir (r1zero.model.load_causal_lm)."""
+def load_policy(policy_uri: str, weights: bool = True):
+    """(model, tokenizer) from any transformers causal LM dir (r1zero.model.load_causal_lm);
+    ``weights=False``: the model on meta (config only)."""
     from r1zero.model import load_causal_lm
 
-    model, tok = load_causal_lm(policy_uri)
+    model, tok = load_causal_lm(policy_uri, weights=weights)
     if tok.eos_token_id is None or tok.pad_token_id is None:
         raise UserError(f"{policy_uri}: tokenizer needs eos and pad tokens")
     return model, tok

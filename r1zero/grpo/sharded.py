@@ -116,17 +116,16 @@ def build_reference(ecfg, mesh, hf_config=None):
 
 def build_optimizer(model: torch.nn.Module, gcfg) -> torch.optim.Optimizer:
     """The RL update's AdamW (``r1zero.grpo.update.RL_BETAS``, no weight decay) over the sharded
-    parameters; ``foreach`` only when every parameter is a DTensor of one mesh (the engine's rule:
-    one foreach kernel cannot mix meshes, or DTensors and tensors)."""
-    from torch.distributed.tensor import DTensor
-
+    parameters, foreach over groups of one DeviceMesh each (the pretraining engine's
+    :func:`r1zero.train.engine.by_mesh`: FSDP2 puts the experts on their own mesh, and one foreach
+    kernel cannot mix meshes, or DTensors and tensors; one mixed group fell back to AdamW's
+    per-parameter loop)."""
     from r1zero.grpo.update import RL_BETAS
+    from r1zero.train.engine import by_mesh
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
-    plain = any(not isinstance(p, DTensor) for p in params)
-    foreach = not meshes or (len(meshes) == 1 and not plain)
-    return torch.optim.AdamW(params, lr=gcfg.lr, betas=RL_BETAS, weight_decay=0.0, foreach=foreach)
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    return torch.optim.AdamW(by_mesh([{"params": params}]), lr=gcfg.lr, betas=RL_BETAS, weight_decay=0.0,
+                             foreach=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +143,7 @@ def model_numel(ecfg) -> int:
 def kv_bytes_per_token(model_cfg, dtype_bytes: int) -> int:
     """K and V of every layer for one token: 2 x layers x kv-heads x head dim x element size."""
     kv = model_cfg.n_kv_heads or model_cfg.n_heads
-    return 2 * model_cfg.n_layers * kv * (model_cfg.d_model // model_cfg.n_heads) * dtype_bytes
+    return 2 * model_cfg.n_layers * kv * model_cfg.head_width * dtype_bytes
 
 
 def rollout_budget(ecfg, cfg, world_size: int, device_bytes: float) -> dict:
@@ -370,20 +369,28 @@ def full_state(model) -> dict[str, torch.Tensor]:
 # the trainer's side (grpo.update_engine: fsdp2)
 
 
-@torch.no_grad()
-def load_full(model, full_sd: dict[str, torch.Tensor]) -> None:
-    """Copy full (world-1) tensors into this rank's shards of ``model`` (parameters and buffers)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def fill_from_rank0(model, full_sd: dict[str, torch.Tensor]) -> None:
+    """Collective: this rank's shards of ``model`` (parameters and persistent buffers) take the
+    full (world-1 FQN) tensors that only rank 0 holds; the other ranks pass ``{}``.
 
-    from r1zero.train.parallelize import canonical_fqn
+    torch's ``set_model_state_dict(..., StateDictOptions(full_state_dict=True,
+    broadcast_from_rank0=True))``: rank 0 broadcasts one tensor at a time over the default group,
+    every rank copies its slice into its local shard (an expert that expert parallelism keeps on
+    another rank is received and dropped), so no rank but 0 ever holds the whole policy.
+    Every key a rank holds must come from rank 0 (checked first, on every rank: a missing tensor is
+    an error, not a silently random weight); torch's own ``strict`` cannot say that under EP, where
+    rank 0's full dict holds experts its model does not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    for name, t in model.state_dict().items():
-        src = full_sd[canonical_fqn(name, False)]
-        if isinstance(t, DTensor):
-            local = distribute_tensor(src.to(t.dtype), t.device_mesh, t.placements, src_data_rank=None).to_local()
-            t.to_local().copy_(local)
-        else:
-            t.copy_(src)
+    from r1zero.train import dist as rdist
+
+    sd = dict(full_sd) if rdist.world()[0] == 0 else {}
+    have = set(rdist.broadcast_object(sorted(sd), src=0))
+    missing = sorted({k for part in rdist.all_gather_object(sorted(set(model.state_dict()) - have)) for k in part})
+    if missing:
+        raise RuntimeError(f"the policy's state dict lacks {len(missing)} tensors of the sharded model: {missing[:3]}")
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                              strict=False))
 
 
 def stream_full(model, dtype: torch.dtype | None = None):
@@ -466,11 +473,15 @@ class ShardedGRPO:
       (:meth:`export`).
     Needs r1zero's MoE policy (the engine parallelises it), an initialised process group (the
     trainer starts a one-rank group at world 1) and the ``replicated`` path for PPO.
-    ``policy``: the loaded policy, read once to fill the shards (the caller may drop it after).
+    ``policy``: the loaded policy; rank 0's is read once to fill every rank's shards (broadcast one
+    tensor at a time, :func:`fill_from_rank0`; the caller may drop it after); the other ranks'
+    may be the same model on meta (:func:`r1zero.model.load_causal_lm` with ``weights=False``), as
+    under vLLM rollouts, where they never hold the whole policy.
     """
 
     def __init__(self, cfg, policy, world_size: int, device: torch.device, *, keep_rollout_model: bool = True):
         from r1zero.model.modeling import R1ZeroForCausalLM
+        from r1zero.train import dist as rdist
         from r1zero.train import parallelize as P
         from r1zero.train.parallel_dims import ParallelDims
 
@@ -487,15 +498,16 @@ class ShardedGRPO:
         self.mesh = P.build_mesh(self.dims, device.type)
         self.micro = micro_batch(cfg, world_size)
         self.hf_config = policy.config
-        full = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+        # only rank 0's policy holds weights (the others may pass it on meta: its config)
+        full = policy.state_dict() if rdist.world()[0] == 0 else {}
         self.pm = P.parallelize(P.build_meta_model(self.ecfg, hf_config=self.hf_config), self.mesh, self.ecfg)
         P.materialize(self.pm, device, cfg.seed)
-        load_full(self.pm.model, full)
+        fill_from_rank0(self.pm.model, full)
         self.ref = None
         if self.g.beta > 0:
             self.ref = build_reference(self.ecfg, self.mesh, hf_config=self.hf_config)
             P.materialize(self.ref, device, cfg.seed)
-            load_full(self.ref.model, full)
+            fill_from_rank0(self.ref.model, full)
         del full
         self.optimizer = build_optimizer(self.pm.model, self.g)
         self.rollout_model = policy if keep_rollout_model else None

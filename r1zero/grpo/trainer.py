@@ -279,11 +279,14 @@ class GRPOTrainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.policy_uri = policy_uri
-        self.model, self.tok = load_policy(policy_uri)
-        self.positions = max_positions(self.model)
         # fsdp2 + vLLM: the shards are the only copy of the policy (the engine takes them one tensor
-        # at a time); the loaded model fills the shards and is dropped at the end of __init__
+        # at a time); rank 0's loaded model fills every rank's shards (ShardedGRPO broadcasts it),
+        # the other ranks load it on meta (config only; dynamic grouping embeds with the weights),
+        # and it is dropped at the end of __init__
         self.shards_only = g.update_engine == "fsdp2" and g.rollout.engine == "vllm"
+        weights = not self.shards_only or self.rank == 0 or g.grouping.enabled
+        self.model, self.tok = load_policy(policy_uri, weights=weights)
+        self.positions = max_positions(self.model)
         if not self.shards_only:
             self.model.to(device)
         self.sharded = None
