@@ -27,7 +27,8 @@ from r1zero.model import load_causal_lm
 
 
 def config(ep: int, sizes: dict):
-    """The GRPO config of a small MoE policy (``sizes``: vocab_size, d_model, n_layers, n_experts, d_expert)."""
+    """The GRPO config of a small MoE policy (``sizes``: vocab_size, d_model, n_layers, n_experts,
+    d_expert; optional precision, fp32 by default)."""
     return build_config({
         "seed": 3,
         "model": {"vocab_size": sizes["vocab_size"], "d_model": sizes["d_model"], "n_layers": sizes["n_layers"],
@@ -35,7 +36,7 @@ def config(ep: int, sizes: dict):
                   "moe": {"n_experts": sizes["n_experts"], "top_k": 2, "n_shared": 1, "d_expert": sizes["d_expert"],
                           "router": "sigmoid"}},
         "parallel": {"ep": ep},
-        "pretrain": {"activation_checkpointing": False},
+        "pretrain": {"activation_checkpointing": False, "precision": sizes.get("precision", "fp32")},
         "grpo": {"prompts_per_step": 4, "group_size": 4, "micro_batch": 4, "beta": 0.04, "max_new_tokens": 8},
     })
 

@@ -43,25 +43,27 @@ def _policy_dir(root: Path) -> Path:
     return root / "policy"
 
 
-def _launch(out: Path, model_dir: Path, ep: int) -> None:
+def _launch(out: Path, model_dir: Path, ep: int, precision: str = "fp32") -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(WORKER), str(out), str(model_dir), str(ep), json.dumps(SIZES)]
+           "--master-port", str(free_port()), str(WORKER), str(out), str(model_dir), str(ep),
+           json.dumps({**SIZES, "precision": precision})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "R1ZERO_PROGRESS": "0"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep", [1, 2])
-def test_world2_shards_equal_the_checkpoint_with_rank0_reading_it(tmp_path, ep):
+@pytest.mark.parametrize("ep,precision", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
+def test_world2_shards_equal_the_checkpoint_with_rank0_reading_it(tmp_path, ep, precision):
     """torchrun world 2, FSDP2 (ep=1) and FSDP2 + EP (ep=2, experts on their own mesh): rank 1
     passes the policy on meta; every tensor of the policy and the reference (parameters and the
     routers' biases) that a rank holds, gathered, equals the checkpoint's (the world-1 load
-    through the HF-name mapping) bit for bit, and together the ranks hold all of them."""
+    through the HF-name mapping) bit for bit, and together the ranks hold all of them. bf16: the
+    policy keeps fp32 master weights, the reference holds the checkpoint rounded to bf16."""
     model_dir = _policy_dir(tmp_path)
     want = {k: v for k, v in load_causal_lm(str(model_dir), require_tokenizer=False)[0].state_dict().items()}
     assert any(k.endswith("expert_bias_E") and v.abs().sum() > 0 for k, v in want.items())
-    _launch(tmp_path / "out", model_dir, ep)
+    _launch(tmp_path / "out", model_dir, ep, precision)
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert all(r["fsdp"] for r in ranks)
     experts = [{k for k in r["policy"] if ".experts." in k} for r in ranks]
@@ -75,8 +77,10 @@ def test_world2_shards_equal_the_checkpoint_with_rank0_reading_it(tmp_path, ep):
                     assert torch.equal(got[k], v), (which, k)
                 got[k] = v
         assert set(got) == set(want), (which, sorted(set(got) ^ set(want))[:4])
+        low = which == "reference" and precision == "bf16"
         for k, v in want.items():
-            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (which, k)
+            expect = v.to(torch.bfloat16) if low else v
+            assert got[k].dtype == expect.dtype and torch.equal(got[k], expect), (which, k)
 
 
 @pytest.mark.slow
