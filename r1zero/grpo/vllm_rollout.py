@@ -110,21 +110,32 @@ class VllmSampler:
     def sample(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, *,
                eos_id: int, seed: int | None) -> tuple[list[list[int]], list[bool], list[list[float]]]:
         """(completion ids with EOS kept, truncated flags, sampled-token log-probs) per prompt row."""
-        if not prompt_ids:
-            return [], [], []
+        return self.sample_many([(prompt_ids, max_new_tokens, temperature, top_p, eos_id, seed)])[0]
+
+    def sample_many(self, requests: list[tuple]) -> list[tuple[list[list[int]], list[bool], list[list[float]]]]:
+        """Several requests ``(prompt_ids, max_new_tokens, temperature, top_p, eos_id, seed)`` in
+        one ``generate`` (a rollout server's ranks, batched together by vLLM); each row keeps its
+        own sampling parameters and seed. One :meth:`sample` result per request."""
         SP, TP = self._vllm.SamplingParams, self._vllm.inputs.TokensPrompt
-        params = [SP(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
-                     stop_token_ids=[eos_id], ignore_eos=False, logprobs=0, detokenize=False,
-                     seed=None if seed is None else (seed + i) % (2**31 - 1)) for i in range(len(prompt_ids))]
-        outs = self.llm.generate([TP(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
-        comps, trunc, logps = [], [], []
-        for o in outs:
-            c = o.outputs[0]
-            ids = list(c.token_ids)
-            comps.append(ids)
-            trunc.append(not ids or ids[-1] != eos_id)
-            logps.append([float(step[t].logprob) for t, step in zip(ids, c.logprobs)] if c.logprobs else [])
-        return comps, trunc, logps
+        prompts, params, spans = [], [], []
+        for prompt_ids, max_new_tokens, temperature, top_p, eos_id, seed in requests:
+            spans.append((len(prompts), len(prompts) + len(prompt_ids), eos_id))
+            prompts += [TP(prompt_token_ids=list(p)) for p in prompt_ids]
+            params += [SP(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
+                          stop_token_ids=[eos_id], ignore_eos=False, logprobs=0, detokenize=False,
+                          seed=None if seed is None else (seed + i) % (2**31 - 1)) for i in range(len(prompt_ids))]
+        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        results = []
+        for lo, hi, eos_id in spans:
+            comps, trunc, logps = [], [], []
+            for o in outs[lo:hi]:
+                c = o.outputs[0]
+                ids = list(c.token_ids)
+                comps.append(ids)
+                trunc.append(not ids or ids[-1] != eos_id)
+                logps.append([float(step[t].logprob) for t, step in zip(ids, c.logprobs)] if c.logprobs else [])
+            results.append((comps, trunc, logps))
+        return results
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the served model in place; drop KV computed with old weights.
@@ -423,7 +434,7 @@ class ServerEngine:
         and a large payload blocks) and the answer, then the server is stopped and one line raised.
         ``what``: ``sample``, ``push`` (a bucket) or ``commit``."""
         timeout = self.timeout if timeout is None else timeout
-        label = "sample" if what == "sample" else "weight push"
+        label = what if what in ("sample", "stats") else "weight push"
         sent: list[BaseException | None] = []
 
         def send() -> None:
@@ -503,6 +514,14 @@ class ServerEngine:
     def close(self) -> None:
         import shutil
 
+        if self.leader and getattr(self, "conn", None) is not None and not self.conn.closed:
+            try:  # how well the server batched its ranks' requests (sample requests per generate)
+                st = self._call("stats", None, timeout=min(self.timeout, 5.0))
+                print(f"r1zero: rank {_rank()}: vLLM rollout server {self.address[0]}:{self.address[1]}: "
+                      f"{st['sample_requests']} sample requests in {st['generate_calls']} engine calls",
+                      file=sys.stderr, flush=True)
+            except UserError:
+                pass
         try:  # a spawned server stops with the run; a pod's server only ends this session ("bye")
             self.conn.send(("close" if self.proc is not None else "bye", None))
         except (OSError, AttributeError):
@@ -568,10 +587,17 @@ class _Weights:
     leaves ``half`` set until a whole push commits."""
 
     _END, _ABORT = object(), object()
+    # how long a sample request waits for the other open sessions' requests (the ranks that share
+    # this server sample at the same moment, after the same barrier) to go in the same generate
+    GATHER_S = 0.25
 
     def __init__(self, sampler: VllmSampler):
         self.sampler = sampler
         self.lock = threading.Lock()  # engine calls, one at a time
+        self.cv = threading.Condition()  # guards pending, sessions, stats
+        self.pending: list[tuple[tuple, dict]] = []  # (request, slot) not yet taken into a generate
+        self.sessions = 0
+        self.stats = {"sample_requests": 0, "generate_calls": 0}
         self.half = False
         self.owner: object | None = None  # the session whose push is open
         self.queue = None
@@ -579,13 +605,37 @@ class _Weights:
         self.error: BaseException | None = None
         self.received = 0
 
-    def sample(self, *args, **kw):
+    def sample(self, request: tuple):
+        """One session's request; whichever session holds the engine next runs every pending
+        request in one ``generate`` (vLLM batches the ranks' rows together)."""
         if self.half:
             raise RuntimeError("weights are half-pushed (a push has not committed): sampling refused")
+        slot: dict = {}
+        deadline = time.monotonic() + self.GATHER_S
+        with self.cv:
+            self.pending.append((request, slot))
+            self.cv.notify_all()
+            while len(self.pending) < self.sessions and not slot and time.monotonic() < deadline:
+                self.cv.wait(max(0.0, deadline - time.monotonic()))
         with self.lock:
-            if self.half:
-                raise RuntimeError("weights are half-pushed (a push has not committed): sampling refused")
-            return self.sampler.sample(*args, **kw)
+            if not slot:  # not taken by another session's generate: this one runs the batch
+                with self.cv:
+                    batch, self.pending = self.pending, []
+                try:
+                    if self.half:
+                        raise RuntimeError("weights are half-pushed (a push has not committed): sampling refused")
+                    results = self.sampler.sample_many([r for r, _ in batch])
+                    for (_, s), res in zip(batch, results):
+                        s["result"] = res
+                except Exception as err:  # noqa: BLE001 - every request of the batch gets it
+                    for _, s in batch:
+                        s["error"] = err
+                with self.cv:
+                    self.stats["sample_requests"] += len(batch)
+                    self.stats["generate_calls"] += 1
+        if "error" in slot:
+            raise slot["error"]
+        return slot["result"]
 
     def _tensors(self):
         while True:
@@ -680,12 +730,16 @@ def serve(model: str, host: str, port: int, *, max_len: int | None, seed: int, k
     def session(conn: Connection) -> None:
         with count:
             state["open"] += 1
+        with weights.cv:
+            weights.sessions += 1
         try:
             with conn:
                 conn.send(("ready", None))
                 closing = _session(conn, weights)
         except (EOFError, OSError):
             closing = False
+        with weights.cv:
+            weights.sessions -= 1
         with count:
             state["open"] -= 1
             state["closing"] = state["closing"] or closing
@@ -724,8 +778,10 @@ def _session(conn: Connection, weights: _Weights) -> bool:
                 return what == "close"
             try:
                 if what == "sample":
-                    prompts, n_new, temp, top_p, eos_id, seed = payload
-                    result = weights.sample(prompts, n_new, temp, top_p, eos_id=eos_id, seed=seed)
+                    result = weights.sample(tuple(payload))
+                elif what == "stats":
+                    with weights.cv:
+                        result = dict(weights.stats)
                 elif what == "push":
                     weights.bucket(me, int(payload), list(load(conn.recv_bytes()).items()))
                     result = None

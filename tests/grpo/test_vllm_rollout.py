@@ -167,6 +167,11 @@ def test_world2_ranks_share_one_rollout_server(vllm_python, vllm_policy, grpo_en
     addresses = {x.split("vLLM rollout server ")[1].split(" ")[0] for x in lines}
     assert len(lines) == 2 and len(addresses) == 1, proc.stderr[-3000:]  # both ranks, one server
     assert any("rank 0:" in x and "pushes" in x for x in lines) and any("rank 1:" in x and "waits" in x for x in lines)
+    # the two ranks' sample requests went into shared engine calls (vLLM batches their rows)
+    [stats] = [x for x in proc.stderr.splitlines() if "sample requests in" in x]
+    requests, calls = int(stats.split(": ")[-1].split()[0]), int(stats.split(" in ")[-1].split()[0])
+    print(stats)
+    assert requests >= 4 and calls < requests, stats
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     diffs = {r["step"]: r["value"] for r in rows if r["name"] == "grpo/rollout_logp_diff/max"}
     # both ranks' rollouts (gathered) follow the policy at every step: the one push reached them
