@@ -107,6 +107,8 @@ def build_reference(ecfg, mesh, hf_config=None):
     from r1zero.train import parallelize as P
 
     model = P.build_meta_model(ecfg, hf_config=hf_config).to(reference_dtype(ecfg))
+    for moe in model.moe_layers():  # the selection bias routes in fp32, as the policy's (and loading.py's)
+        moe.expert_bias_E = moe.expert_bias_E.float()
     pre = ecfg.pretrain.model_copy(update={"activation_checkpointing": False})
     rcfg = ecfg.model_copy(update={"parallel": ecfg.parallel.model_copy(update={"zero_stage": 3}), "pretrain": pre})
     pm = P.parallelize(model, mesh, rcfg)

@@ -79,7 +79,9 @@ def test_world2_shards_equal_the_checkpoint_with_rank0_reading_it(tmp_path, ep, 
         assert set(got) == set(want), (which, sorted(set(got) ^ set(want))[:4])
         low = which == "reference" and precision == "bf16"
         for k, v in want.items():
-            expect = v.to(torch.bfloat16) if low else v
+            # the selection bias stays fp32 in a bf16 reference: routing on a rounded bias
+            # (-0.1001 for -0.1) would pick other experts than the policy near ties
+            expect = v.to(torch.bfloat16) if low and not k.endswith("expert_bias_E") else v
             assert got[k].dtype == expect.dtype and torch.equal(got[k], expect), (which, k)
 
 
