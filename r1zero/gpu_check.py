@@ -41,7 +41,7 @@ PHASES = ("data", "pretrain_bf16", "pretrain_fp8", "grpo", "eval", "telemetry")
 # The check's model: ~275M parameters (~75M active) so a phase runs long past launch overhead on
 # an H100/H200 in under two minutes. Overrides of the tiny preset; the CPU dry run shrinks it.
 GPU_OVERRIDES = [
-    "model.d_model=768", "model.n_layers=8", "model.n_heads=12", "model.head_dim=null", "model.max_seq_len=1024",
+    "model.d_model=768", "model.n_layers=8", "model.n_heads=12", "model.max_seq_len=1024",
     "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.n_shared=1", "model.moe.d_expert=1536",
     "pretrain.seq_len=1024", "pretrain.micro_batch=16", "pretrain.warmup_steps=10", "pretrain.lr=1e-3",
     "pretrain.steps=400", "pretrain.time_budget_s=75", "pretrain.checkpoint_every=100000",
@@ -52,8 +52,7 @@ GPU_OVERRIDES = [
     "telemetry.enabled=false",  # the check runs its own exporter (phase 5) around the stages
 ]
 CPU_OVERRIDES = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=null", "model.moe.n_experts=4",
-    "model.moe.d_expert=32",
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.moe.n_experts=4", "model.moe.d_expert=32",
     "pretrain.seq_len=64", "pretrain.micro_batch=4", "pretrain.steps=12", "pretrain.warmup_steps=2",
     "pretrain.checkpoint_every=100000", "pretrain.heldout_per_domain=2", "pretrain.heldout_max_new_tokens=8",
     "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=8",

@@ -273,18 +273,18 @@ def test_cli_bandwidth_flags_change_the_estimate(capsys):
 
 
 def test_wide_heads_count_their_qkvo_parameters():
-    """model.head_dim wider than d_model / n_heads (the tiny preset: 4 heads of 32 on d_model 64):
+    """model.head_dim wider than d_model / n_heads (4 heads of 32 on d_model 64, Mixtral's layout):
     the planner counts q/k/v/o as built, not as h x h."""
     from r1zero.config import load_config
     from r1zero.model import build_model
     from r1zero.sizing_cli import spec_from_config
 
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config("configs/tiny.yaml", ["model.head_dim=32", "model.moe.n_shared=0"])
     assert cfg.model.head_dim * cfg.model.n_heads != cfg.model.d_model
     built = sum(p.numel() for n, p in build_model(cfg.model).named_parameters() if "norm" not in n)
     spec = spec_from_config(cfg)
     # the planner adds Narayanan's 13h per layer for biases and norms, which r1zero's layers lack
     planned = spec.total_params() - 13 * spec.hidden * spec.layers
     assert planned == built
-    narrow = spec_from_config(load_config("configs/tiny.yaml", ["model.head_dim=null", "model.moe.n_shared=0"]))
+    narrow = spec_from_config(load_config("configs/tiny.yaml", ["model.moe.n_shared=0"]))
     assert spec.total_params() - narrow.total_params() == spec.layers * 4 * 64 * 64  # q, k, v, o: 64 more wide

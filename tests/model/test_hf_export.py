@@ -35,7 +35,8 @@ LAYOUTS = {
     "qwen2_moe_soft": (dict(router="soft", n_experts=4, num_experts_per_tok=2, n_shared=1), "Qwen2MoeForCausalLM"),
     "mixtral": (dict(router="softmax", n_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
                 "MixtralForCausalLM"),  # the a100-13b preset's layout
-    # the tiny preset's: heads wider than hidden / heads (4 of 32 on 64), Mixtral reads head_dim
+    # heads wider than hidden / heads (4 of 32 on 64: what vLLM's CPU attention needs), Mixtral
+    # reads head_dim
     "mixtral_wide_heads": (dict(router="softmax", n_experts=4, num_experts_per_tok=2, hidden_size=64,
                                 num_attention_heads=4, head_dim=32), "MixtralForCausalLM"),
     "mixtral_soft": (dict(router="soft", n_experts=3, num_experts_per_tok=1), "MixtralForCausalLM"),
@@ -264,20 +265,19 @@ def test_layouts_without_a_standard_architecture_are_refused_at_config_time(over
 def test_router_refusals_and_the_presets_map():
     with pytest.raises(UserError, match="n_shared >= 1"):
         load_config("configs/tiny.yaml", ["model.moe.router=sigmoid", "model.moe.n_shared=0"])
-    load_config("configs/tiny.yaml", ["model.moe.router=sigmoid", "model.moe.n_shared=1",
-                                      "model.moe.bias_update_rate=0.001"])
+    load_config("configs/tiny.yaml", ["model.moe.router=sigmoid", "model.moe.bias_update_rate=0.001"])
     from r1zero.model.hf_export import hf_family, r1zero_config
 
-    assert hf_family(r1zero_config(load_config("configs/tiny.yaml").model)) == "mixtral"
+    assert hf_family(r1zero_config(load_config("configs/tiny.yaml").model)) == "qwen2_moe"
     assert hf_family(r1zero_config(load_config("configs/a100-13b.yaml").model)) == "mixtral"
     # heads wider than d_model / n_heads: Qwen2-MoE (vLLM derives its head width from hidden_size)
-    # is refused at config time with the reason; with head_dim null it maps as before
+    # is refused at config time with the reason; Mixtral's layout reads head_dim
     with pytest.raises(UserError, match="vLLM's Qwen2-MoE derives the head width"):
-        load_config("configs/tiny.yaml", ["model.moe.n_shared=1"])
-    tiny_qwen = load_config("configs/tiny.yaml", ["model.moe.n_shared=1", "model.head_dim=null"]).model
-    assert hf_family(r1zero_config(tiny_qwen)) == "qwen2_moe"
+        load_config("configs/tiny.yaml", ["model.head_dim=32"])
+    wide = load_config("configs/tiny.yaml", ["model.head_dim=32", "model.moe.n_shared=0"]).model
+    assert hf_family(r1zero_config(wide)) == "mixtral" and r1zero_config(wide).head_dim == 32
     with pytest.raises(UserError, match="must be even"):
-        load_config("configs/tiny.yaml", ["model.head_dim=33"])
+        load_config("configs/tiny.yaml", ["model.head_dim=33", "model.moe.n_shared=0"])
 
 
 @pytest.mark.parametrize("conf", [{"model_type": "no_such_arch"}, {"model_type": "t5"}])

@@ -23,8 +23,7 @@ def test_from_model_config_maps_the_typed_config():
     m = cfg.model
     assert (hf.hidden_size, hf.num_hidden_layers, hf.n_experts, hf.num_experts_per_tok) == (
         m.d_model, m.n_layers, m.moe.n_experts, m.moe.top_k) == (64, 4, 4, 2)
-    assert hf.n_shared == 0 and hf.d_expert == 128 and hf.vocab_size == 512 and hf.router == "softmax"
-    assert hf.num_attention_heads == 4 and hf.head_dim == 32  # q/k/v 128 wide on d_model 64
+    assert hf.n_shared == 1 and hf.d_expert == 128 and hf.vocab_size == 512 and hf.router == "softmax"
     assert hf.aux_loss_coef == cfg.model.moe.aux_loss_coef and hf.capacity_factor is None
     assert hf.expert_compute == "loop"
     other = load_config("configs/tiny.yaml", ["model.moe.expert_compute=padded"])

@@ -41,7 +41,7 @@ def test_pretrain_and_grpo_checkpoints_load_in_stock_transformers(tmp_path):
         res = run_cli(*args, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     dirs = [tmp_path / "pretrain", tmp_path / "grpo"]
-    for d in dirs:  # the relutil layout (softmax + a shared expert, head_dim null) is Qwen2-MoE
+    for d in dirs:  # the tiny preset's layout (softmax + a shared expert) is Qwen2-MoE
         assert json.loads((d / "config.json").read_text())["model_type"] == "qwen2_moe", d
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     classes = run_stock(dirs, ids, tmp_path)

@@ -20,7 +20,7 @@ TINY_DATA = ["--set", "data.n_train=160", "--set", "data.n_eval=30", "--set", "d
 
 # A seconds-scale model/pretraining config (mirrors tests/train's tiny_config).
 TINY_TRAIN = ["--set", "model.vocab_size=320", "--set", "model.d_model=32", "--set", "model.n_layers=2",
-              "--set", "model.n_heads=2", "--set", "model.head_dim=null", "--set", "model.max_seq_len=256", "--set", "model.moe.n_experts=4",
+              "--set", "model.n_heads=2", "--set", "model.max_seq_len=256", "--set", "model.moe.n_experts=4",
               "--set", "model.moe.top_k=2", "--set", "model.moe.n_shared=1", "--set", "model.moe.d_expert=32",
               "--set", "pretrain.seq_len=32", "--set", "pretrain.micro_batch=4", "--set", "pretrain.warmup_steps=2",
               "--set", "pretrain.log_every=2", "--set", "pretrain.heldout_per_domain=2",
