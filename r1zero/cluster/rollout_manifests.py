@@ -21,7 +21,7 @@ vLLM lives in the trainer process when colocated). With ``mode: server`` and no
 The job's config gets ``grpo.rollout.server_address:
 <job>-rollout-{rank}.<job>-rollout.<namespace>.svc:7100`` (``{server}`` in place of ``{rank}``
 with ranks_per_server > 1); each trainer rank expands it from its rank
-(:func:`r1zero.grpo.vllm_rollout.server_address`), so it reaches its pod by its stable per-pod DNS
+(:func:`r1zero.grpo.rollout_server.server_address`), so it reaches its pod by its stable per-pod DNS
 name; the trainer pods get the same key env, and the config names the Secret
 (``grpo.rollout.key_secret``, which ``r1zero validate`` checks against every ``secretKeyRef``).
 The Secret itself is never rendered (no key in git): the user creates it once with the command

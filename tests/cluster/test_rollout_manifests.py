@@ -45,7 +45,8 @@ def _world(job: dict) -> int:
 @pytest.mark.parametrize("preset", ["configs/tiny.yaml", "configs/a100-13b.yaml"])
 @pytest.mark.parametrize("kind", ["pytorchjob", "trainjob"])
 def test_server_mode_renders_one_server_per_rank_that_the_address_resolves_to(preset, kind, crds, tmp_path):
-    from r1zero.grpo.vllm_rollout import KEY_ENV, PORT, server_address
+    from r1zero.grpo.rollout_server import server_address
+    from r1zero.grpo.vllm_rollout import KEY_ENV, PORT
 
     cm, job, svc, sts = _render(preset, kind)
     assert (svc["kind"], sts["kind"]) == ("Service", "StatefulSet")
@@ -97,7 +98,7 @@ def test_validate_catches_a_server_count_or_name_that_misses_the_ranks(crds, tmp
 
 
 def test_ranks_per_server_renders_one_server_per_group_of_ranks(crds, tmp_path, monkeypatch):
-    from r1zero.grpo.vllm_rollout import server_address
+    from r1zero.grpo.rollout_server import server_address
 
     monkeypatch.delenv("RANK", raising=False)
     cm, job, svc, sts = _render("configs/a100-13b.yaml", "pytorchjob", [*SERVER, "grpo.rollout.ranks_per_server=8"])
@@ -191,7 +192,7 @@ def test_vllm_image_follows_the_jobs_registry():
 
 def test_server_address_placeholder(monkeypatch):
     from r1zero.errors import UserError
-    from r1zero.grpo.vllm_rollout import server_address
+    from r1zero.grpo.rollout_server import server_address
 
     monkeypatch.setenv("RANK", "5")
     assert server_address("s-{rank}.s.ns.svc:7100") == ("s-5.s.ns.svc", 7100)
@@ -233,7 +234,7 @@ def test_a_server_starts_from_the_jobs_policy_uri(s3_bucket, tiny_lms, tmp_path,
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from r1zero import store
-    from r1zero.grpo.vllm_rollout import serving_dir
+    from r1zero.grpo.rollout_server import serving_dir
     from r1zero.model.hf_export import ARCHITECTURES
 
     monkeypatch.setenv("R1ZERO_CACHE", str(tmp_path / "cache"))

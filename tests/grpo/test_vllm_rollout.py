@@ -191,7 +191,7 @@ def test_vllm_engine_that_fails_to_start_exits_2(vllm_python, grpo_env, tmp_path
 
 
 def test_push_buckets_hold_a_bounded_share_of_the_tensors_in_order():
-    from r1zero.grpo.vllm_rollout import buckets
+    from r1zero.grpo.rollout_server import buckets
 
     named = [(f"t{i}", torch.zeros(n, dtype=torch.float32)) for i, n in enumerate([10, 10, 30, 5, 5, 1, 40])]
     out = list(buckets(iter(named), 80))  # 80 bytes = 20 floats; a bigger tensor is a bucket of its own

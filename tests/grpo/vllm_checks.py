@@ -106,7 +106,8 @@ def server_checks(policy_dir: str) -> dict:
 
     from r1zero.config import RolloutConfig
     from r1zero.errors import UserError
-    from r1zero.grpo.vllm_rollout import _named_tensors, _pack, buckets, start_engine
+    from r1zero.grpo.rollout_server import _pack, buckets
+    from r1zero.grpo.vllm_rollout import _named_tensors, start_engine
     from r1zero.model import load_causal_lm
 
     policy, tok = load_causal_lm(policy_dir)
