@@ -98,6 +98,9 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         result = {**check_tp(rank), **check_ep(rank)}
+        # both ranks done before either tears gloo down: a rank destroying its pairs while the
+        # other still reads them aborted a worker in CI ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(out_path, "w") as f:
