@@ -15,9 +15,10 @@ of ``--repeats`` (min-max in the table). vLLM's engine start is reported apart (
 Models:
 - ``tiny_preset``: the tiny preset's policy (``--policy DIR``, e.g. ``r1zero pretrain``'s output), or
   without it the preset's architecture with seeded random weights (``r1zero.model.build_model``);
-  the preset's 4 heads of 16 are not a head size vLLM's CPU attention runs (32..512), so its vLLM
-  figure is null with the reason (a policy pretrained with ``--set model.n_heads=2`` runs: heads of 32);
-- ``tiny_preset_2heads``: the preset's shape with 2 heads of 32 (random weights): vLLM at that size;
+  a policy vLLM cannot serve (e.g. ``--set model.n_heads=4``: heads of 16, below the 32..512 vLLM's
+  CPU attention runs) gets a null vLLM figure with the reason;
+- ``tiny_preset_2heads``: the preset's d_model, layers and 2 heads of 32 as a dense Llama (random
+  weights);
 - ``moe_63m``: a Mixtral (d 512, 6 layers, 8 heads, 8 experts top-2, expert width 768; 63M params);
 - ``dense_57m``: a Llama of similar size (d 768, 8 layers, 12 heads, width 2048; 57M params);
 the last two with 256-token completions and random weights (completions run to the limit).
@@ -76,7 +77,7 @@ def _save_random(kind: str, out: Path, tok) -> Path:
     elif kind == "dense_57m":
         m = LlamaForCausalLM(LlamaConfig(hidden_size=768, num_hidden_layers=8, num_attention_heads=12,
                                          num_key_value_heads=12, intermediate_size=2048, **common))
-    else:  # tiny_preset_2heads: the preset's d_model/layers/vocab with 2 heads of 32, dense Llama
+    else:  # tiny_preset_2heads: the preset's d_model/layers/heads/vocab as a dense Llama
         m = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
                                          num_key_value_heads=2, intermediate_size=256, **common))
     d = out / kind

@@ -47,7 +47,7 @@ def test_hash_is_stable_and_sensitive():
         (["data.n_train=-5"], "data.n_train"),
         (["model.moe.router=dense"], "model.moe.router: must be one of"),
         (["model.moe.top_k=9"], "top_k"),
-        (["model.d_model=130"], "divisible by n_heads"),
+        (["model.d_model=129"], "divisible by n_heads"),
         (["nokeyvalue"], "expected KEY=VALUE"),
     ],
 )

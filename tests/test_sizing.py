@@ -279,12 +279,12 @@ def test_wide_heads_count_their_qkvo_parameters():
     from r1zero.model import build_model
     from r1zero.sizing_cli import spec_from_config
 
-    cfg = load_config("configs/tiny.yaml", ["model.head_dim=32", "model.moe.n_shared=0"])
+    cfg = load_config("configs/tiny.yaml", ["model.n_heads=4", "model.head_dim=32", "model.moe.n_shared=0"])
     assert cfg.model.head_dim * cfg.model.n_heads != cfg.model.d_model
     built = sum(p.numel() for n, p in build_model(cfg.model).named_parameters() if "norm" not in n)
     spec = spec_from_config(cfg)
     # the planner adds Narayanan's 13h per layer for biases and norms, which r1zero's layers lack
     planned = spec.total_params() - 13 * spec.hidden * spec.layers
     assert planned == built
-    narrow = spec_from_config(load_config("configs/tiny.yaml", ["model.moe.n_shared=0"]))
+    narrow = spec_from_config(load_config("configs/tiny.yaml", ["model.n_heads=4", "model.moe.n_shared=0"]))
     assert spec.total_params() - narrow.total_params() == spec.layers * 4 * 64 * 64  # q, k, v, o: 64 more wide

@@ -273,8 +273,8 @@ def test_router_refusals_and_the_presets_map():
     # heads wider than d_model / n_heads: Qwen2-MoE (vLLM derives its head width from hidden_size)
     # is refused at config time with the reason; Mixtral's layout reads head_dim
     with pytest.raises(UserError, match="vLLM's Qwen2-MoE derives the head width"):
-        load_config("configs/tiny.yaml", ["model.head_dim=32"])
-    wide = load_config("configs/tiny.yaml", ["model.head_dim=32", "model.moe.n_shared=0"]).model
+        load_config("configs/tiny.yaml", ["model.n_heads=4", "model.head_dim=32"])
+    wide = load_config("configs/tiny.yaml", ["model.n_heads=4", "model.head_dim=32", "model.moe.n_shared=0"]).model
     assert hf_family(r1zero_config(wide)) == "mixtral" and r1zero_config(wide).head_dim == 32
     with pytest.raises(UserError, match="must be even"):
         load_config("configs/tiny.yaml", ["model.head_dim=33", "model.moe.n_shared=0"])
