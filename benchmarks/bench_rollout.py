@@ -77,9 +77,13 @@ def _save_random(kind: str, out: Path, tok) -> Path:
     elif kind == "dense_57m":
         m = LlamaForCausalLM(LlamaConfig(hidden_size=768, num_hidden_layers=8, num_attention_heads=12,
                                          num_key_value_heads=12, intermediate_size=2048, **common))
-    else:  # tiny_preset_2heads: the preset's d_model/layers/heads/vocab as a dense Llama
-        m = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
-                                         num_key_value_heads=2, intermediate_size=256, **common))
+    else:  # tiny_preset_2heads: the preset's d_model/layers/heads as a dense Llama, read from its config
+        from r1zero.config import load_config
+
+        pm = load_config(str(ROOT / "configs" / "tiny.yaml")).model
+        m = LlamaForCausalLM(LlamaConfig(hidden_size=pm.d_model, num_hidden_layers=pm.n_layers,
+                                         num_attention_heads=pm.n_heads, num_key_value_heads=pm.n_heads,
+                                         intermediate_size=256, **common))
     d = out / kind
     m.save_pretrained(str(d))
     tok.save_pretrained(str(d))
